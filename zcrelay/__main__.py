@@ -1,0 +1,3 @@
+from zcrelay.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""What every command shares: the one boundary from exceptions to exit codes, logging to
+stderr, and parsers for option values. Only the CLI prints, exits or starts trio."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import signal
+import sys
+from typing import Awaitable, Callable
+
+import trio
+import typer
+
+from zcrelay.addresses import Address, AddressError, parse
+from zcrelay.errors import ZcrelayError
+from zcrelay.exitcodes import ExitCode
+from zcrelay.net import BindError, ConnectError
+
+PROG = "zcrelay"
+log = logging.getLogger("zcrelay")
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size (examples: 65536, 512K, 1M)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def size_option(value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+def address(text: str, *, listen: bool) -> Address:
+    try:
+        return parse(text, listen=listen)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Logs go to stderr as 'zcrelay: message'; stdout stays clean for data."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+def say(message: str) -> None:
+    """One line on stderr, whatever the log level (ready lines, summaries)."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def error(message: str, code: ExitCode) -> ExitCode:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
+    """The one place an exception becomes an exit code and a one-line message."""
+    exc = _leaf(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED, "interrupted"
+    if isinstance(exc, BindError):
+        if exc.errno == errno.EADDRINUSE:
+            return ExitCode.ADDRESS_IN_USE, str(exc)
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return ExitCode.PERMISSION_DENIED, str(exc)
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+            return ExitCode.NO_RESOURCES, str(exc)
+        return ExitCode.ADDRESS_NOT_AVAILABLE, str(exc)
+    if isinstance(exc, ConnectError):
+        return ExitCode.CONNECT_FAILED, str(exc)
+    if isinstance(exc, ZcrelayError):
+        return ExitCode.FAILURE, str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+            return ExitCode.NO_RESOURCES, f"out of resources: {exc.strerror}"
+        return ExitCode.FAILURE, f"{exc.strerror or exc}"
+    raise exc
+
+
+def run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
+    """Run `main` under trio; turn any failure into a one-line message and an exit code."""
+    try:
+        return trio.run(main) or ExitCode.OK
+    except BaseException as exc:  # the CLI boundary: everything becomes a code and a line
+        if isinstance(_leaf(exc), (SystemExit, GeneratorExit)):
+            raise
+        code, message = exit_code_for(exc)
+        if code == ExitCode.INTERRUPTED:
+            return code
+        return error(message, code)
+
+
+async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]) -> None:
+    """Run the task `start` (which reports readiness with task_status.started(value)), call
+    `on_ready(value)`, and cancel it at the first SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            value = await nursery.start(start)
+            on_ready(value)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()

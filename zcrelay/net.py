@@ -1,0 +1,198 @@
+"""Opening listeners and connecting to targets, with errors a user can read.
+
+Every socket here is a trio socket (non-blocking, which splice needs: SPLICE_F_NONBLOCK covers
+only the pipe side). Callers own what these functions return.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+
+import trio
+
+from zcrelay.addresses import Address, format_sockname
+from zcrelay.errors import ZcrelayError
+
+# socat's default backlog of 5 overflows under 32 concurrent clients and costs them seconds of
+# SYN retransmits; the kernel caps this at net.core.somaxconn anyway.
+BACKLOG = 4096
+
+
+class BindError(ZcrelayError):
+    """A listen address could not be bound. `errno` says why (EADDRINUSE, EACCES...)."""
+
+    def __init__(self, address: Address, err: int, detail: str = "") -> None:
+        self.address = address
+        self.errno = err
+        reason = detail or os.strerror(err).lower()
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+class ConnectError(ZcrelayError):
+    """A target could not be reached. `reason` is one word for logs: refused, unreachable,
+    timeout, resolve, no-socket, out-of-fds, error."""
+
+    def __init__(self, address: Address, reason: str, detail: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot connect to {address}: {detail}")
+
+
+_CONNECT_REASONS = {
+    errno.ECONNREFUSED: "refused",
+    errno.ENETUNREACH: "unreachable",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.EADDRNOTAVAIL: "unreachable",
+    errno.ETIMEDOUT: "timeout",
+    errno.ENOENT: "no-socket",
+    errno.EMFILE: "out-of-fds",
+    errno.ENFILE: "out-of-fds",
+    errno.ENOBUFS: "out-of-memory",
+}
+
+
+def set_nodelay(sock: trio.socket.SocketType) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def abort(sock: trio.socket.SocketType) -> None:
+    """Make the next close send a TCP reset instead of a FIN (SO_LINGER with a zero timeout)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.fileno() >= 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
+async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket.SocketType:
+    """A bound, listening socket for `address`; raises BindError."""
+    if address.is_unix:
+        return await _open_unix_listener(address, backlog)
+    family, sockaddr = await _listen_sockaddr(address)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and not address.host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        await sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(address, exc.errno or errno.EIO) from None
+    return sock
+
+
+async def _listen_sockaddr(address: Address) -> tuple[int, tuple]:
+    if not address.host:
+        # Every interface: dual-stack when the host has IPv6, IPv4 otherwise.
+        return (socket.AF_INET6, ("::", address.port)) if socket.has_ipv6 and _ipv6_works() \
+            else (socket.AF_INET, ("0.0.0.0", address.port))
+    try:
+        infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                              flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(address, errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def _ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+async def _open_unix_listener(address: Address, backlog: int) -> trio.socket.SocketType:
+    path = address.sockaddr_path
+    if not path.startswith("\0"):
+        _remove_stale_socket(address)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(address, exc.errno or errno.EIO) from None
+    return sock
+
+
+def _remove_stale_socket(address: Address) -> None:
+    """Remove a socket file left by a process that died; refuse to touch anything else."""
+    assert address.path is not None
+    try:
+        mode = os.lstat(address.path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError(address, exc.errno or errno.EIO) from None
+    if not stat.S_ISSOCK(mode):
+        raise BindError(address, errno.EADDRINUSE, "the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address.path)
+        except ConnectionRefusedError:
+            os.unlink(address.path)  # nobody listens: a stale socket file
+            return
+        except OSError as exc:
+            raise BindError(address, exc.errno or errno.EIO) from None
+    raise BindError(address, errno.EADDRINUSE)
+
+
+async def connect(address: Address, timeout: float | None) -> trio.socket.SocketType:
+    """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
+
+    `timeout` bounds the whole attempt (resolution included).
+    """
+    with trio.move_on_after(timeout if timeout else float("inf")):
+        return await _connect(address)
+    raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
+
+
+async def _connect(address: Address) -> trio.socket.SocketType:
+    if address.is_unix:
+        targets = [(socket.AF_UNIX, address.sockaddr_path)]
+    else:
+        try:
+            infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnectError(address, "resolve", f"cannot resolve {address.host!r}: {exc.strerror}") from None
+        targets = [(info[0], info[4]) for info in infos]
+    last: OSError | None = None
+    for family, sockaddr in targets:
+        try:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            last = exc
+            break  # out of fds or memory: trying another address will not help
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert last is not None
+    err = last.errno or errno.EIO
+    raise ConnectError(address, _CONNECT_REASONS.get(err, "error"), os.strerror(err).lower())
+
+
+def peer_name(sock: trio.socket.SocketType, peer: object = None) -> str:
+    try:
+        return format_sockname(peer if peer else sock.getpeername())
+    except OSError:
+        return "?"
+
+
+def local_name(sock: trio.socket.SocketType) -> str:
+    return format_sockname(sock.getsockname())

@@ -1,0 +1,126 @@
+"""Pipes that know what they hold, and a bounded pool of empty ones.
+
+No trio here. A pipe is the only buffer on the splice path, so two rules keep the byte stream
+intact (shared/SPLICE.md, HAProxy's put_pipe in src/pipe.c, Go's putPipe):
+- `held` counts bytes spliced in and not yet spliced out; it is what tells "pipe full" from
+  "source empty" when splice answers EAGAIN.
+- a pipe that still holds bytes is destroyed, never handed to another stream.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from zcrelay import syscalls
+
+
+class Pipe:
+    """Owns the two ends of one pipe. Whoever holds the Pipe closes it (or returns it to a pool)."""
+
+    __slots__ = ("r", "w", "size", "held")
+
+    def __init__(self, r: int, w: int, size: int) -> None:
+        self.r = r
+        self.w = w
+        self.size = size
+        self.held = 0
+
+    @classmethod
+    def open(cls, size: int | None = None, limits: syscalls.PipeLimits | None = None) -> "Pipe":
+        r, w, granted = syscalls.open_pipe(size, limits)
+        return cls(r, w, granted)
+
+    def close(self) -> None:
+        """Close both ends. The stored fds become -1, so a later use fails loudly (EBADF)
+        instead of touching whatever reused the numbers."""
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+        self.held = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.r < 0
+
+    def __repr__(self) -> str:
+        return f"Pipe(r={self.r}, w={self.w}, size={self.size}, held={self.held})"
+
+
+@dataclass
+class PoolStats:
+    created: int = 0
+    reused: int = 0
+    destroyed_dirty: int = 0  # destroyed because they still held bytes
+
+
+@dataclass
+class PipePool:
+    """Hands out pipes of one requested size and keeps at most `max_idle` empty ones.
+
+    An idle connection holds no pipe: streams take a pipe when bytes arrive and give it back as
+    soon as it is empty, so the number of pipe fds a relay holds is bounded by the bytes in
+    flight plus `max_idle`, not by the number of connections.
+
+    The kernel may give less than asked (pipe-max-size, the per-user page budget). The first
+    shortfall of each kind is passed to `on_notice` once, never silently.
+    """
+
+    size: int | None = 1 << 20
+    max_idle: int = 16
+    on_notice: Callable[[str], None] | None = None
+    limits: syscalls.PipeLimits = field(default_factory=syscalls.read_pipe_limits)
+    stats: PoolStats = field(default_factory=PoolStats)
+    granted: int | None = None  # size of the last pipe the kernel gave
+    _idle: list[Pipe] = field(default_factory=list)
+    _noticed: set[str] = field(default_factory=set)
+
+    def get(self) -> Pipe:
+        """An empty pipe: a pooled one, or a new one (OSError such as EMFILE propagates)."""
+        if self._idle:
+            self.stats.reused += 1
+            return self._idle.pop()
+        pipe = Pipe.open(self.size, self.limits)
+        self.stats.created += 1
+        self.granted = pipe.size
+        if self.size and pipe.size < self.size:
+            self._notice_shortfall(pipe.size)
+        return pipe
+
+    def put(self, pipe: Pipe) -> None:
+        """Take back a pipe. One that holds bytes, or one too many, is closed."""
+        if pipe.closed:
+            return
+        if pipe.held:
+            self.stats.destroyed_dirty += 1
+            pipe.close()
+        elif len(self._idle) < self.max_idle and (not self.size or pipe.size >= min(self.size, self.limits.max_size)):
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    def _notice_shortfall(self, granted: int) -> None:
+        assert self.size is not None
+        if self.size > self.limits.max_size and granted >= self.limits.max_size:
+            kind = "max"
+            text = (f"pipe size {self.size} is above the kernel's limit "
+                    f"(/proc/sys/fs/pipe-max-size = {self.limits.max_size}); using {granted}")
+        else:
+            kind = "budget"
+            text = (f"the kernel gave a {granted}-byte pipe instead of {self.size}: the user's pipe "
+                    f"page budget is spent (/proc/sys/fs/pipe-user-pages-soft = "
+                    f"{self.limits.user_pages_soft}); throughput will drop")
+        if kind not in self._noticed:
+            self._noticed.add(kind)
+            if self.on_notice:
+                self.on_notice(text)

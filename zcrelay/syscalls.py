@@ -1,0 +1,149 @@
+"""The syscall layer: splice(2), tee(2), sendfile(2) and pipe creation.
+
+Standard library only, no trio: ints in, ints or OSError out, so every call can be tested
+without an event loop. Facts behind the constants are in shared/SPLICE.md and the man pages
+splice(2), tee(2), pipe(7).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
+SPLICE_F_MORE = os.SPLICE_F_MORE
+
+# splice(len=SIZE_MAX) fails with EINVAL (realm PR 157); HAProxy caps each call at 1 GiB
+# (MAX_SPLICE_AT_ONCE in src/raw_sock.c). Every call here is capped the same way.
+MAX_SPLICE_AT_ONCE = 1 << 30
+
+# Default pipe capacity on Linux (pipe(7)): 16 pages.
+DEFAULT_PIPE_SIZE = 65536
+
+# errnos that mean "this pair of fds cannot be spliced" when they come from the first call of a
+# stream (a tty, an O_APPEND file, an fd type without splice_read/splice_write). Nothing was
+# consumed, so a user-space copy can take over safely.
+SPLICE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EBADF, errno.EOPNOTSUPP})
+
+
+def splice(src: int, dst: int, count: int, flags: int = SPLICE_F_NONBLOCK,
+           offset_src: int | None = None, offset_dst: int | None = None) -> int:
+    """Move up to `count` bytes from `src` to `dst`, one of which must be a pipe.
+
+    Returns the bytes moved, 0 at end of input. Raises BlockingIOError on EAGAIN; EINTR is
+    retried by CPython (PEP 475).
+    """
+    return os.splice(src, dst, min(count, MAX_SPLICE_AT_ONCE), offset_src, offset_dst, flags)
+
+
+def _load_tee():
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.tee
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_tee = _load_tee()
+
+
+def tee(src: int, dst: int, count: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """Duplicate up to `count` bytes from pipe `src` into pipe `dst` without consuming them.
+
+    tee(2) is not in `os`, so this goes through ctypes (about 1 us a call). ctypes gets no
+    automatic EINTR retry, so it is done here. Returns the bytes duplicated, 0 when `src` is
+    empty and its write end closed; raises OSError (BlockingIOError on EAGAIN).
+    """
+    count = min(count, MAX_SPLICE_AT_ONCE)
+    while True:
+        n = _tee(src, dst, count, flags)
+        if n >= 0:
+            return n
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+    """sendfile(2) from a file (at `offset`, or its own position if None) to a socket or pipe."""
+    return os.sendfile(out_fd, in_fd, offset, min(count, MAX_SPLICE_AT_ONCE))
+
+
+@dataclass(frozen=True)
+class PipeLimits:
+    """The kernel's pipe budget (pipe(7), /proc/sys/fs/pipe-*)."""
+
+    max_size: int  # largest F_SETPIPE_SZ an unprivileged process may ask for
+    user_pages_soft: int  # pages of pipe buffers a user may hold before new pipes shrink (0: none)
+
+
+def _read_int(path: str, default: int) -> int:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def read_pipe_limits() -> PipeLimits:
+    return PipeLimits(
+        max_size=_read_int("/proc/sys/fs/pipe-max-size", 1 << 20),
+        user_pages_soft=_read_int("/proc/sys/fs/pipe-user-pages-soft", 16384),
+    )
+
+
+def set_pipe_size(fd: int, size: int, limits: PipeLimits | None = None) -> int:
+    """Ask the kernel for a pipe of `size` bytes; return the size it gave.
+
+    A refused size is not an error here: above pipe-max-size F_SETPIPE_SZ gives EPERM (even as
+    root in some sandboxes), and once a user's pipe page budget is spent every grow gives EPERM.
+    The request is then clamped to pipe-max-size and retried once; whatever the pipe ends up
+    with is returned, and the caller compares it with what it asked for.
+    """
+    size = max(1, min(size, MAX_SPLICE_AT_ONCE))
+    try:
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
+            raise
+    limits = limits or read_pipe_limits()
+    if size > limits.max_size:
+        try:
+            return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, limits.max_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
+                raise
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def open_pipe(size: int | None, limits: PipeLimits | None = None) -> tuple[int, int, int]:
+    """Create a non-blocking, close-on-exec pipe and grow it towards `size`.
+
+    Returns (read_fd, write_fd, granted_size). The caller owns both fds. `size=None` keeps the
+    kernel's default.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        granted = set_pipe_size(w, size, limits) if size else fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return r, w, granted
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def fionread(fd: int) -> int:
+    """Bytes waiting in a pipe or socket's receive queue (FIONREAD), for tests and diagnostics."""
+    import array
+    import termios
+
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
