@@ -55,7 +55,7 @@ class Running:
 
     @property
     def ports(self) -> list[int]:
-        return [int(a.rsplit(":", 1)[1]) for a in self.addresses]
+        return [int(a.rsplit(":", 1)[1]) if not a.startswith("unix:") else 0 for a in self.addresses]
 
     def stop(self, sig: int = 15, timeout: float = 20) -> tuple[int, str]:
         """Send `sig`, wait, and return (exit code, the rest of stderr)."""

@@ -1,0 +1,356 @@
+"""`zcrelay forward` as users run it: a subprocess, real sockets, both copy paths."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+import trio
+
+from tests import traffic
+from tests.conftest import run_zcrelay, zcrelay_argv, zcrelay_env
+
+MiB = 1 << 20
+LOG = re.compile(r"conn=(\d+) .*up=(\d+) down=(\d+) spliced=(\d+) copied=(\d+) duration=\S+ close=(.+?)(?: fallback=.*)?$")
+
+
+def path_args(path: str) -> list[str]:
+    return ["--no-splice"] if path == "copy" else []
+
+
+def conn_lines(text: str) -> list[re.Match]:
+    return [m for m in map(LOG.search, text.splitlines()) if m]
+
+
+async def serve_traffic(nursery) -> traffic.Server:
+    server = await traffic.open_server()
+    nursery.start_soon(server.serve)
+    return server
+
+
+@pytest.mark.slow
+async def test_64_connections_8mib_each_way_arrive_intact(zcrelay, path):
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "-q", *path_args(path))
+        results = await traffic.run_clients(("127.0.0.1", relay.port), 64, 8 * MiB, 8 * MiB)
+        nursery.cancel_scope.cancel()
+    traffic.check(results, server)
+    code, err = relay.stop()
+    assert code == 0, err
+    summary = re.search(r"stopped: (\d+) connections, up (\d+) bytes, down (\d+) bytes, ([\d.]+)% spliced, (\d+) fallbacks", err)
+    assert summary, err
+    assert int(summary.group(1)) == 64
+    assert int(summary.group(2)) == 64 * (8 * MiB + traffic.HEADER.size)
+    assert int(summary.group(3)) == 64 * 8 * MiB
+    if path == "splice":
+        assert summary.group(4) == "100.00" and summary.group(5) == "0"
+    else:
+        assert summary.group(4) == "0.00" and int(summary.group(5)) == 128
+
+
+async def test_half_close_client_first_gets_full_reply(zcrelay, path):
+    """Client: request, shutdown(WR), read reply. The reply (larger than any buffer) must
+    arrive whole after the client's FIN went through."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reply = os.urandom(24 * MiB)
+    request = os.urandom(3 * MiB)
+    got_request = []
+
+    async def server():
+        sock, _ = await listener.accept()
+        with sock:
+            got_request.append(await read_to_eof(sock))  # waits for the client's FIN
+            await send_all(sock, reply)
+
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *path_args(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.port))
+            await send_all(client, request)
+            client.shutdown(socket.SHUT_WR)
+            answer = await read_to_eof(client)
+    assert traffic.digest(got_request[0]) == traffic.digest(request)
+    assert len(answer) == len(reply) and traffic.digest(answer) == traffic.digest(reply)
+    code, err = relay.stop()
+    [line] = conn_lines(err)
+    assert line.group(6) == "eof"
+
+
+async def test_half_close_server_first_still_receives(zcrelay, path):
+    """Mirror case: the server sends everything and shuts down its write side first; the
+    client, having read to EOF, still sends, and the server receives it all."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    greeting = os.urandom(5 * MiB)
+    upload = os.urandom(20 * MiB)
+    received = []
+
+    async def server():
+        sock, _ = await listener.accept()
+        with sock:
+            await send_all(sock, greeting)
+            sock.shutdown(socket.SHUT_WR)
+            received.append(await read_to_eof(sock))
+
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *path_args(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.port))
+            got = await read_to_eof(client)
+            await send_all(client, upload)
+            client.shutdown(socket.SHUT_WR)
+            assert await read_to_eof(client) == b""
+    assert traffic.digest(got) == traffic.digest(greeting)
+    assert traffic.digest(received[0]) == traffic.digest(upload)
+    relay.stop()
+
+
+async def test_half_closed_connection_ends_after_linger(zcrelay, path):
+    """A target that never closes after the client's FIN: the relay ends the connection once
+    --linger has passed, and says so."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    held = []
+
+    async def server():
+        sock, _ = await listener.accept()
+        held.append(sock)
+        await read_to_eof(sock)  # sees the FIN, then keeps the connection open forever
+
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--linger", "0.5", *path_args(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.port))
+            await client.send(b"bye")
+            client.shutdown(socket.SHUT_WR)
+            start = trio.current_time()
+            with trio.fail_after(10):
+                assert await read_to_eof(client) == b""  # the relay closed it
+            elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    for sock in held:
+        sock.close()
+    assert 0.4 <= elapsed < 5, elapsed
+    code, err = relay.stop()
+    [line] = conn_lines(err)
+    assert line.group(6) == "linger"
+
+
+async def test_idle_timeout_closes_silent_connection(zcrelay):
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "0.3")
+    client = trio.socket.socket()
+    with client:
+        await client.connect(("127.0.0.1", relay.port))
+        target, _ = await listener.accept()
+        with target:
+            await client.send(b"ping")
+            assert await target.recv(10) == b"ping"
+            with trio.fail_after(10):
+                assert await read_to_eof(client) == b""
+    code, err = relay.stop()
+    assert conn_lines(err)[0].group(6) == "idle"
+
+
+async def send_all(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view[:1 << 20])
+        view = view[n:]
+
+
+async def read_to_eof(sock) -> bytes:
+    chunks = []
+    while True:
+        data = await sock.recv(1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def test_bad_addresses_and_options_are_usage_errors():
+    cases = [
+        ["forward", "1:2:3", "127.0.0.1:1"],
+        ["forward", "127.0.0.1:70000", "127.0.0.1:1"],
+        ["forward", "0", "nohost"],
+        ["forward", "0", "127.0.0.1:0"],
+        ["forward", "0", "127.0.0.1:1", "--pipe-size", "lots"],
+        ["forward", "0", "127.0.0.1:1", "--linger", "-1"],
+        ["forward", "0", "127.0.0.1:1", "--bogus"],
+        ["forward", "0"],
+        ["forward", "--rule", "0"],
+        ["forward", "[::1:0", "127.0.0.1:1"],
+    ]
+    for argv in cases:
+        done = run_zcrelay(*argv)
+        err = done.stderr.decode()
+        assert done.returncode == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "error" in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_port_in_use_has_its_own_exit_code():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_zcrelay("forward", f"127.0.0.1:{taken.getsockname()[1]}", "127.0.0.1:9")
+    err = done.stderr.decode()
+    assert done.returncode == 3, err
+    assert "address already in use" in err and len(err.strip().splitlines()) == 1
+
+
+def test_permission_denied_on_bind_has_its_own_exit_code():
+    unprivileged_start = int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+    if unprivileged_start == 0:
+        pytest.skip("every port is unprivileged on this host")
+    argv = ["forward", f"127.0.0.1:{unprivileged_start - 1}", "127.0.0.1:9"]
+    if os.geteuid() == 0:  # root may bind anything: drop that one capability for the child
+        done = subprocess.run(["setpriv", "--bounding-set", "-net_bind_service", "--", *zcrelay_argv(*argv)],
+                              capture_output=True, env=zcrelay_env(), timeout=60)
+    else:
+        done = run_zcrelay(*argv)
+    err = done.stderr.decode()
+    assert done.returncode == 4, err
+    assert "permission denied" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_refused_target_is_logged_and_relay_serves_on(zcrelay, path):
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{dead_port}",
+                        "--rule", f"127.0.0.1:0=127.0.0.1:{server.port}", *path_args(path), listeners=2)
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.ports[0]))
+            with trio.fail_after(10):
+                assert await read_to_eof(client) == b""
+        results = await traffic.run_clients(("127.0.0.1", relay.ports[1]), 4, MiB, MiB)
+        nursery.cancel_scope.cancel()
+    traffic.check(results, server)
+    code, err = relay.stop()
+    closes = [m.group(6) for m in conn_lines(err)]
+    assert "refused" in closes and closes.count("eof") == 4
+    assert code == 0
+
+
+async def test_connect_timeout_is_logged(zcrelay):
+    """A target whose accept queue is full drops SYNs: the connect times out."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the queue; later SYNs are dropped (tcp_abort_on_overflow=0)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            fillers.append(s)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{full.getsockname()[1]}", "--connect-timeout", "0.5")
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.port))
+            with trio.fail_after(10):
+                assert await read_to_eof(client) == b""
+        code, err = relay.stop()
+        assert conn_lines(err)[0].group(6) == "timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+
+
+async def test_peer_vanishing_mid_stream_ends_only_that_connection(zcrelay, path):
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", *path_args(path))
+        addr = ("127.0.0.1", relay.port)
+        survivors = []
+
+        async def survivor():
+            survivors.extend(await traffic.run_clients(addr, 2, 16 * MiB, 16 * MiB, first_id=100))
+
+        nursery.start_soon(survivor)
+        # A client that asks for a lot, reads a little, and resets the connection.
+        victim = trio.socket.socket()
+        await victim.connect(addr)
+        await victim.send(traffic.HEADER.pack(7, 64 * MiB) + b"x" * 1000)
+        await victim.recv(65536)
+        victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        victim.close()
+        while len(survivors) < 2:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    traffic.check(survivors, server)
+    code, err = relay.stop()
+    closes = [m.group(6) for m in conn_lines(err)]
+    assert any(c.startswith("reset by client") for c in closes), closes
+    assert closes.count("eof") == 2
+
+
+def test_refused_pipe_size_is_clamped_and_reported_once(zcrelay):
+    from zcrelay.syscalls import open_pipe
+    r, w, granted = open_pipe(64 * MiB)
+    os.close(r)
+    os.close(w)
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--pipe-size", "64M")
+    code, err = relay.stop()
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "pipe size" in line]
+    if granted < 64 * MiB:
+        assert len(notes) == 1 and f"using {granted}" in notes[0], err
+    assert "Traceback" not in err
+
+
+async def test_sigint_prints_summary_and_exits_zero(zcrelay):
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9")
+    code, err = relay.stop(signal.SIGINT)
+    assert code == 0
+    assert "stopped: 0 connections" in err
+
+
+async def test_several_rules_and_a_config_file(zcrelay, tmp_path, path):
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        config = tmp_path / "zcrelay.toml"
+        sock_path = tmp_path / "relay.sock"
+        config.write_text(f'pipe-size = "256K"\nlinger = 5\n[[rule]]\nlisten = "unix:{sock_path}"\n'
+                          f'target = "127.0.0.1:{server.port}"\n')
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "--config", str(config),
+                        "--rule", f"[::1]:0=localhost:{server.port}", *path_args(path), listeners=3)
+        # Order: the positional pair, the config file's rules, then --rule.
+        assert relay.addresses[1] == f"unix:{sock_path}"
+        assert relay.addresses[2].startswith("[::1]:")
+        results = await traffic.run_clients(str(sock_path), 3, 2 * MiB, MiB, family=socket.AF_UNIX)
+        results += await traffic.run_clients(("127.0.0.1", relay.ports[0]), 3, MiB, 2 * MiB, first_id=10)
+        results += await traffic.run_clients(("::1", relay.ports[2]), 3, MiB, MiB, first_id=20, family=socket.AF_INET6)
+        nursery.cancel_scope.cancel()
+    traffic.check(results, server)
+    code, err = relay.stop()
+    assert code == 0 and len(conn_lines(err)) == 9
+
+
+def test_unknown_config_key_is_a_usage_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('pipe_sise = "1M"\n')
+    done = run_zcrelay("forward", "0", "127.0.0.1:9", "--config", str(config))
+    assert done.returncode == 2 and b"unknown key" in done.stderr

@@ -1,0 +1,155 @@
+"""Traffic for relay tests: clients and a server that send seeded random data both ways in
+random chunk sizes and check SHA-256 of everything that arrives.
+
+Protocol: a client opens with a 16-byte header (connection id, bytes it wants back), then sends
+its payload and shuts down its write side. The server sends the requested bytes back, reads the
+client's payload to EOF and records (length, SHA-256) under the id. Each payload is a function
+of (id, direction), so both ends know what the other should have received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+HEADER = struct.Struct("!QQ")
+
+
+def payload(conn_id: int, direction: str, size: int) -> bytes:
+    return random.Random(f"{conn_id}-{direction}").randbytes(size)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def send_chunks(sock, data: bytes, rng: random.Random, max_chunk: int = 256 * 1024) -> None:
+    view = memoryview(data)
+    sent = 0
+    while sent < len(view):
+        size = rng.randint(1, max_chunk)
+        sent += await sock.send(view[sent:sent + size])
+
+
+async def recv_all(sock, rng: random.Random, max_chunk: int = 256 * 1024) -> tuple[int, str]:
+    """Read to EOF in random-sized reads; return (length, sha256)."""
+    h = hashlib.sha256()
+    total = 0
+    while True:
+        data = await sock.recv(rng.randint(1, max_chunk))
+        if not data:
+            return total, h.hexdigest()
+        h.update(data)
+        total += len(data)
+
+
+async def recv_exactly(sock, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        data = await sock.recv(n - len(buf))
+        if not data:
+            raise EOFError(f"EOF after {len(buf)} of {n} header bytes")
+        buf += data
+    return buf
+
+
+@dataclass
+class Server:
+    """The far end of a relay: received[(id)] = (length, sha256) of what each client sent."""
+
+    listener: object
+    received: dict[int, tuple[int, str]] = field(default_factory=dict)
+    errors: dict[int, BaseException] = field(default_factory=dict)  # by connection id
+
+    @property
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await self.listener.accept()
+                nursery.start_soon(self._handle, sock)
+
+    async def _handle(self, sock) -> None:
+        conn_id = -1
+        with sock:
+            try:
+                conn_id, want = HEADER.unpack(await recv_exactly(sock, HEADER.size))
+                rng = random.Random(conn_id)
+                data = payload(conn_id, "down", want)
+
+                async def send_back() -> None:
+                    await send_chunks(sock, data, rng)
+                    sock.shutdown(socket.SHUT_WR)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_back)
+                    self.received[conn_id] = await recv_all(sock, random.Random(~conn_id))
+            except Exception as exc:  # recorded; check() fails a test whose clients saw it
+                self.errors[conn_id] = exc
+
+
+async def open_server(host: str = "127.0.0.1", family=socket.AF_INET) -> Server:
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await listener.bind((host, 0))
+    listener.listen(1024)
+    return Server(listener)
+
+
+@dataclass
+class Result:
+    conn_id: int
+    up_size: int
+    down_size: int
+    received: tuple[int, str] | None = None
+
+
+async def client(address, conn_id: int, up_size: int, down_size: int, family=socket.AF_INET) -> Result:
+    """Send `up_size` bytes, ask for `down_size` back; return what arrived."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    with sock:
+        await sock.connect(address)
+        rng = random.Random(conn_id * 7 + 1)
+        result = Result(conn_id, up_size, down_size)
+
+        async def send_up() -> None:
+            await sock.send(HEADER.pack(conn_id, down_size))
+            await send_chunks(sock, payload(conn_id, "up", up_size), rng)
+            sock.shutdown(socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_up)
+            result.received = await recv_all(sock, random.Random(conn_id * 7 + 2))
+        return result
+
+
+def check(results: list[Result], server: Server) -> None:
+    """Every byte arrived, in order, both ways."""
+    for r in results:
+        assert r.conn_id not in server.errors, server.errors[r.conn_id]
+        expected_down = payload(r.conn_id, "down", r.down_size)
+        assert r.received == (r.down_size, digest(expected_down)), f"conn {r.conn_id}: downstream differs"
+        expected_up = payload(r.conn_id, "up", r.up_size)
+        assert server.received.get(r.conn_id) == (r.up_size, digest(expected_up)), f"conn {r.conn_id}: upstream differs"
+
+
+async def run_clients(address, count: int, up_size: int, down_size: int, limit: int | None = None,
+                      family=socket.AF_INET, first_id: int = 0) -> list[Result]:
+    results: list[Result] = []
+    slots = trio.Semaphore(limit or count)
+
+    async def one(i: int) -> None:
+        async with slots:
+            results.append(await client(address, first_id + i, up_size, down_size, family))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+    return results
