@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -60,14 +61,20 @@ class Running:
     def stop(self, sig: int = 15, timeout: float = 20) -> tuple[int, str]:
         """Send `sig`, wait, and return (exit code, the rest of stderr)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.signal_group(sig)  # the group: a wrapper such as strace passes it on too
         try:
             _, rest = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.signal_group(signal.SIGKILL)
             _, rest = self.proc.communicate()
         self.stderr_lines.extend(rest.splitlines())
         return self.proc.returncode, "\n".join(self.stderr_lines)
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def read_line(self) -> str:
         line = self.proc.stderr.readline()
@@ -83,7 +90,7 @@ def start_zcrelay(*args: str, listeners: int = 1, prefix: list[str] | None = Non
     argv = (prefix or []) + zcrelay_argv(*args)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=zcrelay_env(),
-                            preexec_fn=preexec_fn, cwd=cwd)
+                            preexec_fn=preexec_fn, cwd=cwd, start_new_session=True)
     running = Running(proc, [])
     while len(running.addresses) < listeners:
         line = running.read_line()
@@ -109,7 +116,7 @@ def zcrelay():
     yield start
     for running in started:
         if running.proc.poll() is None:
-            running.proc.kill()
+            running.signal_group(signal.SIGKILL)
             running.proc.communicate()
 
 

@@ -21,7 +21,9 @@ HEADER = struct.Struct("!QQ")
 
 
 def payload(conn_id: int, direction: str, size: int) -> bytes:
-    return random.Random(f"{conn_id}-{direction}").randbytes(size)
+    rng = random.Random(f"{conn_id}-{direction}")
+    block = 32 << 20  # randbytes() of more than 2**28 bytes overflows a C int
+    return b"".join(rng.randbytes(min(block, size - at)) for at in range(0, size, block))
 
 
 def digest(data: bytes) -> str:
