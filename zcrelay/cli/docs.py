@@ -225,7 +225,7 @@ def _prose(text: str) -> list[str]:
 def _usage_roff(name: str, pieces: tuple[str, ...]) -> str:
     words = []
     for piece in pieces:
-        inner = piece.strip("[].")
+        inner = piece.strip("[]{}.")  # typer writes a required argument as {NAME}
         rendered = f"\\fI{roff(inner)}\\fR"
         if piece.startswith("["):
             rendered = f"[{rendered}]"
@@ -244,6 +244,8 @@ def _option_tag(opt: Param) -> str:
 
 def _option_help(opt: Param) -> str:
     text = opt.help or "(no description)"
+    if opt.required and opt.is_option:
+        text += " Required."
     if opt.choices:
         text += " One of: " + ", ".join(f"**{c}**" for c in opt.choices) + "."
     if opt.repeatable and opt.takes_value and "repeat" not in text.lower():
