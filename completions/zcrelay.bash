@@ -35,8 +35,8 @@ _zcrelay() {
     case "$cmd" in
         forward)
             case "$prev" in
-                --rule|-r) return ;;
-                --config|-c) _zcrelay_paths file; return ;;
+                -r|--rule) return ;;
+                -c|--config) _zcrelay_paths file; return ;;
                 --pipe-size) return ;;
                 --max-conns) return ;;
                 --max-idle-pipes) return ;;
@@ -53,7 +53,7 @@ _zcrelay() {
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    --rule|-r|--config|-c|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--backlog) ((i++)) ;;
+                    -r|--rule|-c|--config|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--backlog) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

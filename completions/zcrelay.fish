@@ -9,8 +9,8 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -s 
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a forward -d 'Forward connections from LISTEN to TARGET, splicing payloads through pipes'
 
 # forward
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l rule -s r -x -d 'Another LISTEN=TARGET pair, each with its own listener (repeatable)'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l config -s c -r -F -d 'TOML file with options and [[rule]] tables; the command line wins'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s r -l rule -x -d 'Another LISTEN=TARGET pair, each with its own listener (repeatable)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s c -l config -r -F -d 'TOML file with options and [[rule]] tables; the command line wins'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l pipe-size -x -d 'Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l max-conns -x -d 'Most connections at once; more wait in the backlog (0: no limit)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l max-idle-pipes -x -d 'Empty pipes kept for reuse'
@@ -20,6 +20,6 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Se
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-splice -d 'Copy through user space instead of splicing (for comparison, odd kernels)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-nodelay -d 'Leave Nagle\'s algorithm on (TCP_NODELAY is set on both sides by default)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'Listen backlog'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l verbose -s v -d 'More detail on stderr'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l quiet -s q -d 'Only warnings and errors on stderr (no per-connection lines)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'Only warnings and errors on stderr (no per-connection lines)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Show this message and exit'

@@ -123,6 +123,9 @@ def _kind(param: object, names: list[str], metavar: str) -> tuple[str, tuple[str
 def _param(param: object) -> Param:
     is_option = getattr(param, "param_type_name", "") == "option"
     names = list(param.opts) + list(param.secondary_opts) if is_option else []
+    # Short names first, then long ones: a fixed order, because click builds the help option's
+    # names from a set and its order changes with the hash seed (the files must not).
+    names.sort(key=lambda n: (n.startswith("--"), n))
     is_flag = bool(getattr(param, "is_flag", False)) or bool(getattr(param, "count", False))
     takes_value = not is_flag
     metavar = param.metavar or ""
