@@ -252,7 +252,7 @@ def test_bash_knows_every_command_and_option():
 def _path_options() -> list[tuple[str, str, str]]:
     """(command, option, 'file'|'dir') for every option the generator completes as a path."""
     _, commands = docs.load()
-    return [(c.name, o.names[0], o.complete) for c in commands for o in c.options
+    return [(c.name, o.long_first[0], o.complete) for c in commands for o in c.options
             if o.complete in ("file", "dir")]
 
 
