@@ -167,8 +167,7 @@ def load() -> tuple[Command, list[Command]]:
     ctx = group.context_class(group, info_name=PROG, **(group.context_settings or {}))
     root = _command(group, ctx, "")
     commands = []
-    for name in group.list_commands(ctx) if not hasattr(group, "commands") else group.commands:
-        cmd = group.commands[name]
+    for name, cmd in group.commands.items():  # registration order, as --help lists them
         if cmd.hidden:
             continue
         sub = cmd.context_class(cmd, info_name=name, parent=ctx, **(cmd.context_settings or {}))
@@ -746,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the repository root the files go under (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.root == ROOT and not (ROOT / "pyproject.toml").exists():
+        parser.error(f"{ROOT} is not a source checkout; give --root")
     stale = []
     for rel, text in generate().items():
         path = args.root / rel
