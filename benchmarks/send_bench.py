@@ -133,7 +133,8 @@ def run_pipeline(name: str, file: Path) -> tuple[float, float, int]:
     return wall, children_cpu() - cpu0, proc.returncode or receiver.returncode
 
 
-def table(results: dict[str, list[tuple[float, float, int]]], size: int, markdown: bool, title: str) -> list[str]:
+def table(results: dict[str, list[tuple[float, float, int]]], size: int, markdown: bool, title: str,
+          startup: tuple[float, float] = (0.0, 0.0), starts: int = 1) -> list[str]:
     gib = size / (1 << 30)
     out = [f"### {title}", ""]
     rows = []
@@ -148,12 +149,16 @@ def table(results: dict[str, list[tuple[float, float, int]]], size: int, markdow
         rate = gib / wall
         if name.startswith("socat") and "-b" not in name:
             base = rate
-        rows.append((name, f"{wall:.2f}", f"{rate:.2f}", f"{cpu / gib:.2f}", rate))
-    header = ("row", "wall s", "GiB/s", "CPU s/GiB", "× socat")
+        net = ""
+        if name.startswith("zcrelay"):
+            w, c = wall - startup[0] * starts, cpu - startup[1] * starts
+            net = f"{gib / w:.2f} GiB/s, {c / gib:.2f} CPU s/GiB"
+        rows.append((name, f"{wall:.2f}", f"{rate:.2f}", f"{cpu / gib:.2f}", rate, net))
+    header = ("row", "wall s", "GiB/s", "CPU s/GiB", "× socat", "zcrelay without its start-up")
     lines = []
-    for name, wall, rate, cpu, r in rows:
+    for name, wall, rate, cpu, r, net in rows:
         ratio = f"{r / base:.2f}" if base and isinstance(r, float) else ""
-        lines.append((name, wall, rate, cpu, ratio))
+        lines.append((name.replace("|", "\\|") if markdown else name, wall, rate, cpu, ratio, net))
     if markdown:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
@@ -189,6 +194,8 @@ def main() -> int:
             send_results: dict[str, list] = {name: [] for name, cmd in rows.items() if cmd}
             pipe_results: dict[str, list] = {name: [] for name in PIPELINES
                                              if shutil.which(PIPELINES[name][1].split()[0].replace("{zc}", "bash"))}
+            startups = [run_timed(f"{ZC} --version") for _ in range(args.repeat)]
+            startup = (statistics.median(r[0] for r in startups), statistics.median(r[1] for r in startups))
             for round_ in range(args.repeat):
                 for name in send_results:
                     print(f"round {round_ + 1}: send: {name}", file=sys.stderr)
@@ -201,9 +208,12 @@ def main() -> int:
             sink.wait()
     cpu = os.cpu_count()
     print(f"{size / (1 << 30):g} GiB, median of {args.repeat}, {cpu} CPUs, Linux {os.uname().release}\n")
-    print("\n".join(table(send_results, size, args.markdown, "file to a local sink (sink's CPU not counted)")))
+    print(f"zcrelay start-up (python -m zcrelay --version): {startup[0]:.2f} s wall, {startup[1]:.2f} s CPU\n")
+    print("\n".join(table(send_results, size, args.markdown, "file to a local sink (sink's CPU not counted)",
+                          startup, 1)))
     print("\n".join(table(pipe_results, size, args.markdown,
-                          "pipeline: cat FILE | sender → receiver | cat > /dev/null (all CPU counted)")))
+                          "pipeline: cat FILE | sender → receiver | cat > /dev/null (all CPU counted)",
+                          startup, 2)))
     return 0
 
 
