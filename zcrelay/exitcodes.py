@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     OUTPUT_ERROR = 9
     FILE_CHANGED = 10
     INTERRUPTED = 130
+    BROKEN_PIPE = 141
 
 
 DESCRIPTIONS: dict[ExitCode, str] = {
@@ -37,4 +38,5 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.OUTPUT_ERROR: "Writing an output failed: a full disk, an I/O error, an output closed early.",
     ExitCode.FILE_CHANGED: "The file being sent shrank while it was sent.",
     ExitCode.INTERRUPTED: "Interrupted by SIGINT before the command was running (128 + 2, as shells report it).",
+    ExitCode.BROKEN_PIPE: "stdout's reader went away (as with '| head'); nothing is printed (128 + 13, as for a program killed by SIGPIPE).",
 }

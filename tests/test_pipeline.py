@@ -1,0 +1,170 @@
+"""`zcrelay connect` and `listen` in real shell pipelines: bytes, manners and exit codes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline_helpers import G, error_lines, need, random_file, sha256_file, shell, sparse_file
+
+# Larger than a 1 MiB pipe and the loopback socket buffers, so every loop waits at least once.
+SIZE = 24 << 20
+
+# The 1 GiB tar payload: sparse, with markers; its SHA-256 is a constant (hashing 1 GiB twice
+# on this machine's CPU, without SHA instructions, would cost 12 s).
+MARKERS_1G = [(0, b"zcrelay-1g-start"), (G // 2, b"middle-of-1g-zc!"), (G - 16, b"zcrelay-1g-end!!")]
+SHA256_SPARSE_1G = "120c7b8f1a6299d34c3cc0535b8e4334c6e437803b53f3e2fbb1d4710d03bbe7"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return random_file(tmp_path / "data", SIZE)
+
+
+def flags(path: str) -> str:
+    return "-v" if path == "splice" else "-v --no-splice"
+
+
+def test_pipe_to_pipe(tmp_path, data, path):
+    """`cat file | zcrelay connect` → `zcrelay listen | cat > out`: both stdio ends are pipes."""
+    listener = shell(f"$Z listen 127.0.0.1:0 {flags(path)} | cat > out", tmp_path, listening=True)
+    sender = shell(f"cat data | $Z connect 127.0.0.1:{{port}} {flags(path)}".replace("{port}", str(listener.port)), tmp_path)
+    code, err = sender.wait()
+    assert code == 0, err
+    code, lerr = listener.wait()
+    assert code == 0, lerr
+    assert sha256_file(tmp_path / "out") == sha256_file(data)
+    method = "splice (pipe <-> socket)" if path == "splice" else "copy (splice disabled)"
+    assert f"stdin: {method}" in err
+    assert f"stdout: {method}" in lerr
+    assert not error_lines(err + lerr)
+
+
+def test_regular_files_both_ends(tmp_path, data, path):
+    """stdin a regular file (`< file`), stdout a regular file (`> out`): file ↔ pipe ↔ socket."""
+    listener = shell(f"$Z listen 127.0.0.1:0 {flags(path)} > out", tmp_path, listening=True)
+    sender = shell(f"$Z connect 127.0.0.1:{listener.port} {flags(path)} < data", tmp_path)
+    code, err = sender.wait()
+    assert code == 0, err
+    code, lerr = listener.wait()
+    assert code == 0, lerr
+    assert sha256_file(tmp_path / "out") == sha256_file(data)
+    if path == "splice":
+        assert "stdin: splice (file <-> pipe <-> socket)" in err
+        assert "stdout: splice (file <-> pipe <-> socket)" in lerr
+        assert "copied=0" in err and "copied=0" in lerr
+
+
+def test_stdin_file_position_is_shared(tmp_path):
+    """Like cat, zcrelay reads a regular-file stdin from its position and leaves it at the end."""
+    (tmp_path / "data").write_bytes(b"skip-me\n" + b"x" * 100000)
+    listener = shell("$Z listen 127.0.0.1:0 > out", tmp_path, listening=True)
+    sender = shell(f"{{ read -r first; $Z connect 127.0.0.1:{listener.port}; "
+                   f"echo \"pos=$(cat | wc -c)\" >&2; }} < data", tmp_path)
+    code, err = sender.wait()
+    assert code == 0, err
+    assert "pos=0" in err
+    listener.wait()
+    assert (tmp_path / "out").read_bytes() == b"x" * 100000
+
+
+def test_both_directions_at_once(tmp_path, data, path):
+    other = random_file(tmp_path / "other", SIZE // 3)
+    listener = shell(f"cat other | $Z listen 127.0.0.1:0 {flags(path)} | cat > got-by-listen", tmp_path, listening=True)
+    sender = shell(f"cat data | $Z connect 127.0.0.1:{listener.port} {flags(path)} | cat > got-by-connect", tmp_path)
+    assert sender.wait()[0] == 0
+    assert listener.wait()[0] == 0
+    assert sha256_file(tmp_path / "got-by-listen") == sha256_file(data)
+    assert sha256_file(tmp_path / "got-by-connect") == sha256_file(other)
+
+
+def test_append_mode_stdout_falls_back_to_copy(tmp_path, data):
+    (tmp_path / "out").write_bytes(b"previous\n")
+    listener = shell("$Z listen 127.0.0.1:0 -v >> out", tmp_path, listening=True)
+    sender = shell(f"$Z connect 127.0.0.1:{listener.port} < data", tmp_path)
+    assert sender.wait()[0] == 0
+    code, lerr = listener.wait()
+    assert code == 0, lerr
+    assert "stdout: copy (stdout is in append mode" in lerr
+    assert (tmp_path / "out").read_bytes() == b"previous\n" + data.read_bytes()
+
+
+def test_tar_one_gib_both_ends(tmp_path):
+    """1 GiB through `tar c | zcrelay connect` and `zcrelay listen | tar x`."""
+    need("tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse_file(src / "big", G, MARKERS_1G)
+    random_file(src / "small", 3 << 20)
+    (tmp_path / "dst").mkdir()
+    listener = shell("$Z listen 127.0.0.1:0 | tar xf - -C dst", tmp_path, listening=True)
+    sender = shell(f"tar cf - -C src . | $Z connect 127.0.0.1:{listener.port}", tmp_path)
+    code, err = sender.wait(120)
+    assert code == 0, err
+    code, lerr = listener.wait(120)
+    assert code == 0, lerr
+    assert (tmp_path / "dst" / "big").stat().st_size == G
+    assert sha256_file(tmp_path / "dst" / "small") == sha256_file(src / "small")
+    assert sha256_file(tmp_path / "dst" / "big") == SHA256_SPARSE_1G
+
+
+
+def test_head_closes_early(tmp_path, data):
+    """`zcrelay listen | head -c 100`: the reader goes away; zcrelay ends quietly with 141."""
+    listener = shell("$Z listen 127.0.0.1:0 | head -c 100 > out; echo \"rc=${PIPESTATUS[0]}\" >&2",
+                     tmp_path, listening=True)
+    sender = shell(f"cat data data data data | $Z connect 127.0.0.1:{listener.port}", tmp_path)
+    code, lerr = listener.wait()
+    assert "rc=141" in lerr, lerr
+    assert "Traceback" not in lerr and "error" not in lerr
+    assert (tmp_path / "out").read_bytes() == data.read_bytes()[:100]
+    code, err = sender.wait()
+    # The sender lost its peer mid-transfer: one line, exit 1 (FAILURE); no traceback.
+    assert "Traceback" not in err
+    if code != 0:
+        assert code == 1
+        assert len(error_lines(err)) == 1 and err.strip().startswith("zcrelay: error: connection lost")
+
+
+def test_no_shutdown_and_close_after(tmp_path):
+    """Default: stdin EOF shuts the write side down at once (the peer sees EOF and may close).
+    --no-shutdown: the peer sees no EOF; --close-after bounds how long that lasts."""
+    from pipeline_helpers import Sink
+
+    sink = Sink(hold_open=True)
+    proc = shell(f"printf hello | $Z connect 127.0.0.1:{sink.port}", tmp_path)
+    assert sink.eof.wait(10), "no EOF after stdin EOF"
+    sink.release.set()
+    assert proc.wait()[0] == 0
+
+    sink = Sink(hold_open=True)
+    proc = shell(f"printf hello | $Z connect 127.0.0.1:{sink.port} --no-shutdown --close-after 0.5", tmp_path)
+    assert not sink.eof.wait(0.2), "--no-shutdown still shut down the write side"
+    assert sink.eof.wait(10), "--close-after did not close"
+    code, err = proc.wait()
+    assert code == 0, err
+    sink.release.set()
+    sink.join()
+    assert sink.size == 5
+
+
+@pytest.mark.parametrize("script, code, message", [
+    ("$Z connect 127.0.0.1:{closed}", 6, "cannot connect to 127.0.0.1:{closed}: connection refused"),
+    ("$Z connect 127.0.0.1:{closed} >&-", 9, "stdout is closed"),
+    ("$Z listen 127.0.0.1:{busy}", 3, "cannot listen on 127.0.0.1:{busy}"),
+    ("$Z connect nonsense", 2, "no port"),
+])
+def test_errors_are_one_line(tmp_path, script, code, message):
+    import socket
+
+    with socket.socket() as closed, socket.create_server(("127.0.0.1", 0)) as busy:
+        closed.bind(("127.0.0.1", 0))
+        ports = {"closed": closed.getsockname()[1], "busy": busy.getsockname()[1]}
+        proc = shell(script.format(**ports), tmp_path)
+        rc, err = proc.wait()
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("zcrelay")
+    assert message.format(**ports) in lines[0]

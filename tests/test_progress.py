@@ -1,0 +1,86 @@
+"""Progress on a terminal, never on stdout; a terminal as stdin falls back to a copy (with -v)."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import time
+
+from conftest import zcrelay_argv, zcrelay_env
+from pipeline_helpers import Sink, random_file, sha256_file, shell
+
+SIZE = 16 << 20
+
+
+def _read_all(fd: int, proc: subprocess.Popen, timeout: float = 60) -> bytes:
+    """Everything the terminal's master side gets until the process exits (bounded)."""
+    import select
+
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every slave fd is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    return bytes(out)
+
+
+def test_send_shows_progress_on_a_terminal_only(tmp_path):
+    data = random_file(tmp_path / "data", SIZE)
+    sink = Sink()
+    master, slave = pty.openpty()
+    out = open(tmp_path / "stdout", "wb")
+    # 4 MB/s for 16 MiB: a few seconds, so the display refreshes several times.
+    proc = subprocess.Popen(zcrelay_argv("send", "data", f"127.0.0.1:{sink.port}", "--rate-limit", "8M"),
+                            cwd=tmp_path, env=zcrelay_env(COLUMNS="100"), stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=slave)
+    os.close(slave)
+    screen = _read_all(master, proc)
+    os.close(master)
+    assert proc.wait(10) == 0
+    sink.join()
+    assert sink.sha.hexdigest() == sha256_file(data)
+    text = screen.decode(errors="replace")
+    assert "data" in text and "MiB" in text and "━" in text, text[-2000:]
+    assert text.count("\r") + text.count("\x1b[") > 3  # refreshed in place, more than once
+    assert (tmp_path / "stdout").read_bytes() == b""
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(tmp_path):
+    random_file(tmp_path / "data", 1 << 20)
+    sink = Sink()
+    code, err = shell(f"$Z send data 127.0.0.1:{sink.port}", tmp_path).wait()
+    assert code == 0 and err == "", err
+
+
+def test_terminal_stdin_is_copied_and_reported(tmp_path):
+    """A terminal cannot splice: stdin is copied (said with -v), waiting for input without
+    blocking the event loop: the reverse direction keeps flowing meanwhile."""
+    back = random_file(tmp_path / "back", SIZE)
+    listener = shell("$Z listen 127.0.0.1:0 < back > got", tmp_path, listening=True)
+    master, slave = pty.openpty()
+    out = open(tmp_path / "out", "wb")
+    proc = subprocess.Popen(zcrelay_argv("connect", f"127.0.0.1:{listener.port}", "-v", "--no-progress"),
+                            cwd=tmp_path, env=zcrelay_env(), stdin=slave, stdout=out,
+                            stderr=subprocess.PIPE)
+    os.close(slave)
+    os.write(master, b"typed line\n")
+    # The peer's data flows while nobody types; when the peer closes, a terminal stdin does
+    # not keep the pipeline alive.
+    code = proc.wait(60)
+    err = proc.stderr.read().decode()
+    os.close(master)
+    assert code == 0, err
+    assert "stdin: copy (a terminal cannot splice)" in err
+    assert sha256_file(tmp_path / "out") == sha256_file(back)
+    listener.wait()
+    assert (tmp_path / "got").read_bytes() in (b"typed line\n", b"")

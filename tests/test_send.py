@@ -1,0 +1,136 @@
+"""`zcrelay send` and `serve`: files to sockets, zero-copy, with the file shrinking under them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+import pytest
+
+from pipeline_helpers import G, Sink, error_lines, random_file, sha256_file, shell, sparse_file
+
+SIZE = 24 << 20
+
+# 5 GiB, sparse, with markers on both sides of the 4 GiB line (a 32-bit offset would wrap
+# there). The SHA-256 is a constant: computing it costs ~30 s of this machine's CPU.
+MARKERS_5G = [(0, b"zcrelay-5g-start"), (4 * G - 8, b"across4G-across4"), (5 * G - 16, b"zcrelay-5g-end!!")]
+SHA256_SPARSE_5G = "e334f1a616fc42d461e2be0ababe1b14a2b86e9c9e8eabe77689be9ebc571707"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return random_file(tmp_path / "data", SIZE)
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_send_to_listen(tmp_path, data, method):
+    listener = shell("$Z listen 127.0.0.1:0 > out", tmp_path, listening=True)
+    sender = shell(f"$Z send data 127.0.0.1:{listener.port} --method {method} -v", tmp_path)
+    code, err = sender.wait()
+    assert code == 0, err
+    assert listener.wait()[0] == 0
+    assert sha256_file(tmp_path / "out") == sha256_file(data)
+    assert f"sent {SIZE} bytes by {method}" in err
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_offset_and_length(tmp_path, data, method):
+    sink = Sink()
+    code, err = shell(f"$Z send data 127.0.0.1:{sink.port} --method {method} --offset 1000001 "
+                      f"--length 5M", tmp_path).wait()
+    assert code == 0, err
+    sink.join()
+    assert sink.size == 5 << 20
+    assert sink.sha.hexdigest() == hashlib.sha256(data.read_bytes()[1000001:1000001 + (5 << 20)]).hexdigest()
+
+
+def test_five_gib_sparse(tmp_path):
+    """Files over 4 GiB: offsets are 64-bit all the way; size and SHA-256 match."""
+    big = sparse_file(tmp_path / "big", 5 * G, MARKERS_5G)
+    sink = Sink()
+    code, err = shell(f"$Z send big 127.0.0.1:{sink.port}", tmp_path).wait(180)
+    assert code == 0, err
+    sink.join(180)
+    assert sink.size == 5 * G == big.stat().st_size
+    assert sink.sha.hexdigest() == SHA256_SPARSE_5G
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_truncated_during_send(tmp_path, method):
+    """The file shrinks mid-send: exit 10 with one line, within a second, nothing past the end."""
+    victim = sparse_file(tmp_path / "victim", 256 << 20, [(0, b"start")])
+    sink = Sink()
+    sender = shell(f"$Z send victim 127.0.0.1:{sink.port} --method {method} --rate-limit 32M", tmp_path)
+    deadline = time.monotonic() + 20
+    while sink.size < (2 << 20):
+        assert time.monotonic() < deadline, "nothing arrived"
+        assert sender.proc.poll() is None, sender.wait()
+        time.sleep(0.01)  # polling a counter, not waiting for readiness
+    os.truncate(victim, 1 << 20)
+    truncated = time.monotonic()
+    code, err = sender.wait(10)
+    took = time.monotonic() - truncated
+    assert code == 10, err
+    assert took < 1.0, took
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: the file shrank while it was sent"), err
+    sink.join()
+    assert sink.size < 256 << 20
+
+
+@pytest.mark.parametrize("script, code, message", [
+    ("$Z send missing 127.0.0.1:1", 8, "cannot open missing: No such file or directory"),
+    ("mkdir adir; $Z send adir 127.0.0.1:1", 8, "adir: is a directory"),
+    ("$Z send /dev/null 127.0.0.1:1", 8, "not a regular file"),
+    ("echo x > small; $Z send small 127.0.0.1:1 --offset 10", 2, "past the end of the file"),
+    ("echo x > small; $Z send small 127.0.0.1:{closed}", 6, "connection refused"),
+    ("echo x > small; $Z send small 127.0.0.1:1 --method mmap", 2, "is not one of splice, sendfile"),
+    ("$Z serve missing --listen 127.0.0.1:0", 8, "cannot open missing"),
+])
+def test_send_errors(tmp_path, script, code, message):
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        rc, err = shell(script.format(closed=closed.getsockname()[1]), tmp_path).wait()
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay"), err
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_serve_concurrent_clients(tmp_path, data, method):
+    server = shell(f"exec $Z serve data --listen 127.0.0.1:0 --method {method}", tmp_path, listening=True)
+    try:
+        clients = [shell(f"$Z connect 127.0.0.1:{server.port} < /dev/null > out{i}", tmp_path) for i in range(4)]
+        for client in clients:
+            code, err = client.wait()
+            assert code == 0, err
+        server.proc.send_signal(signal.SIGTERM)
+        code, err = server.wait()
+    finally:
+        server.kill()
+    assert code == 0, err
+    want = sha256_file(data)
+    for i in range(4):
+        assert sha256_file(tmp_path / f"out{i}") == want
+    conn_lines = [line for line in err.splitlines() if "conn=" in line]
+    assert len(conn_lines) == 4, err
+    assert all(f"sent={SIZE} spliced={SIZE} copied=0" in line and line.endswith(" ok") for line in conn_lines)
+    assert "stopped: 4 connections" in err
+    assert not error_lines(err)
+
+
+def test_rate_limit_keeps_splice(tmp_path, data):
+    sink = Sink()
+    started = time.monotonic()
+    code, err = shell(f"$Z send data 127.0.0.1:{sink.port} --rate-limit 48M --length 12M -v", tmp_path).wait()
+    took = time.monotonic() - started
+    assert code == 0, err
+    sink.join()
+    assert sink.size == 12 << 20
+    assert took >= 0.2, took  # 12M at 48M/s is 0.25 s; Python's start-up adds to it
+    assert "by splice" in err

@@ -1,0 +1,368 @@
+"""`zcrelay connect`, `listen`, `send` and `serve`: netcat for pipelines, and files to sockets.
+
+Exit codes beyond the shared ones (zcrelay/exitcodes.py):
+- stdin or the file unreadable, missing, a directory: INPUT_ERROR (8)
+- writing stdout failed, or stdout is closed at start: OUTPUT_ERROR (9)
+- stdout's reader went away (`| head -c 100`): BROKEN_PIPE (141, as a program killed by
+  SIGPIPE reports), with no message
+- the file shrank during `send`: FILE_CHANGED (10)
+- the connection was reset or the peer stopped reading mid-transfer: FAILURE (1)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator, Optional
+
+import trio
+import typer
+
+from zcrelay import net
+from zcrelay.cli.app import app
+from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.direct import FileShrank
+from zcrelay.exitcodes import ExitCode
+from zcrelay.files import METHODS, BadRange, FileServer, SendConfig, open_file, send as send_file, span
+from zcrelay.pipeline import (STDIN, STDOUT, ConnectionLost, InputFailed, OutputClosed, OutputFailed,
+                              PipelineConfig, grow_pipe, plan, run_pipeline)
+from zcrelay.stats import Flow
+
+log = logging.getLogger("zcrelay")
+
+_CODES: list[tuple[type, ExitCode]] = [
+    (OutputClosed, ExitCode.BROKEN_PIPE),
+    (InputFailed, ExitCode.INPUT_ERROR),
+    (OutputFailed, ExitCode.OUTPUT_ERROR),
+    (FileShrank, ExitCode.FILE_CHANGED),
+    (BadRange, ExitCode.USAGE),
+    (ConnectionLost, ExitCode.FAILURE),
+]
+
+# Options every command of this file shares.
+VERBOSE = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (the method each direction uses, a summary).")
+QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
+PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal]", show_default=False)
+RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded).", show_default=False)
+NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison).")
+PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
+CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer (0: none).")
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
+    """common.run, plus the exit codes of this file's errors."""
+
+    async def mapped() -> ExitCode | None:
+        try:
+            return await main()
+        except BaseException as exc:
+            leaf = _leaf(exc)
+            for kind, code in _CODES:
+                if isinstance(leaf, kind):
+                    if code == ExitCode.BROKEN_PIPE:
+                        log.debug("%s", leaf)
+                        return code
+                    return error(str(leaf), code)
+            raise
+
+    return run(mapped)
+
+
+def _rate(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    rate = parse_size(text)
+    if rate <= 0:
+        raise typer.BadParameter("must be more than 0", param_hint="--rate-limit")
+    return rate
+
+
+def _pipe_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 4096:
+        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
+    return size
+
+
+def _stdio_ready() -> ExitCode | None:
+    """Before anything opens an fd: a closed stdin reads as empty (its number must not be reused
+    by a socket), a closed stdout is an error."""
+    try:
+        os.fstat(STDIN)
+    except OSError:
+        os.open(os.devnull, os.O_RDONLY)  # takes fd 0, the lowest free number
+    try:
+        os.fstat(STDOUT)
+    except OSError:
+        return error("stdout is closed", ExitCode.OUTPUT_ERROR)
+    return None
+
+
+def _show_progress(option: Optional[bool]) -> bool:
+    return option if option is not None else sys.stderr.isatty()
+
+
+class Display:
+    """The rich progress display on stderr (never stdout), refreshed by a trio task."""
+
+    def __init__(self, enabled: bool, rows: list[tuple[str, Flow, Optional[int]]]) -> None:
+        self.enabled = enabled
+        self.rows = rows
+        self._progress = None
+        self._ids: list = []
+
+    @contextmanager
+    def shown(self) -> Iterator["Display"]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console  # imported only when shown: rich costs ~0.1 s to import
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                   TransferSpeedColumn(), TimeRemainingColumn()]
+        self._progress = Progress(*columns, console=Console(file=sys.stderr), auto_refresh=False)
+        with self._progress:
+            self._ids = [self._progress.add_task(label, total=total) for label, _, total in self.rows]
+            try:
+                yield self
+            finally:
+                self.update()
+
+    def update(self) -> None:
+        if self._progress is None:
+            return
+        for task, (_, flow, _) in zip(self._ids, self.rows):
+            self._progress.update(task, completed=flow.bytes)
+        self._progress.refresh()
+
+    async def refresh(self) -> None:
+        while True:
+            await trio.sleep(0.1)
+            self.update()
+
+
+async def _with_display(display: Display, work: Callable[[], Awaitable]) -> object:
+    with display.shown():
+        async with trio.open_nursery() as nursery:
+            if display.enabled:
+                nursery.start_soon(display.refresh)
+            try:
+                return await work()
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def _stdin_size() -> Optional[int]:
+    try:
+        st = os.fstat(STDIN)
+        if stat.S_ISREG(st.st_mode):
+            return max(0, st.st_size - os.lseek(STDIN, 0, os.SEEK_CUR))
+    except OSError:
+        pass
+    return None
+
+
+def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], no_shutdown: bool,
+                    close_after: Optional[float]):
+    config = PipelineConfig(shutdown=not no_shutdown, close_after=close_after, splice=not no_splice,
+                            pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit))
+    stdin_plan = plan(STDIN, output=False, splice=config.splice)
+    stdout_plan = plan(STDOUT, output=True, splice=config.splice)
+    for fd, how in ((STDIN, stdin_plan), (STDOUT, stdout_plan)):
+        if how.method == "direct":
+            grow_pipe(fd, config.pipe_size)
+    log.debug("stdin: %s", stdin_plan.describe())
+    log.debug("stdout: %s", stdout_plan.describe())
+    return config, stdin_plan, stdout_plan
+
+
+async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool, peer: str) -> None:
+    up, down = Flow(), Flow()
+    display = Display(progress, [("sent", up, _stdin_size()), ("received", down, None)])
+    started = trio.current_time()
+    try:
+        end = await _with_display(display, lambda: run_pipeline(sock, config, up, down, stdin_plan, stdout_plan))
+    finally:
+        elapsed = trio.current_time() - started
+        for name, flow in (("sent", up), ("received", down)):
+            if flow.fallback:
+                log.debug("%s by copy: %s", name, flow.fallback)
+        log.debug("peer=%s sent=%d received=%d spliced=%d copied=%d duration=%.3fs", peer, up.bytes,
+                  down.bytes, up.spliced + down.spliced, up.copied + down.copied, elapsed)
+    log.debug("ended: %s", end.reason)
+
+
+@app.command()
+def connect(
+    target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
+    no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open (the default shuts it down, like nc -N)."),
+    close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF, even if the peer has not closed.", show_default=False),
+    connect_timeout: float = CONNECT_TIMEOUT,
+    rate_limit: Optional[str] = RATE,
+    progress: Optional[bool] = PROGRESS,
+    no_splice: bool = NO_SPLICE,
+    pipe_size: str = PIPE_SIZE,
+    verbose: int = VERBOSE,
+    quiet: bool = QUIET,
+) -> ExitCode:
+    """Connect to ADDR; stdin goes to the socket and the socket to stdout, spliced."""
+    where = address(target, listen=False)
+    setup_logging(verbose, quiet)
+    code = _stdio_ready()
+    if code is not None:
+        return code
+    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
+
+    async def main() -> None:
+        sock = await net.connect(where, connect_timeout or None)
+        with sock:
+            await _one_connection(sock, config, stdin_plan, stdout_plan, _show_progress(progress), str(where))
+
+    return _run(main)
+
+
+@app.command()
+def listen(
+    where: str = typer.Argument(..., metavar="ADDR", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, :PORT (all interfaces), unix:PATH; port 0 picks a free port.", show_default=False),
+    keep_open: bool = typer.Option(False, "--keep-open", "-k", help="After a connection ends, accept the next one (until SIGINT/SIGTERM)."),
+    no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open."),
+    close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF.", show_default=False),
+    rate_limit: Optional[str] = RATE,
+    progress: Optional[bool] = PROGRESS,
+    no_splice: bool = NO_SPLICE,
+    pipe_size: str = PIPE_SIZE,
+    verbose: int = VERBOSE,
+    quiet: bool = QUIET,
+) -> ExitCode:
+    """Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced.
+    Prints "listening on HOST:PORT" on stderr once bound."""
+    bind = address(where, listen=True)
+    setup_logging(verbose, quiet)
+    code = _stdio_ready()
+    if code is not None:
+        return code
+    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
+    show = _show_progress(progress)
+
+    async def accept_one(listener):
+        sock, peer = await listener.accept()
+        name = net.peer_name(sock, peer)
+        log.debug("connection from %s", name)
+        return sock, name
+
+    async def main() -> None:
+        listener = await net.open_listener(bind, backlog=16)
+        if not keep_open:
+            with listener:
+                say(f"listening on {net.local_name(listener)}")
+                sock, name = await accept_one(listener)
+            with sock:
+                await _one_connection(sock, config, stdin_plan, stdout_plan, show, name)
+            return
+
+        async def serve(task_status=trio.TASK_STATUS_IGNORED):
+            with listener:
+                task_status.started(net.local_name(listener))
+                while True:
+                    sock, name = await accept_one(listener)
+                    with sock:
+                        try:
+                            await _one_connection(sock, config, stdin_plan, stdout_plan, show, name)
+                        except ConnectionLost as exc:
+                            log.warning("%s: %s", name, exc)
+
+        await serve_until_signal(serve, lambda bound: say(f"listening on {bound}"))
+
+    return _run(main)
+
+
+@app.command()
+def send(
+    file: str = typer.Argument(..., metavar="FILE", help="A regular file to send.", show_default=False),
+    target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
+    method: str = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2)."),
+    offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
+    length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  [default: to the end]", show_default=False),
+    linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
+    connect_timeout: float = CONNECT_TIMEOUT,
+    rate_limit: Optional[str] = RATE,
+    progress: Optional[bool] = PROGRESS,
+    pipe_size: str = PIPE_SIZE,
+    verbose: int = VERBOSE,
+    quiet: bool = QUIET,
+) -> ExitCode:
+    """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
+    where = address(target, listen=False)
+    start = parse_size(offset)
+    count = parse_size(length) if length is not None else None
+    config = SendConfig(method=method, pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit),
+                        linger=linger)
+    setup_logging(verbose, quiet)
+    flow = Flow()
+
+    async def main() -> None:
+        fd, size = open_file(file)
+        try:
+            first, total = span(size, start, count)
+            display = Display(_show_progress(progress), [(os.path.basename(file), flow, total)])
+            started = trio.current_time()
+            await _with_display(display, lambda: send_file(fd, size, where, first, total, flow, config,
+                                                           connect_timeout or None))
+            elapsed = trio.current_time() - started
+            log.debug("sent %d bytes by %s in %.3fs (%.1f MB/s)", flow.bytes, method, elapsed,
+                      flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0)
+        finally:
+            os.close(fd)
+
+    return _run(main)
+
+
+@app.command()
+def serve(
+    file: str = typer.Argument(..., metavar="FILE", help="A regular file to serve.", show_default=False),
+    listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
+    method: str = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2)."),
+    linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
+    rate_limit: Optional[str] = RATE,
+    pipe_size: str = PIPE_SIZE,
+    verbose: int = VERBOSE,
+    quiet: bool = QUIET,
+) -> ExitCode:
+    """Send FILE to every client that connects to --listen, concurrently, zero-copy; one log
+    line per connection. SIGINT or SIGTERM stop it with exit code 0."""
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
+    bind = address(listen_on, listen=True)
+    config = SendConfig(method=method, pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit),
+                        linger=linger)
+    setup_logging(verbose, quiet)
+    state: dict = {}
+
+    async def main() -> None:
+        fd, _ = open_file(file)
+        try:
+            server = FileServer(fd, file, bind, config)
+            state["server"] = server
+            await serve_until_signal(server.serve, lambda bound: say(f"listening on {bound}"))
+        finally:
+            os.close(fd)
+
+    code = _run(main)
+    server = state.get("server")
+    if code == ExitCode.OK and server is not None:
+        say(f"stopped: {server.connections} connections, {server.sent} bytes sent, "
+            f"{server.failed} failed")
+    return code

@@ -1,0 +1,175 @@
+"""`send` and `serve`: a regular file to sockets, zero-copy (policy layer).
+
+The file is opened once; every transfer reads it at explicit offsets (splice's offset_src or
+sendfile's offset), so concurrent clients share the fd without sharing a file position, and
+the file position of the fd is never touched. A file that shrinks mid-transfer is noticed by
+the mover (a 0 return before the expected end: no SIGBUS, unlike mmap) and ends that transfer
+with direct.FileShrank; bytes past the file's end are never sent.
+
+After the last byte the socket's write side is shut down and whatever the peer still sends is
+read and dropped until it closes (bounded by `linger`): closing with unread bytes would send a
+reset, which can destroy data still queued for the peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from zcrelay import direct, net
+from zcrelay.addresses import Address
+from zcrelay.errors import NO_RESOURCES, StreamError, ZcrelayError
+from zcrelay.mover import SOURCE
+from zcrelay.pipeline import ConnectionLost, InputFailed
+from zcrelay.pipes import Pipe
+from zcrelay.ratelimit import RateLimit
+from zcrelay.stats import Flow
+
+log = logging.getLogger("zcrelay")
+
+METHODS = ("splice", "sendfile")
+
+
+class BadRange(ZcrelayError):
+    """--offset/--length do not fit the file."""
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    method: str = "splice"
+    pipe_size: int = 1 << 20
+    rate_limit: int | None = None
+    linger: float | None = 10.0  # seconds to wait for the peer's close after the last byte
+    nodelay: bool = False
+
+
+def open_file(path: str) -> tuple[int, int]:
+    """Open a regular file for sending; return (fd, size). Raises InputFailed with a message
+    naming the path: missing, unreadable, a directory, not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise InputFailed(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise InputFailed(f"cannot open {path}: {os.strerror(exc.errno or errno.EIO)}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise InputFailed(f"{path}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputFailed(f"{path}: not a regular file")
+    return fd, st.st_size
+
+
+def span(size: int, offset: int, length: int | None) -> tuple[int, int]:
+    """(offset, length) checked against the file's size; length None means to the end."""
+    if offset > size:
+        raise BadRange(f"--offset {offset} is past the end of the file ({size} bytes)")
+    if length is None:
+        return offset, size - offset
+    if offset + length > size:
+        raise BadRange(f"--offset {offset} --length {length} goes past the end of the file "
+                       f"({size} bytes)")
+    return offset, length
+
+
+async def transfer(fd: int, sock: trio.socket.SocketType, offset: int, length: int, flow: Flow,
+                   config: SendConfig) -> None:
+    """Send bytes [offset, offset + length) of `fd` to `sock`, then half-close and wait for the
+    peer to close (at most config.linger seconds). Raises FileShrank, InputFailed or
+    ConnectionLost. Closes nothing."""
+    pacer = RateLimit(config.rate_limit) if config.rate_limit else None
+    try:
+        if config.method == "sendfile":
+            await direct.send_file_sendfile(fd, sock.fileno(), offset, length, flow, pacer)
+        else:
+            pipe = Pipe.open(min(config.pipe_size, max(length, 4096)))
+            try:
+                await direct.send_file_splice(fd, sock.fileno(), offset, length, pipe, flow, pacer)
+            finally:
+                pipe.close()  # ours alone, never pooled: it may hold bytes after an error
+    except StreamError as exc:
+        if exc.role == SOURCE:
+            raise InputFailed(f"reading the file: {os.strerror(exc.errno)}") from None
+        why = "the peer stopped reading" if exc.errno == errno.EPIPE else os.strerror(exc.errno).lower()
+        raise ConnectionLost(f"connection lost after {flow.bytes} of {length} bytes: {why}") from None
+    flow.end = "eof"
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    with trio.move_on_after(config.linger if config.linger is not None else float("inf")):
+        await direct.drain_discard(sock.fileno())
+
+
+async def send(path_fd: int, size: int, address: Address, offset: int, length: int | None,
+               flow: Flow, config: SendConfig, connect_timeout: float | None) -> int:
+    """Connect to `address` and send the span; return the bytes sent."""
+    offset, length = span(size, offset, length)
+    sock = await net.connect(address, connect_timeout)
+    with sock:
+        if config.nodelay:
+            net.set_nodelay(sock)
+        await transfer(path_fd, sock, offset, length, flow, config)
+    return flow.bytes
+
+
+class FileServer:
+    """Serves one file to every client of one listener, concurrently. One log line per client."""
+
+    def __init__(self, fd: int, path: str, address: Address, config: SendConfig) -> None:
+        self.fd = fd
+        self.path = path
+        self.address = address
+        self.config = config
+        self.connections = 0
+        self.sent = 0
+        self.failed = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound address with task_status.started(str), serve until cancelled."""
+        listener = await net.open_listener(self.address)
+        with listener:
+            task_status.started(net.local_name(listener))
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        sock, peer = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in NO_RESOURCES:
+                            log.warning("out of file descriptors: pausing accepts for 0.1 s")
+                            await trio.sleep(0.1)
+                        continue
+                    self.connections += 1
+                    nursery.start_soon(self._handle, sock, net.peer_name(sock, peer), self.connections)
+
+    async def _handle(self, sock: trio.socket.SocketType, peer: str, number: int) -> None:
+        flow = Flow()
+        started = trio.current_time()
+        outcome = "ok"
+        try:
+            with sock:
+                size = os.fstat(self.fd).st_size
+                await transfer(self.fd, sock, 0, size, flow, self.config)
+        except trio.Cancelled:
+            outcome = "shutdown"
+            raise
+        except (direct.FileShrank, InputFailed, ConnectionLost) as exc:
+            outcome = f"error ({exc})"
+            self.failed += 1
+        except Exception as exc:  # a bug must not take the other clients down
+            outcome = f"internal-error ({type(exc).__name__}: {exc})"
+            self.failed += 1
+        finally:
+            self.sent += flow.bytes
+            elapsed = trio.current_time() - started
+            rate = flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
+            log.info("conn=%d peer=%s sent=%d spliced=%d copied=%d duration=%.3fs rate=%.1fMB/s %s",
+                     number, peer, flow.bytes, flow.spliced, flow.copied, elapsed, rate, outcome)

@@ -1,0 +1,224 @@
+"""`connect` and `listen`: one socket joined to stdin and stdout, as netcat does (policy layer).
+
+What a pipeline gets:
+- stdin → socket and socket → stdout at once, each direction by the cheapest way its fds allow
+  (`plan`): a pipe is spliced straight to or from the socket; a regular file goes through one
+  pipe of ours with splice, using the file position; anything else (a terminal, a device, an
+  fd that refuses splice) is copied through user space, and the reason is recorded;
+- at EOF on stdin the socket's write side is shut down and the socket is read until the peer
+  closes (netcat's -N as the default); `shutdown=False` leaves the write side open;
+  `close_after` bounds how long the connection lives after stdin's EOF;
+- when stdin is a terminal, the peer closing its side ends the pipeline (nobody will type ^D
+  for a transfer that is over);
+- failures come out as one exception each (InputFailed, OutputClosed, OutputFailed,
+  ConnectionLost), never an errno.
+
+Inherited stdio keeps its blocking mode: nothing here sets O_NONBLOCK on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from zcrelay import direct, syscalls
+from zcrelay.errors import PeerGone, SpliceRefused, StreamError, ZcrelayError
+from zcrelay.mover import SOURCE
+from zcrelay.pipes import Pipe
+from zcrelay.ratelimit import RateLimit
+from zcrelay.stats import Flow
+
+STDIN = 0
+STDOUT = 1
+
+
+class InputFailed(ZcrelayError):
+    """Reading stdin (or the file to send) failed."""
+
+
+class OutputFailed(ZcrelayError):
+    """Writing stdout failed (a full disk, an I/O error)."""
+
+
+class OutputClosed(ZcrelayError):
+    """stdout's reader went away (EPIPE), as `| head -c 100` does: not worth a message."""
+
+
+class ConnectionLost(ZcrelayError):
+    """The peer reset the connection or stopped reading before the transfer was over."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    shutdown: bool = True  # shut down the socket's write side at stdin EOF
+    close_after: float | None = None  # seconds the connection may live after stdin EOF
+    splice: bool = True
+    pipe_size: int = 1 << 20  # for regular-file stdio, and to grow inherited stdio pipes
+    rate_limit: int | None = None  # bytes per second, per direction
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one stdio fd will be moved: "direct" (a pipe, spliced to/from the socket),
+    "file" (a regular file, through a pipe of ours), or "copy" (with `reason`)."""
+
+    method: str
+    reason: str = ""
+    is_tty: bool = False
+
+    def describe(self) -> str:
+        return {"direct": "splice (pipe <-> socket)", "file": "splice (file <-> pipe <-> socket)"}.get(
+            self.method, f"copy ({self.reason})")
+
+
+def plan(fd: int, output: bool, splice: bool = True) -> Plan:
+    """Decide how to move `fd`. Raises nothing: an fd that cannot even be fstat'ed is copied and
+    fails on first use with a proper error."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        return Plan("copy", f"fstat: {os.strerror(exc.errno or errno.EIO)}")
+    tty = os.isatty(fd)
+    if tty:
+        return Plan("copy", "a terminal cannot splice", True)
+    if not splice:
+        return Plan("copy", "splice disabled")
+    if stat.S_ISFIFO(mode):
+        return Plan("direct")
+    if stat.S_ISREG(mode):
+        if output and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            # splice(2) into an O_APPEND file gives EINVAL (shared/SPLICE.md): copy from the start.
+            return Plan("copy", "stdout is in append mode (>>), which splice refuses")
+        return Plan("file")
+    kind = ("a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "not a pipe or a file")
+    return Plan("copy", f"{'stdout' if output else 'stdin'} is {kind}")
+
+
+def grow_pipe(fd: int, size: int) -> int | None:
+    """Grow an inherited stdio pipe towards `size` (allowed on a pipe we did not create, and
+    worth it: a 64 KiB pipe halves splice throughput, shared/SPLICE.md). Best effort: returns
+    the size obtained, None if it could not be changed."""
+    try:
+        if syscalls.pipe_size(fd) >= size:
+            return None
+        return syscalls.set_pipe_size(fd, size)
+    except OSError:
+        return None
+
+
+async def move(src: int, dst: int, how: Plan, socket_role: str, flow: Flow,
+               config: PipelineConfig) -> None:
+    """Move src → dst until EOF on src, by `how`; fall back to a copy if splice refuses the fds
+    before the first byte (the reason lands in `flow.fallback`)."""
+    pacer = RateLimit(config.rate_limit) if config.rate_limit else None
+    if how.method == "direct":
+        try:
+            await direct.splice_direct(src, dst, flow, socket_role, pacer)
+            return
+        except SpliceRefused as exc:
+            flow.fallback = exc.reason
+    elif how.method == "file":
+        pipe = Pipe.open(config.pipe_size)
+        try:
+            await direct.splice_via_pipe(src, dst, pipe, flow, pacer)
+            return
+        except SpliceRefused as exc:
+            flow.fallback = exc.reason
+        finally:
+            pipe.close()  # ours alone, never pooled: it may hold bytes after an error
+    else:
+        flow.fallback = how.reason
+    await direct.copy_waiting(src, dst, flow, pacer)
+
+
+@dataclass
+class PipelineEnd:
+    """How a pipeline ended: "eof" (both directions done), "peer-closed" (the peer closed while
+    stdin was a terminal) or "close-after" (the --close-after deadline fired)."""
+
+    reason: str
+
+
+class _State:
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.error: ZcrelayError | None = None
+        self.end: str | None = None
+
+    def fail(self, error: ZcrelayError) -> None:
+        if self.error is None:
+            self.error = error
+        self.scope.cancel()
+
+
+async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up: Flow, down: Flow,
+                       stdin_plan: Plan, stdout_plan: Plan, stdin: int = STDIN,
+                       stdout: int = STDOUT) -> PipelineEnd:
+    """Join `sock` to stdin (→ `up`) and stdout (← `down`) until both directions are done.
+
+    Closes nothing: the caller owns `sock` and the stdio fds. Raises InputFailed, OutputClosed,
+    OutputFailed or ConnectionLost.
+    """
+    fd = sock.fileno()
+    with trio.CancelScope() as scope:
+        state = _State(scope)
+
+        async def sending() -> None:
+            try:
+                await move(stdin, fd, stdin_plan, "destination", up, config)
+            except StreamError as exc:
+                if exc.role == SOURCE:
+                    state.fail(InputFailed(f"reading stdin: {os.strerror(exc.errno)}"))
+                else:
+                    state.fail(ConnectionLost(f"connection lost while sending, after {up.bytes} "
+                                              f"bytes: {_why(exc)}"))
+                return
+            up.end = "eof"
+            if config.shutdown:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # already gone: the receiving side will say how
+            if config.close_after is not None:
+                scope.deadline = min(scope.deadline, trio.current_time() + config.close_after)
+
+        async def receiving() -> None:
+            try:
+                await move(fd, stdout, stdout_plan, SOURCE, down, config)
+            except StreamError as exc:
+                if exc.role == SOURCE:
+                    state.fail(ConnectionLost(f"connection lost while receiving, after {down.bytes} "
+                                              f"bytes: {_why(exc)}"))
+                elif isinstance(exc, PeerGone):
+                    state.fail(OutputClosed("stdout was closed by its reader"))
+                else:
+                    state.fail(OutputFailed(f"writing stdout: {os.strerror(exc.errno)}"))
+                return
+            down.end = "eof"
+            if stdin_plan.is_tty and up.end is None:
+                state.end = "peer-closed"
+                scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sending)
+            nursery.start_soon(receiving)
+    if state.error is not None:
+        raise state.error
+    if state.end is None:
+        state.end = "eof" if up.end and down.end else "close-after"
+    return PipelineEnd(state.end)
+
+
+def _why(exc: StreamError) -> str:
+    if exc.errno == errno.EPIPE:
+        return "the peer stopped reading"
+    if exc.errno == errno.ECONNRESET:
+        return "reset by the peer"
+    return os.strerror(exc.errno).lower()
