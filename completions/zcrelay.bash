@@ -28,11 +28,36 @@ _zcrelay() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "--version --help -h" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "forward" -- "$cur"))
+            COMPREPLY=($(compgen -W "demo forward connect listen send serve" -- "$cur"))
         fi
         return
     fi
     case "$cmd" in
+        demo)
+            case "$prev" in
+                --size) return ;;
+                -n|--connections) return ;;
+                --pipe-size) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--size --connections -n --pipe-size --no-splice --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --size|-n|--connections|--pipe-size) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=()
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
         forward)
             case "$prev" in
                 -r|--rule) return ;;
@@ -59,6 +84,113 @@ _zcrelay() {
                 esac
             done
             local -a kinds=(none none)
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
+        connect)
+            case "$prev" in
+                --close-after) return ;;
+                --connect-timeout) return ;;
+                --rate-limit) return ;;
+                --pipe-size) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--no-shutdown --close-after --connect-timeout --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --close-after|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=(none)
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
+        listen)
+            case "$prev" in
+                --close-after) return ;;
+                --rate-limit) return ;;
+                --pipe-size) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--keep-open -k --no-shutdown --close-after --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --close-after|--rate-limit|--pipe-size) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=(none)
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
+        send)
+            case "$prev" in
+                --method) return ;;
+                --offset) return ;;
+                --length) return ;;
+                --linger) return ;;
+                --connect-timeout) return ;;
+                --rate-limit) return ;;
+                --pipe-size) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--method --offset --length --linger --connect-timeout --rate-limit --no-progress --progress --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --method|--offset|--length|--linger|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=(file none)
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
+        serve)
+            case "$prev" in
+                -l|--listen) return ;;
+                --method) return ;;
+                --linger) return ;;
+                --rate-limit) return ;;
+                --pipe-size) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--listen -l --method --linger --rate-limit --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    -l|--listen|--method|--linger|--rate-limit|--pipe-size) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=(file)
             kind="${kinds[npos]:-none}"
             case "$kind" in
                 file|dir) _zcrelay_paths "$kind" ;;

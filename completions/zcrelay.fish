@@ -3,10 +3,22 @@
 # No file names unless an option or argument takes a path.
 complete -c zcrelay -f
 
-set -l __zcrelay_commands forward
+set -l __zcrelay_commands demo forward connect listen send serve
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -l version -d 'Print the version and exit'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -s h -l help -d 'Show this message and exit'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a demo -d 'Run a forward to a local echo target and check every byte: no setup, loopback only'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a forward -d 'Forward connections from LISTEN to TARGET, splicing payloads through pipes'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a connect -d 'Connect to ADDR; stdin goes to the socket and the socket to stdout, spliced'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a listen -d 'Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a send -d 'Send FILE (or a span of it) to ADDR, zero-copy'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a serve -d 'Send FILE to every client that connects to --listen, concurrently, zero-copy; one log line per connection'
+
+# demo
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l size -x -d 'Bytes each connection sends (and gets back)'
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s n -l connections -x -d 'Connections at once'
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l pipe-size -x -d 'Pipe buffer per stream in flight'
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l no-splice -d 'Copy through user space instead, for comparison'
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s h -l help -d 'Show this message and exit'
 
 # forward
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s r -l rule -x -d 'Another LISTEN=TARGET pair, each with its own listener (repeatable)'
@@ -23,3 +35,52 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'L
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'Only warnings and errors on stderr (no per-connection lines)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Show this message and exit'
+
+# connect
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-shutdown -d 'At stdin EOF, leave the socket\'s write side open (the default shuts it down, like nc -N)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l close-after -x -d 'Close the connection this many seconds after stdin EOF, even if the peer has not closed'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l connect-timeout -x -d 'Seconds to reach the peer (0: none)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-progress -l progress -d 'Show a progress display on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s h -l help -d 'Show this message and exit'
+
+# listen
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s k -l keep-open -d 'After a connection ends, accept the next one (until SIGINT/SIGTERM)'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-shutdown -d 'At stdin EOF, leave the socket\'s write side open'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l close-after -x -d 'Close the connection this many seconds after stdin EOF'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-progress -l progress -d 'Show a progress display on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s h -l help -d 'Show this message and exit'
+
+# send
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l method -x -d 'splice: file -> pipe -> socket; sendfile: sendfile(2)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l offset -x -d 'Start at this byte of FILE (K, M, G suffixes)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l length -x -d 'Send this many bytes'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l linger -x -d 'After the last byte, wait this long for the peer to close (0: do not wait)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l connect-timeout -x -d 'Seconds to reach the peer (0: none)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l no-progress -l progress -d 'Show a progress display on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -s h -l help -d 'Show this message and exit'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -F
+
+# serve
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s l -l listen -x -d 'Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l method -x -d 'splice: file -> pipe -> socket; sendfile: sendfile(2)'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l linger -x -d 'After the last byte, wait this long for each client to close'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s h -l help -d 'Show this message and exit'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -F
