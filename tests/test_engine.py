@@ -1,0 +1,325 @@
+"""The engine's layers on real fds: syscalls, counted pipes and the pool, the mover (with a
+clogged reader, injected errnos and cancellation) and the in-process relay on both paths."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from zcrelay import mover, syscalls
+from zcrelay.errors import PeerGone, SpliceRefused, StreamError
+from zcrelay.pipes import Pipe, PipePool
+from zcrelay.relay import Engine, relay
+from zcrelay.stats import Flow
+from tests import traffic
+
+MiB = 1 << 20
+PACKAGE = Path(__file__).resolve().parent.parent / "zcrelay"
+
+
+# --- syscalls ---------------------------------------------------------------------------------
+
+def test_splice_and_tee_move_and_duplicate_bytes():
+    a = Pipe.open(65536)
+    b = Pipe.open(65536)
+    try:
+        os.write(a.w, b"hello world")
+        assert syscalls.tee(a.r, b.w, 100) == 11  # duplicated, not consumed
+        assert os.read(b.r, 100) == b"hello world"
+        left, right = socket.socketpair()
+        with left, right:
+            assert syscalls.splice(a.r, left.fileno(), 100) == 11
+            assert right.recv(100) == b"hello world"
+        with pytest.raises(BlockingIOError):
+            syscalls.splice(a.r, b.w, 100)  # empty pipe, SPLICE_F_NONBLOCK
+        with pytest.raises(BlockingIOError):
+            syscalls.tee(a.r, b.w, 100)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_oversized_counts_are_capped_not_einval():
+    p = Pipe.open()
+    q = Pipe.open()
+    try:
+        os.write(p.w, b"x")
+        assert syscalls.splice(p.r, q.w, 2**63 - 1) == 1
+    finally:
+        p.close()
+        q.close()
+
+
+def test_pipe_size_above_the_kernel_limit_is_clamped():
+    limits = syscalls.read_pipe_limits()
+    r, w, granted = syscalls.open_pipe(limits.max_size * 64)
+    try:
+        assert granted == fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        assert granted >= limits.max_size  # clamped to the limit, not left at 64 KiB
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_pool_reports_a_refused_size_once():
+    notices = []
+    limits = syscalls.PipeLimits(max_size=1 << 20, user_pages_soft=16384)
+    pool = PipePool(size=64 * MiB, on_notice=notices.append, limits=limits)
+    pipes = [pool.get() for _ in range(3)]
+    for p in pipes:
+        pool.put(p)
+    pool.close()
+    if pipes[0].size < 64 * MiB:
+        assert len(notices) == 1 and "pipe-max-size" in notices[0]
+
+
+# --- pipes and the pool -----------------------------------------------------------------------
+
+def test_pool_keeps_at_most_max_idle_and_destroys_dirty_pipes():
+    pool = PipePool(size=65536, max_idle=2)
+    pipes = [pool.get() for _ in range(4)]
+    dirty = pipes[0]
+    os.write(dirty.w, b"left over")
+    dirty.held = 9
+    fd = dirty.r
+    for p in pipes:
+        pool.put(p)
+    assert pool.idle == 2
+    assert dirty.closed and pool.stats.destroyed_dirty == 1
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed; nothing was opened since, so the number is not reused
+    reused = pool.get()
+    assert reused.held == 0 and reused is not dirty
+    pool.put(reused)
+    pool.close()
+    assert pool.idle == 0
+
+
+def test_closed_pipe_forgets_its_fds():
+    p = Pipe.open()
+    p.close()
+    assert p.r == -1 and p.w == -1
+    p.close()  # idempotent
+
+
+# --- the mover ----------------------------------------------------------------------------------
+
+async def _pair():
+    return trio.socket.socketpair()
+
+
+async def test_splice_stream_moves_more_than_pipe_and_socket_buffers():
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    data = os.urandom(24 * MiB)
+    pool = PipePool(size=65536)
+    flow = Flow()
+    got = []
+
+    async def feed():
+        view = memoryview(data)
+        while view:
+            view = view[await a_in.send(view[:MiB]):]
+        a_in.shutdown(socket.SHUT_WR)
+
+    async def clogged_reader():
+        # Reads slowly at first: the pump must wait for it, not spin or drop bytes.
+        buf = bytearray()
+        for _ in range(20):
+            await trio.sleep(0.005)
+            buf += await b_out.recv(4096)
+        while chunk := await b_out.recv(MiB):
+            buf += chunk
+        got.append(bytes(buf))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        nursery.start_soon(clogged_reader)
+        await mover.splice_stream(a_out.fileno(), b_in.fileno(), pool, flow)
+        b_in.shutdown(socket.SHUT_WR)
+    assert traffic.digest(got[0]) == traffic.digest(data)
+    assert flow.spliced == len(data) and flow.copied == 0
+    assert pool.stats.destroyed_dirty == 0 and pool.idle >= 1
+
+
+async def test_splice_stream_is_a_checkpoint_even_at_once_eof():
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    a_in.shutdown(socket.SHUT_WR)
+    with trio.testing.assert_checkpoints():
+        await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), Flow())
+
+
+async def test_copy_stream_is_a_checkpoint_and_moves_bytes():
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    await a_in.send(b"abc")
+    a_in.shutdown(socket.SHUT_WR)
+    flow = Flow()
+    with trio.testing.assert_checkpoints():
+        await mover.copy_stream(a_out.fileno(), b_in.fileno(), flow)
+    assert await b_out.recv(10) == b"abc" and flow.copied == 3
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS])
+async def test_first_splice_refused_is_handled_before_any_byte(monkeypatch, err):
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    await a_in.send(b"payload")
+
+    def refuse(*args, **kwargs):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(syscalls, "splice", refuse)
+    with pytest.raises(SpliceRefused):
+        await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), Flow())
+    monkeypatch.undo()
+    assert await a_out.recv(100) == b"payload"  # nothing was consumed: a copy can take over
+
+
+async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
+    """The source gave bytes, then the destination refused splice: those bytes are written
+    through user space (counted as copied) before SpliceRefused, in order."""
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    await a_in.send(b"first bytes")
+    real = syscalls.splice
+
+    def refuse_to_socket(src, dst, count, *args, **kwargs):
+        if dst == b_in.fileno():
+            raise OSError(errno.EINVAL, "refused")
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", refuse_to_socket)
+    flow = Flow()
+    with pytest.raises(SpliceRefused):
+        await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), flow)
+    assert await b_out.recv(100) == b"first bytes" and flow.copied == 11
+
+
+@pytest.mark.parametrize("err,kind", [(errno.ECONNRESET, PeerGone), (errno.EPIPE, PeerGone), (errno.EIO, StreamError)])
+async def test_mid_stream_errors_are_translated_once(monkeypatch, err, kind):
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    await a_in.send(b"x" * 1000)
+    real = syscalls.splice
+    calls = []
+
+    def fail_second_drain(src, dst, count, *args, **kwargs):
+        if src == a_out.fileno():
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError(err, os.strerror(err))
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", fail_second_drain)
+    with pytest.raises(kind) as info:
+        await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), Flow())
+    assert info.value.role == mover.SOURCE and info.value.errno == err
+
+
+async def test_cancelled_mid_stream_destroys_the_pipe_holding_bytes():
+    """A pump blocked on a full destination is cancelled: the pipe with bytes in it is
+    destroyed, never pooled for another stream."""
+    (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
+    pool = PipePool(size=65536)
+    with trio.move_on_after(0.2):
+        async with trio.open_nursery() as nursery:
+            async def feed():
+                while True:
+                    await a_in.send(b"y" * 65536)
+            nursery.start_soon(feed)
+            await mover.splice_stream(a_out.fileno(), b_in.fileno(), pool, Flow())  # nobody reads b_out
+    assert pool.stats.destroyed_dirty == 1
+    assert pool.idle == 0
+
+
+# --- the relay, in process, both paths ------------------------------------------------------------
+
+async def test_relay_both_ways_with_half_close(path):
+    (client, a), (b, server) = await _pair(), await _pair()
+    engine = Engine(pool=PipePool(size=65536), splice=(path == "splice"))
+    up_data, down_data = os.urandom(9 * MiB), os.urandom(7 * MiB)
+    up, down = Flow(), Flow()
+    got = {}
+
+    async def side(sock, data, key):
+        async def send():
+            view = memoryview(data)
+            while view:
+                view = view[await sock.send(view[:300_000]):]
+            sock.shutdown(socket.SHUT_WR)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got[key] = (await traffic.recv_all(sock, __import__("random").Random(1)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, client, up_data, "client")
+        nursery.start_soon(side, server, down_data, "server")
+        end = await relay(a, b, engine, up, down, linger=10)
+    assert end.reason == "eof"
+    assert got["server"] == (len(up_data), traffic.digest(up_data))
+    assert got["client"] == (len(down_data), traffic.digest(down_data))
+    if path == "splice":
+        assert up.spliced == len(up_data) and down.copied == 0 and not engine.fallbacks
+    else:
+        assert up.copied == len(up_data) and up.fallback == "splice disabled"
+        assert engine.fallbacks["splice disabled"] == 2
+
+
+async def test_relay_reset_on_one_side_ends_both_promptly(path):
+    """The server closes with unread data (its peer gets ECONNRESET) while the client stays
+    open and silent: the relay ends at once, not after --linger."""
+    (client, a), (b, server) = await _pair(), await _pair()
+    engine = Engine(splice=(path == "splice"))
+    await client.send(b"never read by the server")
+
+    async def vanish():
+        while syscalls.fionread(server.fileno()) == 0:
+            await trio.sleep(0.001)
+        server.close()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vanish)
+            end = await relay(a, b, engine, Flow(), Flow(), linger=30)
+    assert end.reason == "reset" and end.side == "b"
+    client.close()
+
+
+# --- layering ---------------------------------------------------------------------------------------
+
+LOW_LAYERS = ["syscalls.py", "pipes.py", "stats.py", "errors.py", "addresses.py", "exitcodes.py"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_low_layers_do_not_import_trio_or_the_cli():
+    for name in LOW_LAYERS:
+        imported = _imports(PACKAGE / name)
+        assert not any(m == "trio" or m.startswith("trio.") for m in imported), name
+        assert not any(m.startswith("zcrelay.cli") for m in imported), name
+
+
+def test_only_the_async_layer_waits_on_fds_and_only_the_cli_prints_or_exits():
+    waiters = {"mover.py", "direct.py", "teeing.py"}
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        rel = path.relative_to(PACKAGE)
+        if "wait_readable" in text or "wait_writable" in text:
+            assert path.name in waiters, f"{rel} waits on fds; only the mover layer may"
+        if rel.parts[0] != "cli":
+            assert "sys.exit(" not in text and "trio.run(" not in text, f"{rel} exits or starts trio"
+            assert not any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"
+                           for n in ast.walk(ast.parse(text))), f"{rel} prints"
