@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LISTENING, zcrelay_argv, zcrelay_env
+from tests.conftest import LISTENING, zcrelay_argv, zcrelay_env
 
 ZCRELAY = " ".join(shlex.quote(a) for a in zcrelay_argv())
 G = 1 << 30

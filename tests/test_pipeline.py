@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline_helpers import G, error_lines, need, random_file, sha256_file, shell, sparse_file
+from tests.pipeline_helpers import G, error_lines, need, random_file, sha256_file, shell, sparse_file
 
 # Larger than a 1 MiB pipe and the loopback socket buffers, so every loop waits at least once.
 SIZE = 24 << 20
@@ -130,7 +130,7 @@ def test_head_closes_early(tmp_path, data):
 def test_no_shutdown_and_close_after(tmp_path):
     """Default: stdin EOF shuts the write side down at once (the peer sees EOF and may close).
     --no-shutdown: the peer sees no EOF; --close-after bounds how long that lasts."""
-    from pipeline_helpers import Sink
+    from tests.pipeline_helpers import Sink
 
     sink = Sink(hold_open=True)
     proc = shell(f"printf hello | $Z connect 127.0.0.1:{sink.port}", tmp_path)

@@ -7,8 +7,8 @@ import pty
 import subprocess
 import time
 
-from conftest import zcrelay_argv, zcrelay_env
-from pipeline_helpers import Sink, random_file, sha256_file, shell
+from tests.conftest import zcrelay_argv, zcrelay_env
+from tests.pipeline_helpers import Sink, random_file, sha256_file, shell
 
 SIZE = 16 << 20
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline_helpers import G, Sink, error_lines, random_file, sha256_file, shell, sparse_file
+from tests.pipeline_helpers import G, Sink, error_lines, random_file, sha256_file, shell, sparse_file
 
 SIZE = 24 << 20
 

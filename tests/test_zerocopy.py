@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline_helpers import need, random_file, sha256_file, shell
+from tests.pipeline_helpers import need, random_file, sha256_file, shell
 
 SIZE = 12 << 20
 COPYING = ("read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
