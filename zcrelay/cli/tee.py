@@ -22,6 +22,29 @@ OUTPUT_ERROR_HELP = (
     "dropped, the rest continue, and the exit status is 9.")
 
 
+def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode:
+    """`zcrelay tee --listen L --target T --capture-dir DIR`: `zcrelay forward L T
+    --capture-dir DIR` with forward's defaults."""
+    from zcrelay.cli.forward import capture_directory, summary
+    from zcrelay.forward import ForwardConfig, Forwarder, Rule
+
+    settings = ForwardConfig(rules=(Rule(listen, target),), pipe_size=pipe_size,
+                             capture_dir=capture_directory(capture_dir))
+    forwarder = Forwarder(settings)
+
+    def ready(bound) -> None:
+        for item in bound:
+            say(f"listening on {item.address} -> {item.rule.target} (capturing to {capture_dir})")
+
+    async def main() -> None:
+        await serve_until_signal(forwarder.serve, ready)
+
+    code = run(main)
+    if code == ExitCode.OK:
+        say(summary(forwarder.totals))
+    return code
+
+
 @app.command()
 def tee(
     files: Optional[list[str]] = typer.Argument(None, metavar="[FILE]...", help="Files to write as well as standard output.", show_default=False),
@@ -43,10 +66,8 @@ def tee(
             raise typer.BadParameter("FILE arguments do not go with --listen/--target/--capture-dir")
         if listen is None or target is None or capture_dir is None:
             raise typer.BadParameter("relay capture needs --listen, --target and --capture-dir together")
-        from zcrelay.cli.forward import run_forwarder  # noqa: PLC0415  (relay mode only)
-
-        return run_forwarder(address(listen, listen=True), address(target, listen=False),
-                             capture_dir=capture_dir, pipe_size=size)
+        return _relay_capture(address(listen, listen=True), address(target, listen=False),
+                              capture_dir, size)
     mode = "warn-nopipe" if nopipe and output_error is None else (output_error or DEFAULT)
     if mode not in MODES and mode != DEFAULT:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--output-error")
