@@ -225,7 +225,7 @@ def check_zero_copy(trace: str, size: int, *files: str) -> dict[str, int]:
             payload.add(what)
             payload.update(re.findall(r"<(pipe:\[\d+\]|socket:\[\d+\])>", rest))
     offenders = [c for c in calls if c[1] not in PAYLOAD_MOVERS
-                 and (c[3] in payload or (c[3].startswith("socket:") and int(c[5]) > 1))]
+                 and (c[3] in payload or (c[3].startswith(("socket:", "TCP", "UNIX")) and int(c[5]) > 1))]
     assert not offenders, offenders[:5]
     assert moved["splice"] >= size
     return moved
