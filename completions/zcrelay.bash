@@ -28,7 +28,7 @@ _zcrelay() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "--version --help -h" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "demo forward connect listen send serve" -- "$cur"))
+            COMPREPLY=($(compgen -W "demo forward connect listen send serve tee" -- "$cur"))
         fi
         return
     fi
@@ -69,16 +69,17 @@ _zcrelay() {
                 --idle-timeout) return ;;
                 --linger) return ;;
                 --backlog) return ;;
+                --capture-dir) _zcrelay_paths dir; return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --no-splice --no-nodelay --backlog --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --no-splice --no-nodelay --backlog --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    -r|--rule|-c|--config|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--backlog) ((i++)) ;;
+                    -r|--rule|-c|--config|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--backlog|--capture-dir) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac
@@ -192,6 +193,33 @@ _zcrelay() {
             done
             local -a kinds=(file)
             kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
+        tee)
+            case "$prev" in
+                --output-error) return ;;
+                --pipe-size) return ;;
+                -l|--listen) return ;;
+                -t|--target) return ;;
+                --capture-dir) _zcrelay_paths dir; return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--append -a --output-error -p --pipe-size --listen -l --target -t --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --output-error|--pipe-size|-l|--listen|-t|--target|--capture-dir) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=(file)
+            kind="${kinds[npos]:-file}"
             case "$kind" in
                 file|dir) _zcrelay_paths "$kind" ;;
             esac

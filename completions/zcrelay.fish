@@ -3,7 +3,7 @@
 # No file names unless an option or argument takes a path.
 complete -c zcrelay -f
 
-set -l __zcrelay_commands demo forward connect listen send serve
+set -l __zcrelay_commands demo forward connect listen send serve tee
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -l version -d 'Print the version and exit'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -s h -l help -d 'Show this message and exit'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a demo -d 'Run a forward to a local echo target and check every byte: no setup, loopback only'
@@ -12,6 +12,7 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a 
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a listen -d 'Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a send -d 'Send FILE (or a span of it) to ADDR, zero-copy'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a serve -d 'Send FILE to every client that connects to --listen, concurrently, zero-copy; one log line per connection'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a tee -d 'Copy standard input to standard output and to each FILE with tee(2) and splice(2)'
 
 # demo
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l size -x -d 'Bytes each connection sends (and gets back)'
@@ -32,6 +33,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Se
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-splice -d 'Copy through user space instead of splicing (for comparison, odd kernels)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-nodelay -d 'Leave Nagle\'s algorithm on (TCP_NODELAY is set on both sides by default)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'Listen backlog'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'Only warnings and errors on stderr (no per-connection lines)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Show this message and exit'
@@ -84,3 +86,16 @@ complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s v -l verbose -d 'M
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s q -l quiet -d 'Only warnings and errors on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s h -l help -d 'Show this message and exit'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -F
+
+# tee
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s a -l append -d 'Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l output-error -x -d 'What an error writing an output does (GNU tee\'s modes): warn, warn-nopipe, exit, exit-nopipe'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s p -d 'Same as --output-error warn-nopipe'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l pipe-size -x -d 'Grow stdin\'s and stdout\'s pipes (and zcrelay\'s own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s l -l listen -x -d 'Relay capture mode: listen here (as \'zcrelay forward\')'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s t -l target -x -d 'Relay capture mode: forward each connection here'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Relay capture mode: write each direction of each connection to its own file in DIR (see \'zcrelay forward --capture-dir\')'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s v -l verbose -d 'Say how stdin and the outputs are handled (pipe sizes, fallbacks)'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s h -l help -d 'Show this message and exit'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -F

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 
 import trio
 
-from zcrelay import net
+from zcrelay import capture, net
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES
 from zcrelay.pipes import PipePool
@@ -45,6 +46,7 @@ class ForwardConfig:
     splice: bool = True
     nodelay: bool = True
     backlog: int = net.BACKLOG
+    capture_dir: str | None = None  # record each direction there (zcrelay.capture)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Forwarder:
     async def _handle(self, client, conn: Connection) -> None:
         config = self.config
         self.totals.active += 1
+        session = None
         try:
             with client:
                 if config.nodelay:
@@ -156,8 +159,12 @@ class Forwarder:
                 with target:
                     if config.nodelay:
                         net.set_nodelay(target)
+                    if config.capture_dir:
+                        session = capture.open_session(config.capture_dir, conn.number, conn.peer,
+                                                       str(conn.target))
                     end = await relay(client, target, self.engine, conn.up, conn.down,
-                                      idle=config.idle_timeout, linger=config.linger)
+                                      idle=config.idle_timeout, linger=config.linger,
+                                      captures=session.captures if session else (None, None))
                     conn.close = end.describe("client", "target")
                     if end.reason == "reset":
                         # Pass the reset on, as the peer would have seen it without a relay.
@@ -172,4 +179,7 @@ class Forwarder:
             self.totals.active -= 1
             self.totals.add(conn.up, conn.down, conn.close.split(" ")[0])
             self._release()
+            if session is not None:
+                session.write_sidecar(conn.up, conn.down, conn.close, time.time())
+                session.close()
             log.info("%s", conn.log_line(trio.current_time()))

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from zcrelay import mover, syscalls
+from zcrelay import mover, syscalls, teeing
 from zcrelay.errors import SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
 from zcrelay.stats import Flow
@@ -45,12 +45,15 @@ class Engine:
         self.pool.close()
 
 
-async def one_way(src: int, dst: int, engine: Engine, flow: Flow) -> None:
+async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) -> None:
     """Copy src → dst until EOF on src, with splice whenever the fd pair allows it.
 
     A user-space copy is used only when splice is turned off or refused the pair before the
     first byte moved; the reason goes to `flow.fallback` and is counted in `engine.fallbacks`.
+    With `capture` (a zcrelay.teeing.CaptureFile), every chunk is also tee'd to its file.
     """
+    if capture is not None:
+        return await teeing.captured_one_way(src, dst, engine, flow, capture)
     if engine.splice:
         try:
             await mover.splice_stream(src, dst, engine.pool, flow, engine.max_chunk)
@@ -94,9 +97,9 @@ class _Relay:
         self.last_activity = trio.current_time()
 
     async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
-                        src_side: str, dst_side: str) -> None:
+                        src_side: str, dst_side: str, capture=None) -> None:
         try:
-            await one_way(src.fileno(), dst.fileno(), engine, flow)
+            await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
         except StreamError as exc:
             side = src_side if exc.role in (mover.SOURCE, "pipe") else dst_side
             flow.end = exc.reason
@@ -128,10 +131,12 @@ class _Relay:
 
 
 async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, *,
-                idle: float | None = None, linger: float | None = None) -> RelayEnd:
+                idle: float | None = None, linger: float | None = None,
+                captures: tuple = (None, None)) -> RelayEnd:
     """Relay a → b (counted in `up`) and b → a (`down`) until both reach EOF, one side fails,
     or a timeout fires; return why it ended.
 
+    `captures` (up, down) are optional zcrelay.teeing.CaptureFile recorders, one a direction.
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """
@@ -142,8 +147,8 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
         async with trio.open_nursery() as nursery:
             if idle:
                 nursery.start_soon(state.watch_idle, idle)
-            nursery.start_soon(state.direction, a, b, engine, up, "a", "b")
-            nursery.start_soon(state.direction, b, a, engine, down, "b", "a")
+            nursery.start_soon(state.direction, a, b, engine, up, "a", "b", captures[0])
+            nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
     if state.end is None:
         # Only the linger deadline cancels the scope without setting an end.
         state.end = RelayEnd("linger")

@@ -9,6 +9,7 @@ import typer
 from zcrelay.cli import demo as _demo  # noqa: F401  (registers the command)
 from zcrelay.cli import forward as _forward  # noqa: F401  (registers the command)
 from zcrelay.cli import pipeline as _pipeline  # noqa: F401  (connect, listen, send, serve)
+from zcrelay.cli import tee as _tee  # noqa: F401  (registers the command)
 from zcrelay.cli._click import Abort, ClickException, UsageError
 from zcrelay.cli.app import app
 from zcrelay.cli.common import PROG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -84,6 +85,7 @@ def forward(
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison, odd kernels)."),
     no_nodelay: bool = typer.Option(False, "--no-nodelay", help="Leave Nagle's algorithm on (TCP_NODELAY is set on both sides by default)."),
     backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  [default: 4096]", show_default=False),
+    capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (no per-connection lines)."),
 ) -> ExitCode:
@@ -108,6 +110,7 @@ def forward(
         splice=not no_splice and bool(data.get("splice", True)),
         nodelay=not no_nodelay and bool(data.get("nodelay", True)),
         backlog=int(_pick(backlog, data, "backlog", 4096)),
+        capture_dir=capture_directory(capture_dir),
     )
     if settings.pipe_size < 4096:
         raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
@@ -125,6 +128,12 @@ def forward(
     if code == ExitCode.OK:
         say(summary(forwarder.totals))
     return code
+
+
+def capture_directory(path: str | None) -> str | None:
+    if path is not None and not os.path.isdir(path):
+        raise typer.BadParameter(f"{path!r} is not a directory", param_hint="--capture-dir")
+    return path
 
 
 def summary(totals: Totals) -> str:

@@ -1,0 +1,97 @@
+"""`zcrelay tee FILE...` (a tee(1) that never copies) and
+`zcrelay tee --listen L --target T --capture-dir DIR` (a forwarder that records each direction).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+import typer
+
+from zcrelay.cli.app import app
+from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.exitcodes import ExitCode
+from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, OutputErrorExit, TeeConfig, run_tee
+
+OUTPUT_ERROR_HELP = (
+    "What an error writing an output does (GNU tee's modes): warn, warn-nopipe, exit, exit-nopipe. "
+    "Default, as GNU tee without the option: an output pipe that closes ends zcrelay tee at once as "
+    "SIGPIPE would (status 141 in a shell); errors on other outputs are reported, that output is "
+    "dropped, the rest continue, and the exit status is 9.")
+
+
+def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode:
+    """`zcrelay tee --listen L --target T --capture-dir DIR`: `zcrelay forward L T
+    --capture-dir DIR` with forward's defaults."""
+    from zcrelay.cli.forward import capture_directory, summary
+    from zcrelay.forward import ForwardConfig, Forwarder, Rule
+
+    settings = ForwardConfig(rules=(Rule(listen, target),), pipe_size=pipe_size,
+                             capture_dir=capture_directory(capture_dir))
+    forwarder = Forwarder(settings)
+
+    def ready(bound) -> None:
+        for item in bound:
+            say(f"listening on {item.address} -> {item.rule.target} (capturing to {capture_dir})")
+
+    async def main() -> None:
+        await serve_until_signal(forwarder.serve, ready)
+
+    code = run(main)
+    if code == ExitCode.OK:
+        say(summary(forwarder.totals))
+    return code
+
+
+@app.command()
+def tee(
+    files: Optional[list[str]] = typer.Argument(None, metavar="[FILE]...", help="Files to write as well as standard output.", show_default=False),
+    append: bool = typer.Option(False, "--append", "-a", help="Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)."),
+    output_error: Optional[str] = typer.Option(None, "--output-error", metavar="MODE", help=OUTPUT_ERROR_HELP, show_default=False),
+    nopipe: bool = typer.Option(False, "-p", help="Same as --output-error warn-nopipe."),
+    pipe_size: str = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
+    listen: Optional[str] = typer.Option(None, "--listen", "-l", metavar="LISTEN", help="Relay capture mode: listen here (as 'zcrelay forward').", show_default=False),
+    target: Optional[str] = typer.Option(None, "--target", "-t", metavar="TARGET", help="Relay capture mode: forward each connection here.", show_default=False),
+    capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Relay capture mode: write each direction of each connection to its own file in DIR (see 'zcrelay forward --capture-dir').", show_default=False),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Say how stdin and the outputs are handled (pipe sizes, fallbacks)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
+) -> ExitCode:
+    """Copy standard input to standard output and to each FILE with tee(2) and splice(2)."""
+    setup_logging(verbose, quiet)
+    size = parse_size(pipe_size)
+    if listen is not None or target is not None or capture_dir is not None:
+        if files:
+            raise typer.BadParameter("FILE arguments do not go with --listen/--target/--capture-dir")
+        if listen is None or target is None or capture_dir is None:
+            raise typer.BadParameter("relay capture needs --listen, --target and --capture-dir together")
+        return _relay_capture(address(listen, listen=True), address(target, listen=False),
+                              capture_dir, size)
+    mode = "warn-nopipe" if nopipe and output_error is None else (output_error or DEFAULT)
+    if mode not in MODES and mode != DEFAULT:
+        raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--output-error")
+    config = TeeConfig(files=tuple(files or ()), append=append, output_error=mode, pipe_size=size)
+    broken_pipe = False
+
+    async def main() -> ExitCode:
+        nonlocal broken_pipe
+        try:
+            outcome = await run_tee(config)
+        except BrokenPipeExit:
+            broken_pipe = True
+            return ExitCode.OUTPUT_ERROR
+        except OutputErrorExit as exc:
+            return error(str(exc), ExitCode.OUTPUT_ERROR)
+        for note in outcome.notes:
+            from zcrelay.cli.common import log
+
+            log.debug("%s", note)
+        return ExitCode.OUTPUT_ERROR if outcome.failed else ExitCode.OK
+
+    code = run(main)
+    if broken_pipe:
+        # As GNU tee without --output-error: die of SIGPIPE, so `set -o pipefail` sees 141.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    return code

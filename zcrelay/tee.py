@@ -1,0 +1,165 @@
+"""Policy for `zcrelay tee FILE...`: which outputs, how they are opened, what an output error
+does (GNU tee's --output-error modes). Bytes move in zcrelay.teeing; nothing here prints or
+exits: diagnostics go to the "zcrelay" logger and the outcome is returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+from zcrelay import syscalls, teeing
+from zcrelay.errors import StreamError, ZcrelayError
+from zcrelay.pipes import Pipe
+from zcrelay.stats import Flow
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+log = logging.getLogger("zcrelay")
+
+# GNU tee's modes (coreutils tee.c). DEFAULT is GNU's behaviour without --output-error: an
+# error writing to a pipe ends the command at once, as SIGPIPE would; errors on other outputs
+# are diagnosed and the rest go on.
+DEFAULT = "default"
+MODES = ("warn", "warn-nopipe", "exit", "exit-nopipe")
+
+
+@dataclass(frozen=True)
+class TeeConfig:
+    files: tuple[str, ...]
+    append: bool = False
+    output_error: str = DEFAULT
+    pipe_size: int = 1 << 20
+
+
+class BrokenPipeExit(ZcrelayError):
+    """An output pipe closed in the default mode: the CLI ends as SIGPIPE would have ended it."""
+
+
+class OutputErrorExit(ZcrelayError):
+    """An output failed in an exit mode."""
+
+
+@dataclass
+class TeeOutcome:
+    bytes: int = 0
+    failed: list[str] = field(default_factory=list)  # diagnosed output errors
+    notes: list[str] = field(default_factory=list)  # how stdin/outputs were handled (for -v)
+
+
+def _is_pipe_error(sink: teeing.Sink, exc: StreamError) -> bool:
+    return sink.kind == teeing.PIPE and exc.errno == errno.EPIPE
+
+
+def _message(name: str, err: int) -> str:
+    return f"{name}: {os.strerror(err)}"
+
+
+def open_output(path: str, append: bool) -> teeing.Sink:
+    """Open FILE like GNU tee (create, 0666 & ~umask, truncate unless -a) but never O_APPEND:
+    splice(2) refuses O_APPEND files, so -a starts at the file's size and keeps its own offset."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o666)
+    kind = teeing.classify(fd)
+    offset = None
+    if kind == teeing.FILE:
+        offset = os.lseek(fd, 0, os.SEEK_END) if append else 0
+    return teeing.Sink(fd, path, kind, offset=offset)
+
+
+def stdout_sink(fd: int, pipe_size: int, outcome: TeeOutcome) -> teeing.Sink:
+    kind = teeing.classify(fd)
+    sink = teeing.Sink(fd, "standard output", kind)
+    if kind == teeing.PIPE:
+        granted = syscalls.set_pipe_size(fd, pipe_size)
+        outcome.notes.append(f"standard output is a pipe of {granted} bytes")
+    elif kind == teeing.FILE and teeing.is_append(fd):
+        # Shared open file description: clearing O_APPEND would change it for others too.
+        sink.copy = True
+        sink.fallback = "standard output is in append mode (splice refuses O_APPEND)"
+    return sink
+
+
+async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutcome:
+    """Copy `stdin` to `stdout` and every FILE. Raises BrokenPipeExit or OutputErrorExit when
+    the mode says to stop; otherwise returns, with `failed` listing the diagnosed outputs."""
+    outcome = TeeOutcome()
+    mode = config.output_error
+
+    def on_error(sink: teeing.Sink, exc: StreamError) -> None:
+        pipe_error = _is_pipe_error(sink, exc)
+        if pipe_error and mode == DEFAULT:
+            raise BrokenPipeExit(_message(sink.name, exc.errno))
+        if pipe_error and mode in ("warn-nopipe", "exit-nopipe"):
+            log.debug("%s closed; going on without it", sink.name)
+            return
+        message = _message(sink.name, exc.errno)
+        if mode in ("exit", "exit-nopipe"):
+            raise OutputErrorExit(message)
+        log.error("%s", message)
+        outcome.failed.append(message)
+
+    sinks = [stdout_sink(stdout, config.pipe_size, outcome)]
+    try:
+        for path in config.files:
+            try:
+                sinks.append(open_output(path, config.append))
+            except OSError as exc:
+                message = _message(path, exc.errno or errno.EIO)
+                if mode in ("exit", "exit-nopipe"):
+                    raise OutputErrorExit(message) from None
+                log.error("%s", message)
+                outcome.failed.append(message)
+        src, feed = _source(stdin, config.pipe_size, outcome)
+        try:
+            async with trio.open_nursery() as nursery:
+                if feed is not None:
+                    nursery.start_soon(teeing.feed_pipe, stdin, feed, Flow())
+                result = await teeing.tee_pipeline(src, sinks, on_error)
+                outcome.bytes = result.bytes
+                nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
+        except BaseExceptionGroup as group:
+            # The nursery wraps what on_error raised; the CLI wants the decision itself.
+            leaf = _leaf(group)
+            if isinstance(leaf, (BrokenPipeExit, OutputErrorExit)):
+                raise leaf from None
+            raise
+        finally:
+            if feed is not None:
+                feed.close()
+        for sink in sinks:
+            if sink.fallback:
+                outcome.notes.append(f"{sink.name}: {sink.fallback}, copied through user space")
+    finally:
+        for sink in sinks[1:]:
+            os.close(sink.fd)
+    return outcome
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _source(stdin: int, pipe_size: int, outcome: TeeOutcome) -> tuple[int, Pipe | None]:
+    """The pipe to tee from: stdin itself when it is a pipe (grown to `pipe_size`), else a
+    pipe of ours that feed_pipe fills (a regular file by splice, a terminal by copying)."""
+    kind = teeing.classify(stdin)
+    if kind == teeing.PIPE:
+        granted = syscalls.set_pipe_size(stdin, pipe_size)
+        outcome.notes.append(f"standard input is a pipe of {granted} bytes")
+        return stdin, None
+    pipe = Pipe.open(pipe_size)
+    if kind == teeing.FILE:
+        outcome.notes.append("standard input is a regular file: spliced into a pipe first")
+    else:
+        outcome.notes.append("standard input is not a pipe or a file (a terminal?): read through "
+                             "user space into a pipe (fallback before the first byte)")
+    return pipe.r, pipe

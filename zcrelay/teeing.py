@@ -1,0 +1,574 @@
+"""tee(2) on the payload path: one input, several outputs, no byte in user space.
+
+The async mover for `zcrelay tee` (pipeline mode) and for relay capture. Like zcrelay.mover it
+tries every syscall first and waits only on EAGAIN; errnos become stream errors through
+zcrelay.errors.translate, once.
+
+Why the loops look the way they do: tee(2) always duplicates from the *front* of its source
+pipe and never consumes. So every output of one source must take exactly the same bytes in
+each round, after which the round is consumed from the source by one splice. A round is:
+
+1. the *lead* output (a pipe we do not own, e.g. stdout) takes what it can with tee(2): that
+   count `n` is the round;
+2. every other output gets the same `n` bytes tee'd into its own private pipe, which is empty
+   and at least as large as the source pipe, so tee(2) takes all `n` (a pipe's capacity is
+   counted in page slots, and `n` bytes of the source use at most the source's slots);
+3. the *consumer* (a regular file, or /dev/null) splices the `n` bytes out of the source;
+4. each private pipe is spliced to its output.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+from zcrelay import syscalls
+from zcrelay.errors import SpliceRefused, StreamError, translate
+from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, _flush_by_copy, _get_pipe, pump, write_all
+from zcrelay.pipes import Pipe, PipePool
+from zcrelay.stats import Flow
+
+log = logging.getLogger("zcrelay")
+
+PIPE = "pipe"  # a FIFO: can be the lead of a round
+FILE = "file"  # a regular file: written at an offset, can be the consumer
+OTHER = "other"  # a character device, socket...: gets a private pipe and a splice pump
+
+
+@dataclass(eq=False)
+class Sink:
+    """One output of a pipeline tee. The caller opened `fd` and closes it; `pipe` (the private
+    pipe, if any) is owned by the tee loop and closed by it."""
+
+    fd: int
+    name: str
+    kind: str
+    offset: int | None = None  # explicit file offset kept by us (no O_APPEND); None: the fd's own
+    copy: bool = False  # splice refused: write through user space (reported as a fallback)
+    fallback: str | None = None
+    written: int = 0
+    error: StreamError | None = None
+    pipe: Pipe | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.error is None
+
+    def drop_pipe(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+
+
+def classify(fd: int) -> str:
+    """PIPE, FILE or OTHER for an open fd (fstat)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        return PIPE
+    if stat.S_ISREG(mode):
+        return FILE
+    return OTHER
+
+
+def is_append(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+
+
+# An output error is handed to this callback, which returns normally to go on without that
+# output or raises to stop everything (the --output-error policy lives in the caller).
+OnError = Callable[[Sink, StreamError], None]
+
+
+@dataclass
+class TeeResult:
+    bytes: int = 0  # read from the source
+    rounds: int = 0
+    stopped: str = "eof"  # eof | no-outputs
+
+
+async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeResult:
+    """Copy the pipe `src` to every sink until EOF or until no sink is left.
+
+    Invariant: at the top of each round every private pipe is empty. `src` must be a pipe
+    (stdin, or the feed pipe filled by `feed_pipe`). Non-blocking behaviour on `src` and on
+    inherited pipes comes from SPLICE_F_NONBLOCK, so stdio need not be made O_NONBLOCK.
+    """
+    result = TeeResult()
+    src_size = syscalls.pipe_size(src)
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            live = [s for s in sinks if s.live]
+            if not live:
+                result.stopped = "no-outputs"
+                await checkpoint()
+                return result
+            lead = _lead(live)
+            consumer = _consumer(live, lead)
+            others = [s for s in live if s is not lead and s is not consumer]
+            for sink in others:
+                if sink.pipe is None:
+                    sink.pipe = _private_pipe(src_size)
+            # 1. the round's size
+            waited = False
+            if lead is not None:
+                try:
+                    n, waited = await _tee_lead(src, lead)
+                except OSError as exc:
+                    _fail(lead, translate(exc, DESTINATION, "tee"), on_error)
+                    continue
+            else:
+                first = others[0] if others else None
+                target = first.pipe.w if first is not None else None
+                n, waited = await _round_size(src, target)
+                if first is not None:
+                    first.pipe.held = n
+            if n == 0:
+                await checkpoint()
+                return result
+            result.bytes += n
+            result.rounds += 1
+            # 2. the same n bytes into every other private pipe
+            for sink in others:
+                if sink.pipe.held:
+                    continue  # took the round in _round_size
+                got = syscalls.tee(src, sink.pipe.w, n)
+                if got != n:
+                    raise RuntimeError(f"tee(2) took {got} of {n} bytes into an empty private pipe "
+                                       f"of {sink.pipe.size} bytes (source pipe {src_size})")
+                sink.pipe.held = n
+            # 3. consume the round from the source
+            await _consume(src, n, consumer, devnull, on_error)
+            # 4. empty the private pipes into their outputs
+            for sink in others:
+                if sink.live:
+                    try:
+                        if await _pump_sink(sink):
+                            waited = True
+                    except StreamError as exc:
+                        _fail(sink, exc, on_error)
+                sink_pipe_done(sink)
+            if not waited:
+                await checkpoint()
+    finally:
+        os.close(devnull)
+        for sink in sinks:
+            sink.drop_pipe()
+
+
+def sink_pipe_done(sink: Sink) -> None:
+    """A private pipe that still holds bytes (its output failed) is destroyed, never reused."""
+    if sink.pipe is not None and (sink.pipe.held or not sink.live):
+        sink.drop_pipe()
+
+
+def _lead(live: list[Sink]) -> Sink | None:
+    for sink in live:
+        if sink.kind == PIPE and not sink.copy:
+            return sink
+    return None
+
+
+def _consumer(live: list[Sink], lead: Sink | None) -> Sink | None:
+    """The last regular file that splices well takes the round straight from the source."""
+    for sink in reversed(live):
+        if sink is not lead and sink.kind == FILE and not sink.copy:
+            return sink
+    return None
+
+
+def _private_pipe(src_size: int) -> Pipe:
+    pipe = Pipe.open(src_size)
+    if pipe.size < src_size:
+        pipe.close()
+        raise OutOfPipeBudget(src_size)
+    return pipe
+
+
+class OutOfPipeBudget(StreamError):
+    def __init__(self, size: int) -> None:
+        super().__init__("pipe", errno.ENOMEM, f"a private pipe of {size} bytes (F_SETPIPE_SZ)")
+
+
+def _fail(sink: Sink, exc: StreamError, on_error: OnError) -> None:
+    sink.error = exc
+    sink.drop_pipe()
+    on_error(sink, exc)
+
+
+async def _tee_lead(src: int, lead: Sink) -> tuple[int, bool]:
+    """tee(2) from `src` into the lead output; (bytes, whether it waited). 0 at EOF.
+
+    EAGAIN is ambiguous (source empty or lead full): FIONREAD on the source tells which.
+    """
+    waited = False
+    while True:
+        try:
+            n = syscalls.tee(src, lead.fd, syscalls.MAX_SPLICE_AT_ONCE)
+        except BlockingIOError:
+            waited = True
+            if syscalls.fionread(src) == 0:
+                await wait_readable(src)
+            else:
+                await wait_writable(lead.fd)
+            continue
+        lead.written += n
+        return n, waited
+
+
+async def _round_size(src: int, target: int | None) -> tuple[int, bool]:
+    """Without a lead: tee into the first private pipe (empty, so EAGAIN means the source is
+    empty), or, with no private pipe at all, take what FIONREAD says the source holds."""
+    waited = False
+    while True:
+        if target is not None:
+            try:
+                return syscalls.tee(src, target, syscalls.MAX_SPLICE_AT_ONCE), waited
+            except BlockingIOError:
+                pass
+        else:
+            n = _available(src)
+            if n is not None:
+                return n, waited
+        waited = True
+        await wait_readable(src)
+
+
+def _available(src: int) -> int | None:
+    """Bytes in the pipe `src`; 0 at EOF (empty and no writer left); None if empty but open."""
+    n = syscalls.fionread(src)
+    if n:
+        return n
+    poller = select.poll()
+    poller.register(src, select.POLLIN)
+    events = poller.poll(0)
+    if events and events[0][1] & select.POLLHUP:
+        return syscalls.fionread(src)  # bytes written just before the last writer closed
+    return None
+
+
+async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_error: OnError) -> None:
+    """Take `n` bytes off the source: into the consumer file at its offset, else /dev/null.
+
+    A consumer that fails part-way (ENOSPC, EIO) is dropped and the rest goes to /dev/null, so
+    the other outputs still get the whole stream.
+    """
+    left = n
+    while left and consumer is not None and consumer.live:
+        try:
+            m = syscalls.splice(src, consumer.fd, left, offset_dst=consumer.offset)
+        except OSError as exc:
+            _fail(consumer, translate(exc, DESTINATION, "splice"), on_error)
+            break
+        if m == 0:
+            raise RuntimeError("the source pipe gave 0 bytes while holding a round")
+        left -= m
+        consumer.written += m
+        if consumer.offset is not None:
+            consumer.offset += m
+    while left:
+        left -= syscalls.splice(src, devnull, left)
+    await checkpoint()
+
+
+async def _pump_sink(sink: Sink) -> bool:
+    """Empty the sink's private pipe into it; return whether it waited. Splice is tried first;
+    refused before the sink's first byte, the sink switches to user-space copies for good."""
+    pipe = sink.pipe
+    assert pipe is not None
+    waited = False
+    while pipe.held:
+        if sink.copy:
+            data = os.read(pipe.r, pipe.held)
+            pipe.held -= len(data)
+            flow = Flow()
+            if await write_all(sink.fd, memoryview(data), flow):
+                waited = True
+            sink.written += len(data)
+            continue
+        try:
+            m = syscalls.splice(pipe.r, sink.fd, pipe.held, offset_dst=sink.offset)
+        except BlockingIOError:
+            await wait_writable(sink.fd)
+            waited = True
+            continue
+        except OSError as exc:
+            if sink.written == 0 and exc.errno in syscalls.SPLICE_REFUSED:
+                sink.copy = True
+                sink.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                continue
+            raise translate(exc, DESTINATION, "splice") from exc
+        pipe.held -= m
+        sink.written += m
+        if sink.offset is not None:
+            sink.offset += m
+    return waited
+
+
+async def feed_pipe(src: int, pipe: Pipe, flow: Flow) -> None:
+    """Fill our own pipe from a source that is not a pipe, then close its write end (EOF).
+
+    A regular file is spliced (zero-copy, its pages are referenced); anything else (a
+    terminal, a socket, a character device) is read through user space in a worker thread,
+    because such an fd is usually blocking and would stall the event loop. Who calls this
+    owns `pipe`; this closes only `pipe.w`.
+    """
+    try:
+        if classify(src) == FILE:
+            while True:
+                try:
+                    n = syscalls.splice(src, pipe.w, syscalls.MAX_SPLICE_AT_ONCE)
+                except BlockingIOError:
+                    await wait_writable(pipe.w)
+                    continue
+                except OSError as exc:
+                    raise translate(exc, SOURCE, "splice") from exc
+                if n == 0:
+                    break
+                flow.add_spliced(n)
+                await checkpoint()
+        else:
+            while True:
+                try:
+                    data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE)
+                except OSError as exc:
+                    raise translate(exc, SOURCE, "read") from exc
+                if not data:
+                    break
+                await write_all(pipe.w, memoryview(data), flow)
+    finally:
+        os.close(pipe.w)
+        pipe.w = -1
+
+
+# ---- relay capture: socket → pipe A → tee → pipe B → file, A → destination ----------------
+
+
+class CaptureFile:
+    """Where one direction of one connection is recorded.
+
+    Owns its private pipe; the fd of the file is owned by whoever created this (the capture
+    session closes it). The file is written at `offset`, tracked here (never O_APPEND).
+    Once `error` is set the capture is off for good: bytes already tee'd are dropped with the
+    private pipe, and the relay goes on untouched. `on_fail(capture)` is called once then.
+    """
+
+    def __init__(self, fd: int, path: str, on_fail: Callable[["CaptureFile"], None] | None = None) -> None:
+        self.fd = fd
+        self.path = path
+        self.offset = 0
+        self.captured = 0
+        self.error: str | None = None
+        self.errno: int | None = None
+        self.fallback: str | None = None
+        self.pipe: Pipe | None = None
+        self._on_fail = on_fail
+        self._free = trio.Semaphore(1)  # held while the private pipe holds a chunk
+        self._send, self._recv = trio.open_memory_channel(1)
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.fd >= 0
+
+    def fail(self, err: int, what: str) -> None:
+        if self.error is None:
+            self.errno = err
+            self.error = f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
+            if self.pipe is not None:
+                self.pipe.close()
+                self.pipe = None
+            if self._on_fail is not None:
+                self._on_fail(self)
+
+    async def offer(self, src: Pipe) -> None:
+        """Duplicate the chunk `src` holds into the private pipe and queue it for the disk.
+
+        Waits first until the writer has emptied the private pipe (lossless back-pressure: a
+        slow disk slows this direction of the relay, and only this one)."""
+        if not self.active:
+            return
+        await self._free.acquire()
+        if not self.active:
+            self._free.release()
+            return
+        try:
+            if self.pipe is None:
+                self.pipe = Pipe.open(src.size)
+                if self.pipe.size < src.size:
+                    self.fail(errno.ENOMEM, f"private pipe of {src.size} bytes (got {self.pipe.size})")
+                    self._free.release()
+                    return
+            got = syscalls.tee(src.r, self.pipe.w, src.held)
+        except OSError as exc:
+            self.fail(exc.errno or errno.EIO, "tee")
+            self._free.release()
+            return
+        if got != src.held:
+            raise RuntimeError(f"tee(2) took {got} of {src.held} bytes into an empty private pipe")
+        self.pipe.held = got
+        self._send.send_nowait(got)
+
+    async def write_bytes(self, data: bytes | memoryview) -> None:
+        """The copy path's capture: write `data` at the offset (a worker thread: disks block)."""
+        if not self.active:
+            await checkpoint()
+            return
+        try:
+            await trio.to_thread.run_sync(self._pwrite_all, bytes(data))
+        except OSError as exc:
+            self.fail(exc.errno or errno.EIO, "write")
+
+    def _pwrite_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.offset)
+            self.offset += n
+            self.captured += n
+            view = view[n:]
+
+    async def writer(self) -> None:
+        """Empty the private pipe into the file, chunk by chunk, in a worker thread (a splice
+        into a regular file blocks in the kernel; in the event loop it would stall every
+        connection). Ends when `close_input` is called and the last chunk is written."""
+        async with self._recv:
+            async for _n in self._recv:
+                try:
+                    if self.active and self.pipe is not None:
+                        await trio.to_thread.run_sync(self._splice_to_file)
+                except OSError as exc:
+                    self.fail(exc.errno or errno.EIO, "splice")
+                finally:
+                    if self.pipe is not None and self.pipe.held:
+                        self.pipe.close()  # never keep a pipe that still holds bytes
+                        self.pipe = None
+                    self._free.release()
+
+    def _splice_to_file(self) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        while pipe.held:
+            try:
+                m = syscalls.splice(pipe.r, self.fd, pipe.held, 0, offset_dst=self.offset)
+            except OSError as exc:
+                if self.captured == 0 and exc.errno in syscalls.SPLICE_REFUSED:
+                    # The file system cannot splice: copy this capture (fallback, reported).
+                    self.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                    data = os.read(pipe.r, pipe.held)
+                    pipe.held -= len(data)
+                    self._pwrite_all(data)
+                    continue
+                raise
+            pipe.held -= m
+            self.offset += m
+            self.captured += m
+
+    def close_input(self) -> None:
+        self._send.close()
+
+    def close(self) -> None:
+        """Close the private pipe (the file's fd belongs to the session)."""
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+
+
+async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,
+                                 max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE) -> None:
+    """splice_stream (zcrelay.mover) with a tee(2) of every chunk into `capture`.
+
+    Invariant, as in splice_stream: at the top of each turn this stream holds no pipe, or an
+    empty one; a chunk is drained, offered to the capture (tee: nothing is consumed), then
+    pumped. The disk writer runs beside the pump, so the next chunk is drained while the last
+    one is still being written; the next tee waits for it (lossless). Raises SpliceRefused,
+    nothing lost, before the first byte; then the caller falls back to captured_copy_stream.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(capture.writer)
+        try:
+            await _captured_splice(src, dst, pool, flow, capture, max_chunk)
+        finally:
+            capture.close_input()
+
+
+async def _captured_splice(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,
+                           max_chunk: int) -> None:
+    pipe: Pipe | None = None
+    moved = False
+    try:
+        while True:
+            if pipe is None:
+                pipe = _get_pipe(pool, moved)
+            try:
+                n = syscalls.splice(src, pipe.w, max_chunk)
+            except BlockingIOError:
+                pool.put(pipe)
+                pipe = None
+                await wait_readable(src)
+                continue
+            except OSError as exc:
+                if not moved and exc.errno in syscalls.SPLICE_REFUSED:
+                    raise SpliceRefused(exc.errno, SOURCE) from exc
+                raise translate(exc, SOURCE, "splice") from exc
+            if n == 0:
+                await checkpoint()
+                return
+            pipe.held = n
+            await capture.offer(pipe)
+            try:
+                waited = await pump(pipe, dst, flow)
+            except OSError as exc:
+                if not moved and pipe.held == n and exc.errno in syscalls.SPLICE_REFUSED:
+                    await _flush_by_copy(pipe, dst, flow)
+                    raise SpliceRefused(exc.errno, DESTINATION) from exc
+                raise translate(exc, DESTINATION, "splice") from exc
+            moved = True
+            if not waited:
+                await checkpoint()
+    finally:
+        if pipe is not None:
+            pool.put(pipe)
+
+
+async def captured_copy_stream(src: int, dst: int, flow: Flow, capture: CaptureFile,
+                               bufsize: int = COPY_BUFSIZE) -> None:
+    """copy_stream (the user-space fallback) that also writes each chunk to `capture`."""
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = os.readv(src, [buf])
+        except BlockingIOError:
+            await wait_readable(src)
+            continue
+        except OSError as exc:
+            raise translate(exc, SOURCE, "read") from exc
+        if n == 0:
+            await checkpoint()
+            return
+        await capture.write_bytes(view[:n])
+        await write_all(dst, view[:n], flow)
+
+
+async def captured_one_way(src: int, dst: int, engine, flow: Flow, capture: CaptureFile) -> None:
+    """relay.one_way for a captured direction: splice+tee, or the copy fallback with capture.
+    `engine` is a zcrelay.relay.Engine (pool, splice switch, fallback counter)."""
+    if engine.splice:
+        try:
+            await captured_splice_stream(src, dst, engine.pool, flow, capture, engine.max_chunk)
+            return
+        except SpliceRefused as exc:
+            flow.fallback = exc.reason
+    else:
+        flow.fallback = "splice disabled"
+    engine.fallbacks[flow.fallback] += 1
+    await captured_copy_stream(src, dst, flow, capture, engine.copy_bufsize)
