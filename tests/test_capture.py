@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import zcrelay_env
+from tests.conftest import zcrelay_argv, zcrelay_env
 
 CONNECTIONS = 32
 
@@ -232,7 +232,7 @@ def test_removed_directory_does_not_stop_the_relay(zcrelay, tmp_path):
 
 
 def test_capture_dir_must_exist(tmp_path):
-    r = subprocess.run([*__import__("conftest").zcrelay_argv("tee", "--listen", "0", "--target", "127.0.0.1:9",
+    r = subprocess.run([*zcrelay_argv("tee", "--listen", "0", "--target", "127.0.0.1:9",
                                                            "--capture-dir", str(tmp_path / "nope"))],
                        capture_output=True, env=zcrelay_env(), timeout=30)
     assert r.returncode == 2

@@ -7,6 +7,7 @@ import ast
 import errno
 import fcntl
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -253,7 +254,7 @@ async def test_relay_both_ways_with_half_close(path):
             sock.shutdown(socket.SHUT_WR)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
-            got[key] = (await traffic.recv_all(sock, __import__("random").Random(1)))
+            got[key] = await traffic.recv_all(sock, random.Random(1))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(side, client, up_data, "client")
