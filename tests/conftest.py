@@ -76,6 +76,16 @@ class Running:
         except ProcessLookupError:
             pass
 
+    def wait_for_lines(self, needle: str, count: int) -> None:
+        """Read stderr until `count` lines containing `needle` have appeared (e.g. "conn=" for
+        finished connections: the relay's own word that it is done with them)."""
+        seen = sum(needle in line for line in self.stderr_lines)
+        while seen < count:
+            line = self.read_line()
+            if not line:
+                raise AssertionError(f"zcrelay exited after {seen} of {count} {needle!r} lines")
+            seen += needle in line
+
     def read_line(self) -> str:
         line = self.proc.stderr.readline()
         if line:

@@ -133,6 +133,7 @@ def test_32_connections_captured_whole(zcrelay, tmp_path, command):
         relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
     sizes = [((i * 131071) % (3 << 20) + 1, (i * 65537) % (2 << 20), i % 2 == 1) for i in range(CONNECTIONS)]
     results = run_clients(relay.port, sizes)
+    relay.wait_for_lines("conn=", CONNECTIONS)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -196,6 +197,7 @@ def test_full_disk_stops_capture_not_relay(zcrelay, small_tmpfs):
     target = Target()
     relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs))
     results = run_clients(relay.port, [(8 << 20, 6 << 20, False), (100, 50, True)])
+    relay.wait_for_lines("conn=", 2)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -223,6 +225,7 @@ def test_removed_directory_does_not_stop_the_relay(zcrelay, tmp_path):
     relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
     cap.rmdir()
     results = run_clients(relay.port, [(1 << 20, 1 << 20, False)])
+    relay.wait_for_lines("conn=", 1)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -252,6 +255,9 @@ def test_capture_payload_moves_only_by_tee_and_splice(zcrelay, tmp_path):
               "trace=read,write,readv,writev,pread64,pwrite64,sendto,recvfrom,sendmsg,recvmsg,tee,splice"]
     relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap), prefix=prefix)
     results = run_clients(relay.port, [(16 << 20, 16 << 20, False)])
+    # The clients are done; wait for the relay's own line for the connection (its capture is
+    # finished then), not just for the bytes.
+    relay.wait_for_lines("conn=", 1)
     # SIGTERM goes to zcrelay itself, not to strace (which would only detach)
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
     os.kill(int(children[0]), 15)
