@@ -182,4 +182,5 @@ class Forwarder:
             if session is not None:
                 session.write_sidecar(conn.up, conn.down, conn.close, time.time())
                 session.close()
-            log.info("%s", conn.log_line(trio.current_time()))
+            if log.isEnabledFor(logging.INFO):  # -q: skip formatting the line at all
+                log.info("%s", conn.log_line(trio.current_time()))

@@ -7,6 +7,8 @@ only the pipe side). Callers own what these functions return.
 from __future__ import annotations
 
 import errno
+import functools
+import ipaddress
 import os
 import socket
 import stat
@@ -159,6 +161,9 @@ async def connect(address: Address, timeout: float | None) -> trio.socket.Socket
 async def _connect(address: Address) -> trio.socket.SocketType:
     if address.is_unix:
         targets = [(socket.AF_UNIX, address.sockaddr_path)]
+    elif (numeric := _numeric(address.host)) is not None:
+        # An IP literal needs no resolver: skip getaddrinfo on every connection.
+        targets = [(numeric, (address.host, address.port))]
     else:
         try:
             infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
@@ -185,6 +190,15 @@ async def _connect(address: Address) -> trio.socket.SocketType:
     assert last is not None
     err = last.errno or errno.EIO
     raise ConnectError(address, _CONNECT_REASONS.get(err, "error"), os.strerror(err).lower())
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric(host: str) -> int | None:
+    """The address family of an IP literal, or None for a name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 def peer_name(sock: trio.socket.SocketType, peer: object = None) -> str:
