@@ -175,7 +175,7 @@ async def test_first_splice_refused_is_handled_before_any_byte(monkeypatch, err)
     def refuse(*args, **kwargs):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(syscalls, "splice", refuse)
+    monkeypatch.setattr(syscalls, "splice_unchecked", refuse)
     with pytest.raises(SpliceRefused):
         await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), Flow())
     monkeypatch.undo()
@@ -187,14 +187,14 @@ async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
     through user space (counted as copied) before SpliceRefused, in order."""
     (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
     await a_in.send(b"first bytes")
-    real = syscalls.splice
+    real = syscalls.splice_unchecked
 
     def refuse_to_socket(src, dst, count, *args, **kwargs):
         if dst == b_in.fileno():
             raise OSError(errno.EINVAL, "refused")
         return real(src, dst, count, *args, **kwargs)
 
-    monkeypatch.setattr(syscalls, "splice", refuse_to_socket)
+    monkeypatch.setattr(syscalls, "splice_unchecked", refuse_to_socket)
     flow = Flow()
     with pytest.raises(SpliceRefused):
         await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), flow)
@@ -205,7 +205,7 @@ async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
 async def test_mid_stream_errors_are_translated_once(monkeypatch, err, kind):
     (a_in, a_out), (b_in, b_out) = await _pair(), await _pair()
     await a_in.send(b"x" * 1000)
-    real = syscalls.splice
+    real = syscalls.splice_unchecked
     calls = []
 
     def fail_second_drain(src, dst, count, *args, **kwargs):
@@ -215,7 +215,7 @@ async def test_mid_stream_errors_are_translated_once(monkeypatch, err, kind):
                 raise OSError(err, os.strerror(err))
         return real(src, dst, count, *args, **kwargs)
 
-    monkeypatch.setattr(syscalls, "splice", fail_second_drain)
+    monkeypatch.setattr(syscalls, "splice_unchecked", fail_second_drain)
     with pytest.raises(kind) as info:
         await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(), Flow())
     assert info.value.role == mover.SOURCE and info.value.errno == err

@@ -39,6 +39,11 @@ def splice(src: int, dst: int, count: int, flags: int = SPLICE_F_NONBLOCK,
     return os.splice(src, dst, min(count, MAX_SPLICE_AT_ONCE), offset_src, offset_dst, flags)
 
 
+# os.splice itself, for a hot loop whose counts are already capped at MAX_SPLICE_AT_ONCE (the
+# mover's): same arguments as os.splice, positional (src, dst, count, off_src, off_dst, flags).
+splice_unchecked = os.splice
+
+
 def _load_tee():
     libc = ctypes.CDLL(None, use_errno=True)
     fn = libc.tee
