@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 from zcrelay import syscalls
 from zcrelay.errors import ZcrelayError
 from zcrelay.files import open_file
+from zcrelay.pipeline import InputFailed
 
 METHODS = ("read+write", "mmap+write", "sendfile", "splice")
 
@@ -161,7 +162,7 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
 
     With `path` None a file of `size` bytes is written in a fresh directory under the temporary
     directory (TMPDIR) and the directory is removed on exit, whatever ends the run (Ctrl-C
-    included). Raises files.InputFailed for a missing, unreadable or irregular `path`.
+    included). Raises pipeline.InputFailed for a missing, unreadable or irregular `path`.
     """
     tmpdir = None
     try:
@@ -369,7 +370,7 @@ def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
     runs: dict[str, list[Run]] = {m: [] for m in METHODS}
     with bench_file(path, size) as (real_path, fd, real_size):
         if real_size == 0:
-            raise FileChangedDuringBench(f"{real_path} is empty: nothing to measure")
+            raise InputFailed(f"{real_path} is empty: nothing to measure")
         warm(fd, real_size)
         if on_file:
             on_file(real_path, real_size)

@@ -38,14 +38,23 @@ _NOTES = (
 )
 
 
+def _size(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    size = parse_size(value)
+    if size < 1:
+        raise typer.BadParameter(f"{value!r} is less than one byte")
+    return size
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 @app.command()
 def bench(
-    size: Optional[str] = typer.Option(None, "--size", metavar="SIZE", show_default=False,
-                                       help="Size of the temporary file to move, e.g. 16M.  [default: 256M]"),
+    size: Optional[str] = typer.Option(None, "--size", metavar="SIZE", show_default=False, callback=_size,
+                                       help="Size of the temporary file to move, e.g. 16M.  \\[default: 256M]"),
     file: Optional[str] = typer.Option(None, "--file", metavar="PATH", show_default=False,
                                        help="Move this existing file instead of a temporary one."),
     repeat: int = typer.Option(3, "--repeat", "-r", min=1, max=100, metavar="N",
@@ -55,9 +64,7 @@ def bench(
     """Measure read+write, mmap+write, sendfile and splice moving a file to a local socket."""
     if size is not None and file is not None:
         raise typer.BadParameter("give --size or --file, not both", param_hint="'--size'")
-    total = DEFAULT_SIZE if size is None else parse_size(size)
-    if total < 1:
-        raise typer.BadParameter(f"{size!r} is not a size of at least 1 byte", param_hint="'--size'")
+    total = DEFAULT_SIZE if size is None else int(size)  # _size parsed it
 
     # SIGTERM unwinds like Ctrl-C, so the temporary file is removed either way.
     previous = signal.signal(signal.SIGTERM, _interrupt)
