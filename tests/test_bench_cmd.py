@@ -6,11 +6,18 @@ is the shape of the output, the exit codes and that the temporary file is gone.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
+import socket
 import subprocess
+import threading
+
+import pytest
 
 from tests.conftest import zcrelay_argv, zcrelay_env, run_zcrelay
+from zcrelay import bench, syscalls
 
 METHODS = ["read+write", "mmap+write", "sendfile", "splice"]
 
@@ -113,3 +120,33 @@ def test_empty_file_is_an_input_error(tmp_path):
     empty.touch()
     result = run_zcrelay("bench", "--file", str(empty), "--repeat", "1")
     assert result.returncode == 8, result.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_sender_moves_exactly_the_file(tmp_path, method):
+    """In process, on a socketpair read by a thread that keeps the bytes: the right bytes in the
+    right order, for a size that is not a multiple of the chunk, larger than the socket buffers."""
+    data = os.urandom(3 * bench.CHUNK + 4321)
+    path = tmp_path / "payload"
+    path.write_bytes(data)
+    out, into = socket.socketpair()
+    got = hashlib.sha256()
+    reader = threading.Thread(target=lambda: [got.update(b) for b in iter(lambda: into.recv(1 << 16), b"")])
+    reader.start()
+    fd = os.open(path, os.O_RDONLY)
+    pipe = syscalls.open_pipe(bench.CHUNK)
+    try:
+        senders = {"read+write": bench.send_read_write, "mmap+write": bench.send_mmap_write,
+                   "sendfile": bench.send_sendfile,
+                   "splice": lambda f, o, n: bench.send_splice(f, o, n, pipe)}
+        calls = senders[method](fd, out.fileno(), len(data))
+        out.shutdown(socket.SHUT_WR)
+        reader.join(timeout=30)
+    finally:
+        os.close(fd)
+        os.close(pipe[0])
+        os.close(pipe[1])
+        out.close()
+        into.close()
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert calls >= 1

@@ -27,8 +27,9 @@ from zcrelay.pipeline import InputFailed
 _NOTES = (
     "Warm cache: the file is read once before the first run, so every method reads from the page "
     "cache and no run touches the disk.",
-    f"CPU is the sender's alone: {CPU_SOURCE}. On loopback the sending thread also runs most of "
-    "the TCP receive path (softirq), the same for every method.",
+    f"CPU is the sender's alone: {CPU_SOURCE}. On loopback the sending thread usually runs the "
+    "TCP receive path too (softirq, charged to it unless the kernel has IRQ time accounting), "
+    "the same for every method.",
     f"Sink: {SINK_TEXT}.",
     "*: CPU copies and context switches per chunk as the articles count them (shared/SPLICE.md), "
     "not measured; SG: with scatter-gather NICs. syscalls and ctx sw vol/inv (the sender's "
