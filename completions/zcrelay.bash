@@ -28,11 +28,36 @@ _zcrelay() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "--version --help -h" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "demo forward connect listen send serve tee" -- "$cur"))
+            COMPREPLY=($(compgen -W "bench demo forward connect listen send serve tee" -- "$cur"))
         fi
         return
     fi
     case "$cmd" in
+        bench)
+            case "$prev" in
+                --size) return ;;
+                --file) _zcrelay_paths file; return ;;
+                -r|--repeat) return ;;
+            esac
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--size --file --repeat -r --json --help -h" -- "$cur"))
+                return
+            fi
+            # Which positional argument is being completed?
+            npos=0
+            for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
+                case "${COMP_WORDS[i]}" in
+                    --size|--file|-r|--repeat) ((i++)) ;;
+                    -*) ;;
+                    *) ((npos++)) ;;
+                esac
+            done
+            local -a kinds=()
+            kind="${kinds[npos]:-none}"
+            case "$kind" in
+                file|dir) _zcrelay_paths "$kind" ;;
+            esac
+            ;;
         demo)
             case "$prev" in
                 --size) return ;;

@@ -3,9 +3,10 @@
 # No file names unless an option or argument takes a path.
 complete -c zcrelay -f
 
-set -l __zcrelay_commands demo forward connect listen send serve tee
+set -l __zcrelay_commands bench demo forward connect listen send serve tee
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -l version -d 'Print the version and exit'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -s h -l help -d 'Show this message and exit'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a bench -d 'Measure read+write, mmap+write, sendfile and splice moving a file to a local socket'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a demo -d 'Run a forward to a local echo target and check every byte: no setup, loopback only'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a forward -d 'Forward connections from LISTEN to TARGET, splicing payloads through pipes'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a connect -d 'Connect to ADDR; stdin goes to the socket and the socket to stdout, spliced'
@@ -13,6 +14,13 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a 
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a send -d 'Send FILE (or a span of it) to ADDR, zero-copy'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a serve -d 'Send FILE to every client that connects to --listen, concurrently, zero-copy; one log line per connection'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a tee -d 'Copy standard input to standard output and to each FILE with tee(2) and splice(2)'
+
+# bench
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l size -x -d 'Size of the temporary file to move, e.g. 16M'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l file -r -F -d 'Move this existing file instead of a temporary one'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s r -l repeat -x -d 'Runs per method, interleaved; the table shows the median'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l json -d 'Print the results as JSON on stdout'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s h -l help -d 'Show this message and exit'
 
 # demo
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l size -x -d 'Bytes each connection sends (and gets back)'

@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from zcrelay.cli import bench as _bench  # noqa: F401  (registers the command)
 from zcrelay.cli import demo as _demo  # noqa: F401  (registers the command)
 from zcrelay.cli import forward as _forward  # noqa: F401  (registers the command)
 from zcrelay.cli import pipeline as _pipeline  # noqa: F401  (connect, listen, send, serve)

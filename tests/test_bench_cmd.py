@@ -1,0 +1,152 @@
+"""`zcrelay bench` run as a user runs it: a subprocess with small sizes and one run per method.
+
+No timing ratios are asserted: this machine is shared and the numbers are noisy. What is checked
+is the shape of the output, the exit codes and that the temporary file is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from tests.conftest import zcrelay_argv, zcrelay_env, run_zcrelay
+from zcrelay import bench, syscalls
+
+METHODS = ["read+write", "mmap+write", "sendfile", "splice"]
+
+
+def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Run bench with TMPDIR pointed at an empty directory of the test's own."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.run(zcrelay_argv("bench", *args), capture_output=True, text=True, timeout=60,
+                          env=zcrelay_env(TMPDIR=str(tmpdir), COLUMNS="120"))
+
+
+def test_table_lists_every_method_and_removes_the_temporary_file(tmp_path):
+    result = _bench(tmp_path, "--size", "16M", "--repeat", "1")
+    assert result.returncode == 0, result.stderr
+    for method in METHODS:
+        assert method in result.stdout
+    assert "RUSAGE_THREAD" in result.stdout  # says how the CPU was measured
+    assert "SIGBUS" in result.stdout
+    assert "warm" in result.stdout.lower()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_json_has_every_metric_per_method(tmp_path):
+    result = _bench(tmp_path, "--size", "16M", "--repeat", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["bytes"] == 16 << 20 and data["temporary"] and data["cache"] == "warm"
+    assert "RUSAGE_THREAD" in data["cpu_measured"]
+    assert [m["method"] for m in data["methods"]] == METHODS
+    copies = {m["method"]: m["cpu_copies"] for m in data["methods"]}
+    assert copies == {"read+write": 2, "mmap+write": 1, "sendfile": 1, "splice": 0}
+    for m in data["methods"]:
+        assert m["throughput_bytes_per_s"] > 0
+        assert m["cpu_seconds_per_gb"] >= 0
+        assert m["syscalls"] >= 2
+        assert m["voluntary_context_switches"] >= 0 and m["involuntary_context_switches"] >= 0
+        assert len(m["runs"]) == 1
+    # 16 MiB in 1 MiB chunks: at least one read and one write per chunk for read+write.
+    by_name = {m["method"]: m for m in data["methods"]}
+    assert by_name["read+write"]["syscalls"] >= 32
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_existing_file_is_used_and_kept(tmp_path):
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"z" * (3 << 20 | 12345))  # not a multiple of the chunk size
+    result = _bench(tmp_path, "--file", str(payload), "--repeat", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["bytes"] == payload.stat().st_size and not data["temporary"]
+    assert all(len(m["runs"]) == 2 for m in data["methods"])
+    assert payload.exists()
+
+
+def test_bad_size_is_a_usage_error_in_one_line():
+    for bad in ("lots", "0"):
+        result = run_zcrelay("bench", "--size", bad, "--repeat", "1")
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "--size" in lines[0], lines
+
+
+def test_missing_file_is_an_input_error_in_one_line(tmp_path):
+    result = run_zcrelay("bench", "--file", str(tmp_path / "nope"), "--repeat", "1")
+    assert result.returncode == 8, result.stderr
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0], lines
+
+
+def test_directory_as_file_is_an_input_error(tmp_path):
+    result = run_zcrelay("bench", "--file", str(tmp_path), "--repeat", "1")
+    assert result.returncode == 8, result.stderr
+
+
+def test_interrupted_run_removes_the_temporary_file(tmp_path):
+    """SIGINT while measuring: exit 130 and no file left behind. The ready line on stderr comes
+    after the file is written and warm, so the signal lands during the runs."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = subprocess.Popen(zcrelay_argv("bench", "--size", "64M", "--repeat", "100"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=zcrelay_env(TMPDIR=str(tmpdir)))
+    try:
+        line = proc.stderr.readline()
+        assert "moving" in line, line
+        assert len(list(tmpdir.iterdir())) == 1  # the run's directory exists while it runs
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_empty_file_is_an_input_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.touch()
+    result = run_zcrelay("bench", "--file", str(empty), "--repeat", "1")
+    assert result.returncode == 8, result.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_sender_moves_exactly_the_file(tmp_path, method):
+    """In process, on a socketpair read by a thread that keeps the bytes: the right bytes in the
+    right order, for a size that is not a multiple of the chunk, larger than the socket buffers."""
+    data = os.urandom(3 * bench.CHUNK + 4321)
+    path = tmp_path / "payload"
+    path.write_bytes(data)
+    out, into = socket.socketpair()
+    got = hashlib.sha256()
+    reader = threading.Thread(target=lambda: [got.update(b) for b in iter(lambda: into.recv(1 << 16), b"")])
+    reader.start()
+    fd = os.open(path, os.O_RDONLY)
+    pipe = syscalls.open_pipe(bench.CHUNK)
+    try:
+        senders = {"read+write": bench.send_read_write, "mmap+write": bench.send_mmap_write,
+                   "sendfile": bench.send_sendfile,
+                   "splice": lambda f, o, n: bench.send_splice(f, o, n, pipe)}
+        calls = senders[method](fd, out.fileno(), len(data))
+        out.shutdown(socket.SHUT_WR)
+        reader.join(timeout=30)
+    finally:
+        os.close(fd)
+        os.close(pipe[0])
+        os.close(pipe[1])
+        out.close()
+        into.close()
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert calls >= 1

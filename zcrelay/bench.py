@@ -1,0 +1,393 @@
+"""`zcrelay bench`: the zero-copy articles' table, measured (policy layer: no printing, no trio).
+
+One file is moved to a loopback TCP sink with each of the four methods the articles compare
+(shared/SPLICE.md, "The copy methods"): read+write, mmap+write, sendfile, and splice through a
+pipe. For each run the sending thread's own getrusage(RUSAGE_THREAD) is read before and after,
+so the CPU time and context switches are the sender's alone: the sink runs in another thread
+and is measured separately. System calls are counted by the loops themselves.
+
+The sink discards what it receives with recv(MSG_TRUNC): on a TCP socket Linux drops the bytes
+without copying them to user space (tcp(7), tcp_recvmsg), so the receiving side costs the same
+for every method and adds no copy of its own.
+
+Plain blocking sockets and threads, no event loop: the sender runs in the calling thread, so
+Ctrl-C (KeyboardInterrupt) interrupts it and the callers' `finally` blocks clean up.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from zcrelay import syscalls
+from zcrelay.errors import ZcrelayError
+from zcrelay.files import open_file
+from zcrelay.pipeline import InputFailed
+
+METHODS = ("read+write", "mmap+write", "sendfile", "splice")
+
+# 1 MiB for every chunked method: read+write's buffer, mmap+write's write size and the splice
+# pipe (the largest pipe an unprivileged process may ask for, /proc/sys/fs/pipe-max-size).
+# Smaller chunks charge the user-space methods per-call overhead that is not the copy itself;
+# SPLICE.md measured 64 KiB pipes at well under 1 MiB ones.
+CHUNK = 1 << 20
+# The sink asks for this much per recv(MSG_TRUNC); nothing is ever written to the buffer.
+SINK_CHUNK = 4 << 20
+DEFAULT_SIZE = 256 << 20
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the articles count per transfer (shared/SPLICE.md): not measured here."""
+
+    cpu_copies: int
+    cpu_copies_text: str
+    context_switches: str
+
+
+ARTICLES = {
+    "read+write": Claim(2, "2", "4"),
+    "mmap+write": Claim(1, "1", "4"),
+    "sendfile": Claim(1, "1 (0 SG)", "2"),
+    "splice": Claim(0, "0", "2/hop"),
+}
+
+CPU_SOURCE = "getrusage(RUSAGE_THREAD) of the sending thread (user + system)"
+SINK_TEXT = "loopback TCP; the receiving thread discards with recv(MSG_TRUNC), no copy to user space"
+
+
+class SinkFailed(ZcrelayError):
+    """The sink did not receive exactly the bytes sent."""
+
+
+class FileChangedDuringBench(ZcrelayError):
+    """The file shrank while a method was reading it."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One transfer of the whole file by one method."""
+
+    method: str
+    bytes: int
+    seconds: float
+    user: float  # sender thread CPU seconds in user mode
+    system: float  # ... and in the kernel
+    syscalls: int
+    voluntary: int  # sender thread's ru_nvcsw (it blocked: socket buffer full)
+    involuntary: int  # ru_nivcsw (it was preempted)
+    sink_cpu: float  # the sink thread's CPU seconds, for reference
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """The median over a method's runs, each metric on its own."""
+
+    method: str
+    runs: tuple[Run, ...]
+    chunk: int  # bytes asked for per call (0: the whole remaining file)
+
+    def _median(self, value: Callable[[Run], float]) -> float:
+        return statistics.median(value(r) for r in self.runs)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second."""
+        return self._median(lambda r: r.bytes / r.seconds if r.seconds else 0.0)
+
+    @property
+    def cpu_per_gb(self) -> float:
+        """Sender CPU seconds per 10**9 bytes."""
+        return self._median(lambda r: r.cpu / (r.bytes / 1e9))
+
+    @property
+    def user_per_gb(self) -> float:
+        return self._median(lambda r: r.user / (r.bytes / 1e9))
+
+    @property
+    def system_per_gb(self) -> float:
+        return self._median(lambda r: r.system / (r.bytes / 1e9))
+
+    @property
+    def sink_cpu_per_gb(self) -> float:
+        return self._median(lambda r: r.sink_cpu / (r.bytes / 1e9))
+
+    @property
+    def syscalls(self) -> float:
+        return self._median(lambda r: r.syscalls)
+
+    @property
+    def voluntary(self) -> float:
+        return self._median(lambda r: r.voluntary)
+
+    @property
+    def involuntary(self) -> float:
+        return self._median(lambda r: r.involuntary)
+
+    @property
+    def claim(self) -> Claim:
+        return ARTICLES[self.method]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    path: str
+    temporary: bool  # the file was created for the run and is gone now
+    size: int
+    repeat: int
+    pipe_size: int  # what the kernel granted for the splice pipe
+    methods: tuple[MethodResult, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# The file.
+
+@contextmanager
+def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
+    """Yield (path, fd, size) of the file to send; the fd is closed on exit.
+
+    With `path` None a file of `size` bytes is written in a fresh directory under the temporary
+    directory (TMPDIR) and the directory is removed on exit, whatever ends the run (Ctrl-C
+    included). Raises pipeline.InputFailed for a missing, unreadable or irregular `path`.
+    """
+    tmpdir = None
+    try:
+        if path is None:
+            tmpdir = tempfile.mkdtemp(prefix="zcrelay-bench-")
+            path = os.path.join(tmpdir, "payload")
+            _write_payload(path, size)
+        fd, real_size = open_file(path)
+        try:
+            yield path, fd, real_size
+        finally:
+            os.close(fd)
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_payload(path: str, size: int) -> None:
+    """Real bytes, not a sparse file: holes would be read as zero pages, not page cache."""
+    block = os.urandom(min(size, CHUNK))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        done = 0
+        while done < size:
+            done += os.write(fd, block[: size - done])
+    finally:
+        os.close(fd)
+
+
+def warm(fd: int, size: int) -> None:
+    """Read the file once so every method reads from the page cache (a warm cache for all)."""
+    buf = bytearray(CHUNK)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise FileChangedDuringBench(f"the file shrank to {offset} bytes while being read")
+        offset += n
+
+
+# --------------------------------------------------------------------------------------------
+# The four senders. Each moves bytes [0, size) of `fd` to the blocking socket `out` and returns
+# the number of system calls it made. A 0 from the file before `size` means it shrank.
+
+def _write_all(out: int, view: memoryview) -> int:
+    calls = 0
+    while view:
+        n = os.write(out, view)
+        calls += 1
+        view = view[n:]
+    return calls
+
+
+def send_read_write(fd: int, out: int, size: int) -> int:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    calls = 0
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [buf], offset)  # copy 1: page cache -> buf
+        calls += 1
+        if n == 0:
+            raise FileChangedDuringBench(f"the file shrank to {offset} bytes during read+write")
+        calls += _write_all(out, view[:n])  # copy 2: buf -> socket buffer
+        offset += n
+    return calls
+
+
+def send_mmap_write(fd: int, out: int, size: int) -> int:
+    """write(2) straight from a shared mapping of the file: one copy (mapping -> socket).
+
+    If another process truncates the file while it is mapped, touching a page past the new end
+    raises SIGBUS and kills this process: the articles' remedy is a read lease (F_SETLEASE).
+    """
+    calls = 2  # mmap and munmap (Python's mmap also makes an fstat and a dup: not counted)
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+        with memoryview(mapped) as view:
+            for offset in range(0, size, CHUNK):
+                calls += _write_all(out, view[offset:offset + CHUNK])
+    return calls
+
+
+def send_sendfile(fd: int, out: int, size: int) -> int:
+    """sendfile(2) asks for the whole rest of the file each call; the kernel decides how much."""
+    calls = 0
+    offset = 0
+    while offset < size:
+        n = syscalls.sendfile(out, fd, offset, size - offset)
+        calls += 1
+        if n == 0:
+            raise FileChangedDuringBench(f"the file shrank to {offset} bytes during sendfile")
+        offset += n
+    return calls
+
+
+def send_splice(fd: int, out: int, size: int, pipe: tuple[int, int, int]) -> int:
+    """file -> pipe -> socket, the pipe emptied before it is filled again.
+
+    Invariant: the pipe is empty at the top of the loop. The pipe is non-blocking but holds
+    data whenever it is read; the socket is blocking, so the second splice waits for room.
+    """
+    r, w, capacity = pipe
+    calls = 0
+    offset = 0
+    while offset < size:
+        n = syscalls.splice(fd, w, min(capacity, size - offset), flags=0, offset_src=offset)
+        calls += 1
+        if n == 0:
+            raise FileChangedDuringBench(f"the file shrank to {offset} bytes during splice")
+        offset += n
+        more = syscalls.SPLICE_F_MORE if offset < size else 0
+        while n:
+            n -= syscalls.splice(r, out, n, flags=more)
+            calls += 1
+    return calls
+
+
+# --------------------------------------------------------------------------------------------
+# The sink and one measured run.
+
+class _Sink:
+    """A thread that receives and discards one connection's bytes until EOF.
+
+    Owns `sock` until join() returns; the caller closes it after that.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = 0
+        self.cpu = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="zcrelay-bench-sink", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        buf = bytearray(SINK_CHUNK)  # never written: MSG_TRUNC makes TCP discard instead of copy
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            while True:
+                n = self.sock.recv_into(buf, SINK_CHUNK, socket.MSG_TRUNC)
+                if n == 0:
+                    break
+                self.received += n
+        except BaseException as exc:  # reported by join() in the sending thread
+            self.error = exc
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+        self.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    client = socket.create_connection(listener.getsockname())
+    try:
+        server, _ = listener.accept()
+    except BaseException:
+        client.close()
+        raise
+    return client, server
+
+
+def measure(method: str, fd: int, size: int, listener: socket.socket,
+            pipe: tuple[int, int, int]) -> Run:
+    """Move the whole file once with `method`; the calling thread is the measured sender."""
+    client, server = _connect(listener)
+    try:
+        sink = _Sink(server)
+        out = client.fileno()
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        start = time.perf_counter()
+        if method == "read+write":
+            calls = send_read_write(fd, out, size)
+        elif method == "mmap+write":
+            calls = send_mmap_write(fd, out, size)
+        elif method == "sendfile":
+            calls = send_sendfile(fd, out, size)
+        elif method == "splice":
+            calls = send_splice(fd, out, size, pipe)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        client.shutdown(socket.SHUT_WR)
+        calls += 1
+        sink.join()  # the clock stops when the sink has everything, not when the buffer took it
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+    finally:
+        client.close()  # on an interrupted run this gives the sink its EOF
+    server.close()
+    if sink.received != size:
+        raise SinkFailed(f"{method}: the sink received {sink.received} of {size} bytes")
+    return Run(method=method, bytes=size, seconds=seconds,
+               user=after.ru_utime - before.ru_utime, system=after.ru_stime - before.ru_stime,
+               syscalls=calls, voluntary=after.ru_nvcsw - before.ru_nvcsw,
+               involuntary=after.ru_nivcsw - before.ru_nivcsw, sink_cpu=sink.cpu)
+
+
+def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
+              on_file: Callable[[str, int], None] | None = None) -> BenchResult:
+    """Measure every method `repeat` times, interleaved (each round starts with the next method),
+    on a warm cache. `on_file(path, size)` is called once the file is ready and warm."""
+    chunks = {"read+write": CHUNK, "mmap+write": CHUNK, "sendfile": 0, "splice": 0}
+    runs: dict[str, list[Run]] = {m: [] for m in METHODS}
+    with bench_file(path, size) as (real_path, fd, real_size):
+        if real_size == 0:
+            raise InputFailed(f"{real_path} is empty: nothing to measure")
+        warm(fd, real_size)
+        if on_file:
+            on_file(real_path, real_size)
+        pipe = syscalls.open_pipe(CHUNK)
+        chunks["splice"] = pipe[2]
+        listener = None
+        try:
+            listener = socket.create_server(("127.0.0.1", 0))
+            for round_ in range(repeat):
+                order = METHODS[round_ % len(METHODS):] + METHODS[:round_ % len(METHODS)]
+                for method in order:
+                    runs[method].append(measure(method, fd, real_size, listener, pipe))
+        finally:
+            if listener is not None:
+                listener.close()
+            os.close(pipe[0])
+            os.close(pipe[1])
+    return BenchResult(
+        path=real_path, temporary=path is None, size=real_size, repeat=repeat, pipe_size=pipe[2],
+        methods=tuple(MethodResult(m, tuple(runs[m]), chunks[m]) for m in METHODS))

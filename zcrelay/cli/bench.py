@@ -1,0 +1,151 @@
+"""`zcrelay bench`: the zero-copy articles' table, measured on this machine.
+
+Exit codes beyond the shared ones (zcrelay/exitcodes.py):
+- --file missing, unreadable, a directory or not a regular file: INPUT_ERROR (8)
+- the file shrank while it was measured: FILE_CHANGED (10)
+- Ctrl-C or SIGTERM: INTERRUPTED (130), after the temporary file is removed
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, BenchResult,
+                           FileChangedDuringBench, run_bench)
+from zcrelay.cli.app import app
+from zcrelay.cli.common import error, exit_code_for, parse_size, say
+from zcrelay.exitcodes import ExitCode
+from zcrelay.pipeline import InputFailed
+
+_NOTES = (
+    "Warm cache: the file is read once before the first run, so every method reads from the page "
+    "cache and no run touches the disk.",
+    f"CPU is the sender's alone: {CPU_SOURCE}. On loopback the sending thread usually runs the "
+    "TCP receive path too (softirq, charged to it unless the kernel has IRQ time accounting), "
+    "the same for every method.",
+    f"Sink: {SINK_TEXT}.",
+    "*: CPU copies and context switches per chunk as the articles count them (shared/SPLICE.md), "
+    "not measured; SG: with scatter-gather NICs. syscalls and ctx sw vol/inv (the sender's "
+    "ru_nvcsw/ru_nivcsw) are measured, per run of the whole file.",
+    "mmap+write dies of SIGBUS if another process truncates the file while it is mapped (the "
+    "articles' remedy: an F_SETLEASE read lease); sendfile and splice just return short.",
+)
+
+
+def _size(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    size = parse_size(value)
+    if size < 1:
+        raise typer.BadParameter(f"{value!r} is less than one byte")
+    return size
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def bench(
+    size: Optional[str] = typer.Option(None, "--size", metavar="SIZE", show_default=False, callback=_size,
+                                       help="Size of the temporary file to move, e.g. 16M.  \\[default: 256M]"),
+    file: Optional[str] = typer.Option(None, "--file", metavar="PATH", show_default=False,
+                                       help="Move this existing file instead of a temporary one."),
+    repeat: int = typer.Option(3, "--repeat", "-r", min=1, max=100, metavar="N",
+                               help="Runs per method, interleaved; the table shows the median."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> ExitCode:
+    """Measure read+write, mmap+write, sendfile and splice moving a file to a local socket."""
+    if size is not None and file is not None:
+        raise typer.BadParameter("give --size or --file, not both", param_hint="'--size'")
+    total = DEFAULT_SIZE if size is None else int(size)  # _size parsed it
+
+    # SIGTERM unwinds like Ctrl-C, so the temporary file is removed either way.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = run_bench(file, total, repeat, on_file=lambda path, n: None if as_json else say(
+            f"moving {path} ({n / 2**20:.0f} MiB, page cache warm) to a loopback sink, "
+            f"{repeat} run(s) per method..."))
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except InputFailed as exc:
+        return error(str(exc), ExitCode.INPUT_ERROR)
+    except FileChangedDuringBench as exc:
+        return error(str(exc), ExitCode.FILE_CHANGED)
+    except Exception as exc:  # the CLI boundary: a code and one line
+        code, message = exit_code_for(exc)
+        return error(message, code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        json.dump(to_json(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _table(result)
+    return ExitCode.OK
+
+
+def to_json(r: BenchResult) -> dict:
+    return {
+        "file": r.path,
+        "temporary": r.temporary,
+        "bytes": r.size,
+        "repeat": r.repeat,
+        "statistic": "median",
+        "cache": "warm",
+        "cpu_measured": CPU_SOURCE,
+        "sink": SINK_TEXT,
+        "pipe_size": r.pipe_size,
+        "methods": [{
+            "method": m.method,
+            "throughput_bytes_per_s": m.throughput,
+            "throughput_gbit_per_s": m.throughput * 8 / 1e9,
+            "cpu_seconds_per_gb": m.cpu_per_gb,
+            "cpu_user_seconds_per_gb": m.user_per_gb,
+            "cpu_system_seconds_per_gb": m.system_per_gb,
+            "sink_cpu_seconds_per_gb": m.sink_cpu_per_gb,
+            "syscalls": m.syscalls,
+            "voluntary_context_switches": m.voluntary,
+            "involuntary_context_switches": m.involuntary,
+            "cpu_copies": m.claim.cpu_copies,
+            "cpu_copies_articles": m.claim.cpu_copies_text,
+            "context_switches_articles": m.claim.context_switches,
+            "chunk_bytes": m.chunk,
+            "runs": [{"seconds": run.seconds, "cpu_user": run.user, "cpu_system": run.system,
+                      "syscalls": run.syscalls, "voluntary_context_switches": run.voluntary,
+                      "involuntary_context_switches": run.involuntary, "sink_cpu": run.sink_cpu}
+                     for run in m.runs],
+        } for m in r.methods],
+        "notes": list(_NOTES),
+    }
+
+
+def _chunk(n: int) -> str:
+    return "rest" if n == 0 else f"{n >> 10} KiB" if n < 1 << 20 else f"{n >> 20} MiB"
+
+
+def _table(r: BenchResult) -> None:
+    what = "temporary file" if r.temporary else r.path
+    table = Table(title=f"zcrelay bench: {r.size / 2**20:.0f} MiB {what} to a loopback TCP sink, "
+                        f"median of {r.repeat}",
+                  caption="\n".join(f"- {note}" for note in _NOTES), caption_justify="left")
+    table.add_column("method", no_wrap=True)
+    table.add_column("GB/s", justify="right", no_wrap=True)
+    table.add_column("CPU s/GB\nsender", justify="right", no_wrap=True)
+    table.add_column("sys-\ncalls", justify="right", no_wrap=True)
+    table.add_column("ctx sw\nvol/inv", justify="right", no_wrap=True)
+    table.add_column("CPU\ncopies*", justify="right", no_wrap=True)
+    table.add_column("ctx\nsw*", justify="right", no_wrap=True)
+    table.add_column("chunk", justify="right", no_wrap=True)
+    for m in r.methods:
+        table.add_row(m.method, f"{m.throughput / 1e9:.2f}", f"{m.cpu_per_gb:.3f}",
+                      f"{m.syscalls:,.0f}", f"{m.voluntary:.0f}/{m.involuntary:.0f}",
+                      m.claim.cpu_copies_text, m.claim.context_switches, _chunk(m.chunk))
+    Console(soft_wrap=False).print(table)
