@@ -334,6 +334,29 @@ class Env:
     nginx: Optional[Nginx] = None
 
 
+def child_pids(pid: int) -> list[int]:
+    """Child processes of ``pid`` (socat forks one per connection)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            st = fb.read_stat(int(p.name))
+            if st is not None and st[0] == pid:
+                out.append(int(p.name))
+    return out
+
+
+def settle(pid: int, baseline: int, timeout: float = 2.0) -> None:
+    """Wait until a forking relay has exited and reaped its per-connection children.
+
+    A child that exited but is not reaped yet may show no CPU time in
+    /proc, while once reaped its time is in the parent's cutime/cstime; reading
+    too early lost a socat child's whole CPU time (0.000 CPU-s/GB).
+    """
+    deadline = time.monotonic() + timeout
+    while len(child_pids(pid)) > baseline and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def measure(inst: Instance, wl: Workload, env: Env) -> Run:
     target = inst.target(wl.upstream)
     run = Run(inst.relay.name, wl.name)
@@ -345,6 +368,7 @@ def measure(inst: Instance, wl: Workload, env: Env) -> Run:
         target.check_alive()
         pid = target.proc.pid if target.proc else None
         before = fb.tree_cpu_seconds(pid) if pid else None
+        children_before = len(child_pids(pid)) if pid else 0
         if wl.name.startswith("iperf"):
             bps, nbytes = run_iperf(target.port, secs, reverse=wl.name == "iperf1-rev",
                                     parallel=16 if wl.name == "iperf16" else 1)
@@ -358,6 +382,7 @@ def measure(inst: Instance, wl: Workload, env: Env) -> Run:
             bps, nbytes = run_download(target.port, env.args.big)
             run.value, run.amount = bps / 1e9, nbytes
         if pid:
+            settle(pid, children_before)
             run.cpu = fb.tree_cpu_seconds(pid) - before
         target.check_alive()
     except (RuntimeError, fb.RelayUnavailable, subprocess.TimeoutExpired,
