@@ -357,3 +357,30 @@ def test_unknown_config_key_is_a_usage_error(tmp_path):
     config.write_text('pipe_sise = "1M"\n')
     done = run_zcrelay("forward", "0", "127.0.0.1:9", "--config", str(config))
     assert done.returncode == 2 and b"unknown key" in done.stderr
+
+
+async def test_max_conns_holds_extra_clients_in_the_backlog(zcrelay):
+    """With --max-conns 2, a third client waits (in the kernel's backlog) until one of the
+    first two ends; then it is served. -v shows each accept."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--max-conns", "2", "--linger", "0.2", "-v")
+    clients = []
+    for _ in range(3):
+        c = trio.socket.socket()
+        await c.connect(("127.0.0.1", relay.port))
+        clients.append(c)
+    targets = [(await listener.accept())[0] for _ in range(2)]
+    with trio.move_on_after(0.5) as waited:  # a bounded look for a third: there must be none
+        targets.append((await listener.accept())[0])
+    assert waited.cancelled_caught, "a third connection reached the target despite --max-conns 2"
+    clients[0].close()  # half-closes that connection; --linger ends it and frees the slot
+    with trio.fail_after(10):
+        third, _ = await listener.accept()
+    await clients[2].send(b"late but served")
+    assert await third.recv(100) == b"late but served"
+    for sock in clients[1:] + targets + [third]:
+        sock.close()
+    code, err = relay.stop()
+    assert err.count("accepted from") == 3, err

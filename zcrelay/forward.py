@@ -137,6 +137,7 @@ class Forwarder:
                 paused, delay = False, _ACCEPT_BACKOFF[0]
             self._numbers += 1
             conn = Connection(self._numbers, index, net.peer_name(sock, peer), rule.target, trio.current_time())
+            log.debug("conn=%d rule=%d accepted from %s", conn.number, index, conn.peer)
             nursery.start_soon(self._handle, sock, conn)
 
     def _release(self) -> None:
