@@ -11,7 +11,9 @@ Names follow Go's splice path (src/internal/poll/splice_linux.go): `drain` moves
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
@@ -157,6 +159,22 @@ async def _flush_by_copy(pipe: Pipe, dst: int, flow: Flow) -> None:
         data = os.read(pipe.r, pipe.held)
         pipe.held -= len(data)
         await write_all(dst, memoryview(data), flow)
+
+
+async def connect(sock: socket.socket, sockaddr) -> None:
+    """Connect a non-blocking socket: try at once, wait for writability only on EINPROGRESS.
+
+    Raises OSError with the connect's errno (ECONNREFUSED...). The caller owns `sock` and closes
+    it on failure or cancellation.
+    """
+    err = sock.connect_ex(sockaddr)
+    if err == errno.EINPROGRESS:
+        await wait_writable(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    else:
+        await checkpoint()
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZE) -> None:

@@ -140,15 +140,16 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """
-    with trio.CancelScope() as scope:
-        state = _Relay(scope, linger)
+    # The nursery's own scope is the relay's: cancelling it (reset, idle, both EOFs) or its
+    # deadline (linger) ends both directions. The a → b direction runs in this task, so a
+    # connection costs one spawned task, not two: per-connection cost is Python's weak spot.
+    async with trio.open_nursery() as nursery:
+        state = _Relay(nursery.cancel_scope, linger)
         if idle:
             up.on_bytes = down.on_bytes = state.touch
-        async with trio.open_nursery() as nursery:
-            if idle:
-                nursery.start_soon(state.watch_idle, idle)
-            nursery.start_soon(state.direction, a, b, engine, up, "a", "b", captures[0])
-            nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
+            nursery.start_soon(state.watch_idle, idle)
+        nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
+        await state.direction(a, b, engine, up, "a", "b", captures[0])
     if state.end is None:
         # Only the linger deadline cancels the scope without setting an end.
         state.end = RelayEnd("linger")
