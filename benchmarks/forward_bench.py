@@ -15,7 +15,7 @@ This is a benchmark, not a test: it always exits 0 whatever the numbers are
 (it only exits non-zero on bad command-line usage).  Missing peer programs
 (iperf3, socat, haproxy) are reported and their rows skipped.
 
-Usage:  /opt/zcvenv/bin/python benchmarks/forward_bench.py [--seconds 5]
+Usage:  .venv/bin/python benchmarks/forward_bench.py [--seconds 5]
             [--repeat 1] [--markdown]
 """
 

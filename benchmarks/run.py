@@ -19,7 +19,7 @@ checks for iperf3, socat, haproxy, wrk, nginx, strace and curl, prints what
 is missing with the apt-get line and skips what needs it.  A benchmark, not
 a test: it exits 0 whatever the numbers (130 if interrupted, 2 on bad usage).
 
-Usage:  PYTHONPATH=. /opt/zcvenv/bin/python benchmarks/run.py
+Usage:  PYTHONPATH=. .venv/bin/python benchmarks/run.py
             [--repeat 3] [--seconds 5] [--quick] [--only NAME...]
             [--out DIR] [--no-write]
 """
@@ -977,7 +977,7 @@ def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[
     for name, text in res.configs.items():
         parts += [f"`{name}`:", "", "```", text.rstrip(), "```", ""]
     parts += ["Suite command line: `" + " ".join(
-        ["PYTHONPATH=. /opt/zcvenv/bin/python benchmarks/run.py"]
+        ["PYTHONPATH=. .venv/bin/python benchmarks/run.py"]
         + [shlex.quote(a) for a in args.argv]) + "`", ""]
     return "\n".join(parts)
 

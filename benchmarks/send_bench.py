@@ -13,7 +13,7 @@ zcrelay's wall time includes Python's start-up (~0.3 s here), which the others d
 
 A benchmark, not a test: it prints and exits 0 whatever the numbers. Missing programs are
 reported and their rows skipped. Usage:
-    /opt/zcvenv/bin/python benchmarks/send_bench.py [--size 1G] [--repeat 3] [--markdown]
+    .venv/bin/python benchmarks/send_bench.py [--size 1G] [--repeat 3] [--markdown]
 """
 
 from __future__ import annotations
