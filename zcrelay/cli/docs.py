@@ -361,9 +361,11 @@ pipes, and zcrelay then uses the largest size it is allowed and says so once.
 
 **forward** is the port forwarder; **connect** and **listen** are netcat-style: they relay a
 socket to standard input and output, so they fit in shell pipelines; **send** sends a file to a
-socket, and **serve** offers files to every client that connects; **tee** relays like
-**forward** and also captures both directions of every connection into files; **demo** runs a
-self-contained relay on the loopback interface and shows what was spliced. Run
+socket, and **serve** offers a file to every client that connects; **tee** is tee(1) for
+pipelines (tee(2) duplicates the pipe's pages) and, with **--listen** and **--target**, relays like
+**forward** while capturing both directions of every connection into files; **demo** runs a
+self-contained relay on the loopback interface and shows what was spliced; **bench** measures
+the copy methods (read+write, mmap+write, sendfile, splice) on this machine. Run
 **zcrelay** __COMMAND__ **--help** for a command's options.
 
 Logs, readiness lines ("listening on ...") and the summary go to standard error; standard output
@@ -440,12 +442,18 @@ EXAMPLES = [
     ("Forward on every interface, and a second rule to a Unix socket:",
      "zcrelay forward :2222 gateway.example.net:22 --rule :5433=unix:/run/postgresql/.s.PGSQL.5432"),
     ("Relay port 9000 to a backend and capture both directions of every connection:",
-     "zcrelay tee --listen :9000 backend:9000 --capture-dir /var/tmp/capture"),
+     "zcrelay tee --listen :9000 --target backend:9000 --capture-dir /var/tmp/capture"),
+    ("Copy a stream to two files on its way through a pipeline, without copying it through user space:",
+     "producer | zcrelay tee a.bin b.bin | consumer"),
     ("Send a directory as a tar stream to a listener on another host (netcat-style pipeline):",
      "# on the receiving host\nzcrelay listen :9000 | tar x\n# on the sending host\n"
      "tar c dir | zcrelay connect host:9000"),
-    ("Send a file with sendfile(2):",
+    ("Send a file (file, pipe, socket with splice(2); --method sendfile for sendfile(2)):",
      "zcrelay send FILE host:9000"),
+    ("Serve a file to every client that connects, concurrently:",
+     "zcrelay serve image.iso --listen :8000"),
+    ("Measure read+write, mmap+write, sendfile and splice on this machine:",
+     "zcrelay bench"),
     ("See splice at work on this machine:",
      "zcrelay demo"),
 ]
