@@ -384,3 +384,32 @@ async def test_max_conns_holds_extra_clients_in_the_backlog(zcrelay):
         sock.close()
     code, err = relay.stop()
     assert err.count("accepted from") == 3, err
+
+
+async def test_unix_target_with_full_backlog_is_retried_not_refused(zcrelay, tmp_path):
+    """A Unix listener whose backlog is full answers a non-blocking connect with EAGAIN: the
+    relay retries within --connect-timeout instead of failing the client at once."""
+    path = str(tmp_path / "target.sock")
+    listener = trio.socket.socket(socket.AF_UNIX)
+    await listener.bind(path)
+    listener.listen(1)
+    relay = zcrelay("forward", "127.0.0.1:0", f"unix:{path}", "--connect-timeout", "20")
+    clients = []
+    for i in range(4):
+        c = trio.socket.socket()
+        await c.connect(("127.0.0.1", relay.port))
+        await c.send(b"client %d" % i)
+        c.shutdown(socket.SHUT_WR)
+        clients.append(c)
+    got = []
+    with trio.fail_after(20):
+        for _ in range(4):  # accept only now: until here the backlog was full
+            sock, _ = await listener.accept()
+            with sock:
+                got.append(await read_to_eof(sock))
+    for c in clients:
+        c.close()
+    relay.wait_for_lines("conn=", 4)
+    code, err = relay.stop()
+    assert sorted(got) == [b"client %d" % i for i in range(4)], (got, err)
+    assert [m.group(6) for m in conn_lines(err)].count("eof") == 4, err

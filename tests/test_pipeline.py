@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 
 import pytest
 
@@ -168,3 +170,36 @@ def test_errors_are_one_line(tmp_path, script, code, message):
     assert len(lines) == 1, err
     assert lines[0].startswith("zcrelay")
     assert message.format(**ports) in lines[0]
+
+
+def test_listen_keep_open_survives_a_client_reset():
+    """-k: a client that resets mid-stream ends that connection only, with a warning; the
+    listener serves on and exits 0 on SIGTERM."""
+    import re
+    import signal
+    import struct
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    proc = subprocess.Popen(zcrelay_argv("listen", "-k", "127.0.0.1:0"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=zcrelay_env())
+    try:
+        port = int(re.search(r":(\d+)", proc.stderr.readline()).group(1))
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"x" * 100000)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        line = proc.stderr.readline()
+        assert "connection lost" in line, line
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"second")
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(10) == b""  # served: the listener answered the FIN with its own
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=20)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, rest
+    assert "error" not in rest and "Traceback" not in rest

@@ -94,8 +94,10 @@ async def splice_direct(src: int, dst: int, flow: Flow, socket_role: str,
     moved = False
     while True:
         try:
+            # No SPLICE_F_MORE: like MSG_MORE it corks the last partial segment for up to
+            # 200 ms, which stalls every request/response exchange over a stdin pipe.
             n = syscalls.splice(src, dst, _chunk(syscalls.MAX_SPLICE_AT_ONCE, pacer),
-                                syscalls.SPLICE_F_NONBLOCK | syscalls.SPLICE_F_MORE)
+                                syscalls.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             if _pending(src):
                 await wait_writable(dst)

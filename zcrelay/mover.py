@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 
+import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from zcrelay import syscalls
@@ -168,6 +169,13 @@ async def connect(sock: socket.socket, sockaddr) -> None:
     it on failure or cancellation.
     """
     err = sock.connect_ex(sockaddr)
+    delay = 0.005
+    while err == errno.EAGAIN and sock.family == socket.AF_UNIX:
+        # A Unix listener whose backlog is full answers EAGAIN, not EINPROGRESS, and offers
+        # nothing to wait on: back off and retry (the caller's connect timeout bounds this).
+        await trio.sleep(delay)
+        delay = min(2 * delay, 0.2)
+        err = sock.connect_ex(sockaddr)
     if err == errno.EINPROGRESS:
         await wait_writable(sock.fileno())
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

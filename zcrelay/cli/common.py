@@ -13,6 +13,9 @@ from typing import Awaitable, Callable
 import trio
 import typer
 
+if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
+    from exceptiongroup import BaseExceptionGroup
+
 from zcrelay.addresses import Address, AddressError, parse
 from zcrelay.errors import ZcrelayError
 from zcrelay.exitcodes import ExitCode
@@ -68,6 +71,16 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def single_error(group: BaseException) -> BaseException | None:
+    """The one exception, other than trio.Cancelled, inside (nested) exception groups; None if
+    there are several. trio's nurseries wrap whatever their tasks raise in a group."""
+    if not isinstance(group, BaseExceptionGroup):
+        return group
+    leaves = [leaf for leaf in (single_error(e) for e in group.exceptions)
+              if not isinstance(leaf, trio.Cancelled)]
+    return leaves[0] if len(leaves) == 1 else None
 
 
 def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:

@@ -21,9 +21,13 @@ from typing import Awaitable, Callable, Iterator, Optional
 import trio
 import typer
 
+if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
+    from exceptiongroup import BaseExceptionGroup
+
 from zcrelay import net
 from zcrelay.cli.app import app
-from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import (address, error, parse_size, run, say, serve_until_signal, setup_logging,
+                                single_error)
 from zcrelay.direct import FileShrank
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import METHODS, BadRange, FileServer, SendConfig, open_file, send as send_file, span
@@ -153,14 +157,22 @@ class Display:
 
 
 async def _with_display(display: Display, work: Callable[[], Awaitable]) -> object:
+    """Run `work` beside the progress display. What `work` raises comes out as itself, not
+    wrapped in the nursery's exception group, so callers can catch ConnectionLost & co."""
     with display.shown():
-        async with trio.open_nursery() as nursery:
-            if display.enabled:
-                nursery.start_soon(display.refresh)
-            try:
-                return await work()
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                if display.enabled:
+                    nursery.start_soon(display.refresh)
+                try:
+                    return await work()
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            leaf = single_error(group)
+            if leaf is None or leaf is group:
+                raise
+            raise leaf from leaf.__cause__
 
 
 def _stdin_size() -> Optional[int]:
