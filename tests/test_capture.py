@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -270,3 +271,35 @@ def test_capture_payload_moves_only_by_tee_and_splice(zcrelay, tmp_path):
     (port,) = results
     moved = check_zero_copy(trace.read_text(), 32 << 20, *files)
     assert moved["tee"] >= 32 << 20
+
+
+def test_client_reset_is_passed_on_with_capture(zcrelay, tmp_path):
+    """A client that resets mid-stream: with --capture-dir, as without, the relay logs
+    close=reset and resets the target's connection (trio's nursery wraps the PeerGone in an
+    ExceptionGroup; the capture path must hand the relay the error itself)."""
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    server = socket.create_server(("127.0.0.1", 0))
+    relay = zcrelay("forward", "0", f"127.0.0.1:{server.getsockname()[1]}", "--capture-dir", str(cap))
+    client_sock = socket.create_connection(("127.0.0.1", relay.port))
+    conn, _ = server.accept()
+    client_sock.sendall(os.urandom(100_000))
+    got = 0
+    while got < 100_000:  # everything arrived: the relay holds nothing more for this direction
+        chunk = conn.recv(1 << 20)
+        assert chunk
+        got += len(chunk)
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_sock.close()  # RST
+    conn.settimeout(30)
+    with pytest.raises(ConnectionResetError):
+        while conn.recv(1 << 16):
+            pass
+    conn.close()
+    server.close()
+    relay.wait_for_lines("conn=", 1)
+    code, err = relay.stop()
+    assert code == 0, err
+    line = next(l for l in err.splitlines() if "conn=" in l)
+    assert "close=reset" in line, err
+    assert "internal" not in err and "Traceback" not in err, err

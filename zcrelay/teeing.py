@@ -25,6 +25,7 @@ import os
 import select
 import stat
 from dataclasses import dataclass, field
+import sys
 from typing import Callable
 
 import trio
@@ -35,6 +36,9 @@ from zcrelay.errors import SpliceRefused, StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, _flush_by_copy, _get_pipe, pump, write_all
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("zcrelay")
 
@@ -492,12 +496,34 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     one is still being written; the next tee waits for it (lossless). Raises SpliceRefused,
     nothing lost, before the first byte; then the caller falls back to captured_copy_stream.
     """
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(capture.writer)
-        try:
-            await _captured_splice(src, dst, pool, flow, capture, max_chunk)
-        finally:
-            capture.close_input()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            try:
+                await _captured_splice(src, dst, pool, flow, capture, max_chunk)
+            finally:
+                capture.close_input()
+    except BaseExceptionGroup as group:
+        # The nursery wraps everything; the relay above catches PeerGone, SpliceRefused...
+        # by type (a reset must reach the other side as a reset), so hand it the one error.
+        leaf = single_exception(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
+
+
+def single_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in `group` (nested groups flattened) that is not a trio.Cancelled,
+    or None when there are several (or none: a plain cancellation, trio handles it)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 async def _captured_splice(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,
