@@ -247,3 +247,61 @@ def check_zero_copy(trace: str, size: int, *files: str) -> dict[str, int]:
     assert not offenders, offenders[:5]
     assert moved["splice"] >= size
     return moved
+
+
+def test_source_pipe_grows_during_the_tee(tmp_path):
+    """In-process, real pipes: the source pipe is grown (F_SETPIPE_SZ by the upstream writer)
+    after the tee read its size; the private pipes must follow, and every output gets it all."""
+    import fcntl
+
+    import trio
+    import trio.testing
+
+    from zcrelay import tee as teemod, teeing
+
+    data = os.urandom(200 * 4096)
+    r, w = os.pipe2(os.O_CLOEXEC)  # 64 KiB by default, like an inherited stdin
+    lr, lw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    fcntl.fcntl(lw, fcntl.F_SETPIPE_SZ, 1 << 20)
+    a = teemod.open_output(str(tmp_path / "a"), False)
+    b = teemod.open_output(str(tmp_path / "b"), False)
+    sinks = [teeing.Sink(lw, "stdout", teeing.PIPE), a, b]
+    errors = []
+    lead_out = bytearray()
+
+    async def read_lead():
+        while True:
+            try:
+                chunk = os.read(lr, 1 << 20)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lr)
+                continue
+            if not chunk:
+                return
+            lead_out.extend(chunk)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_lead)
+
+            async def run():
+                try:
+                    await teeing.tee_pipeline(r, sinks, lambda s, e: errors.append((s.name, e)))
+                finally:
+                    os.close(lw)
+
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()  # the tee waits on the empty source
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+            os.write(w, data)  # fits: 200 pages in a 256-slot pipe
+            os.close(w)
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in (r, lr, a.fd, b.fd):
+            os.close(fd)
+    assert not errors
+    assert bytes(lead_out) == data
+    assert (tmp_path / "a").read_bytes() == data
+    assert (tmp_path / "b").read_bytes() == data

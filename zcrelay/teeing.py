@@ -117,6 +117,14 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeRes
                 result.stopped = "no-outputs"
                 await checkpoint()
                 return result
+            # The source pipe can grow under us (an upstream F_SETPIPE_SZ on a shared pipe);
+            # a private pipe smaller than it could not take a whole round. The private pipes
+            # are empty here, so they can be replaced.
+            size = syscalls.pipe_size(src)
+            if size > src_size:
+                src_size = size
+                for sink in sinks:
+                    sink.drop_pipe()
             lead = _lead(live)
             consumer = _consumer(live, lead)
             others = [s for s in live if s is not lead and s is not consumer]
@@ -143,13 +151,19 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeRes
             result.bytes += n
             result.rounds += 1
             # 2. the same n bytes into every other private pipe
+            size = syscalls.pipe_size(src)
+            if size > src_size:  # grew since the top of the round: the round may be larger
+                src_size = size
+                for sink in others:
+                    if not sink.pipe.held:
+                        sink.drop_pipe()
+                        sink.pipe = _private_pipe(src_size)
             for sink in others:
                 if sink.pipe.held:
                     continue  # took the round in _round_size
                 got = syscalls.tee(src, sink.pipe.w, n)
                 if got != n:
-                    raise RuntimeError(f"tee(2) took {got} of {n} bytes into an empty private pipe "
-                                       f"of {sink.pipe.size} bytes (source pipe {src_size})")
+                    raise ShortTee(got, n, sink.pipe.size, src_size)
                 sink.pipe.held = n
             # 3. consume the round from the source
             await _consume(src, n, consumer, devnull, on_error)
@@ -202,6 +216,14 @@ def _private_pipe(src_size: int) -> Pipe:
 class OutOfPipeBudget(StreamError):
     def __init__(self, size: int) -> None:
         super().__init__("pipe", errno.ENOMEM, f"a private pipe of {size} bytes (F_SETPIPE_SZ)")
+
+
+class ShortTee(StreamError):
+    """tee(2) took less than a round into an empty private pipe: the outputs would diverge."""
+
+    def __init__(self, got: int, n: int, private: int, source: int) -> None:
+        super().__init__("pipe", errno.EIO, f"tee(2) took {got} of {n} bytes into an empty private "
+                                            f"pipe of {private} bytes (source pipe {source})")
 
 
 def _fail(sink: Sink, exc: StreamError, on_error: OnError) -> None:
