@@ -305,3 +305,31 @@ def test_source_pipe_grows_during_the_tee(tmp_path):
     assert bytes(lead_out) == data
     assert (tmp_path / "a").read_bytes() == data
     assert (tmp_path / "b").read_bytes() == data
+
+
+def test_inherited_pipes_holding_more_than_pipe_size_are_not_shrunk(tmp_path):
+    """stdin and stdout are 1 MiB pipes already holding 512 KiB; --pipe-size 64K must not
+    shrink them (F_SETPIPE_SZ would fail with EBUSY): the tee runs and loses nothing."""
+    import fcntl
+
+    data = os.urandom(512 * 1024)
+    prefix = os.urandom(512 * 1024)
+    in_r, in_w = os.pipe()
+    fcntl.fcntl(in_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(in_w, data)
+    os.close(in_w)
+    out_r, out_w = os.pipe()
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(out_w, prefix)
+    proc = subprocess.Popen(zcrelay_argv("tee", "--pipe-size", "64K", str(tmp_path / "f")),
+                            stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, env=zcrelay_env())
+    os.close(in_r)
+    os.close(out_w)
+    out = bytearray()
+    while chunk := os.read(out_r, 1 << 20):
+        out.extend(chunk)
+    os.close(out_r)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert bytes(out) == prefix + data
+    assert (tmp_path / "f").read_bytes() == data

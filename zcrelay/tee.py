@@ -73,11 +73,21 @@ def open_output(path: str, append: bool) -> teeing.Sink:
     return teeing.Sink(fd, path, kind, offset=offset)
 
 
+def grow_pipe(fd: int, size: int) -> int:
+    """Grow an inherited pipe towards `size`, never shrink it: a pipe shared with others may
+    hold more than `size` already (F_SETPIPE_SZ would fail with EBUSY), and its size is theirs
+    too. Returns the size the pipe has."""
+    current = syscalls.pipe_size(fd)
+    if current >= size:
+        return current
+    return syscalls.set_pipe_size(fd, size)
+
+
 def stdout_sink(fd: int, pipe_size: int, outcome: TeeOutcome) -> teeing.Sink:
     kind = teeing.classify(fd)
     sink = teeing.Sink(fd, "standard output", kind)
     if kind == teeing.PIPE:
-        granted = syscalls.set_pipe_size(fd, pipe_size)
+        granted = grow_pipe(fd, pipe_size)
         outcome.notes.append(f"standard output is a pipe of {granted} bytes")
     elif kind == teeing.FILE and teeing.is_append(fd):
         # Shared open file description: clearing O_APPEND would change it for others too.
@@ -153,7 +163,7 @@ def _source(stdin: int, pipe_size: int, outcome: TeeOutcome) -> tuple[int, Pipe 
     pipe of ours that feed_pipe fills (a regular file by splice, a terminal by copying)."""
     kind = teeing.classify(stdin)
     if kind == teeing.PIPE:
-        granted = syscalls.set_pipe_size(stdin, pipe_size)
+        granted = grow_pipe(stdin, pipe_size)
         outcome.notes.append(f"standard input is a pipe of {granted} bytes")
         return stdin, None
     pipe = Pipe.open(pipe_size)
