@@ -333,3 +333,58 @@ def test_inherited_pipes_holding_more_than_pipe_size_are_not_shrunk(tmp_path):
     assert proc.wait(timeout=60) == 0, err
     assert bytes(out) == prefix + data
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_stdin_file_that_refuses_splice_is_copied(tmp_path):
+    """procfs files have no splice_read (EINVAL on the first splice): stdin falls back to
+    user-space reads, reported with -v, and every output gets the file."""
+    out = tmp_path / "out"
+    r = bash(f"{ZC} -v {tmp_path / 'o.txt'} < /proc/self/status > {out}")
+    assert r.returncode == 0, r.stderr
+    assert b"splice refused (EINVAL)" in r.stderr
+    text = out.read_bytes()
+    assert text.startswith(b"Name:") and b"\nPid:" in text
+    assert (tmp_path / "o.txt").read_bytes() == text
+
+
+def test_consumer_refusing_splice_switches_to_copy(tmp_path, monkeypatch):
+    """In-process, real pipes and files: splice(2) into the consumer file refused with EINVAL
+    (a file system without splice_write) before its first byte: it is copied, not dropped."""
+    import errno as errno_mod
+
+    import trio
+
+    from zcrelay import syscalls, tee as teemod, teeing
+
+    a = teemod.open_output(str(tmp_path / "a"), False)
+    b = teemod.open_output(str(tmp_path / "b"), False)
+    real_splice = syscalls.splice
+
+    def splice(src, dst, n, *args, **kwargs):
+        if dst == b.fd:
+            raise OSError(errno_mod.EINVAL, "refused")
+        return real_splice(src, dst, n, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", splice)
+    data = os.urandom(300_000)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    feed = [a, b]
+    errors = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def write():
+                await trio.to_thread.run_sync(os.write, w, data)
+                os.close(w)
+            nursery.start_soon(write)
+            await teeing.tee_pipeline(r, feed, lambda s, e: errors.append((s.name, e)))
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in (r, a.fd, b.fd):
+            os.close(fd)
+    assert not errors
+    assert b.fallback == "splice refused (EINVAL)" and b.copy
+    assert (tmp_path / "a").read_bytes() == data
+    assert (tmp_path / "b").read_bytes() == data

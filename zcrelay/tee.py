@@ -127,10 +127,11 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
                 log.error("%s", message)
                 outcome.failed.append(message)
         src, feed = _source(stdin, config.pipe_size, outcome)
+        feed_flow = Flow()
         try:
             async with trio.open_nursery() as nursery:
                 if feed is not None:
-                    nursery.start_soon(teeing.feed_pipe, stdin, feed, Flow())
+                    nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
                 result = await teeing.tee_pipeline(src, sinks, on_error)
                 outcome.bytes = result.bytes
                 nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
@@ -143,6 +144,8 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
         finally:
             if feed is not None:
                 feed.close()
+        if feed_flow.fallback:
+            outcome.notes.append(f"standard input: {feed_flow.fallback}, read through user space")
         for sink in sinks:
             if sink.fallback:
                 outcome.notes.append(f"{sink.name}: {sink.fallback}, copied through user space")

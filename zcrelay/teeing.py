@@ -287,13 +287,20 @@ async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_err
     """Take `n` bytes off the source: into the consumer file at its offset, else /dev/null.
 
     A consumer that fails part-way (ENOSPC, EIO) is dropped and the rest goes to /dev/null, so
-    the other outputs still get the whole stream.
+    the other outputs still get the whole stream. A consumer whose first splice is refused
+    (a file system without splice_write) takes this round by copy and is copied from then on
+    (it is no longer a consumer, it gets a private pipe like any output).
     """
     left = n
     while left and consumer is not None and consumer.live:
         try:
             m = syscalls.splice(src, consumer.fd, left, offset_dst=consumer.offset)
         except OSError as exc:
+            if consumer.written == 0 and exc.errno in syscalls.SPLICE_REFUSED:
+                consumer.copy = True
+                consumer.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                left = await _copy_round(src, left, consumer, on_error)
+                break
             _fail(consumer, translate(exc, DESTINATION, "splice"), on_error)
             break
         if m == 0:
@@ -305,6 +312,25 @@ async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_err
     while left:
         left -= syscalls.splice(src, devnull, left)
     await checkpoint()
+
+
+async def _copy_round(src: int, left: int, sink: Sink, on_error: OnError) -> int:
+    """Read `left` bytes of the round off the source (it holds them: os.read does not block)
+    and write them to `sink` through user space; return what is still to be consumed (0,
+    or the rest when the sink failed). Nothing has been written to `sink` yet, so its fd's own
+    position is its offset: copies go through it, as _pump_sink's do."""
+    while left:
+        data = os.read(src, min(left, COPY_BUFSIZE))
+        left -= len(data)
+        try:
+            await write_all(sink.fd, memoryview(data), Flow())
+        except StreamError as exc:
+            _fail(sink, exc, on_error)
+            return left
+        sink.written += len(data)
+        if sink.offset is not None:
+            sink.offset += len(data)
+    return left
 
 
 async def _pump_sink(sink: Sink) -> bool:
@@ -346,35 +372,46 @@ async def feed_pipe(src: int, pipe: Pipe, flow: Flow) -> None:
 
     A regular file is spliced (zero-copy, its pages are referenced); anything else (a
     terminal, a socket, a character device) is read through user space in a worker thread,
-    because such an fd is usually blocking and would stall the event loop. Who calls this
-    owns `pipe`; this closes only `pipe.w`.
+    because such an fd is usually blocking and would stall the event loop. A file whose first
+    splice is refused (procfs files without splice_read: EINVAL) is read the same way, and
+    `flow.fallback` says why. Who calls this owns `pipe`; this closes only `pipe.w`.
     """
     try:
-        if classify(src) == FILE:
-            while True:
-                try:
-                    n = syscalls.splice(src, pipe.w, syscalls.MAX_SPLICE_AT_ONCE)
-                except BlockingIOError:
-                    await wait_writable(pipe.w)
-                    continue
-                except OSError as exc:
-                    raise translate(exc, SOURCE, "splice") from exc
-                if n == 0:
-                    break
-                flow.add_spliced(n)
-                await checkpoint()
-        else:
-            while True:
-                try:
-                    data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE)
-                except OSError as exc:
-                    raise translate(exc, SOURCE, "read") from exc
-                if not data:
-                    break
-                await write_all(pipe.w, memoryview(data), flow)
+        if classify(src) == FILE and await _splice_file(src, pipe, flow):
+            return
+        while True:
+            try:
+                data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE)
+            except OSError as exc:
+                raise translate(exc, SOURCE, "read") from exc
+            if not data:
+                break
+            await write_all(pipe.w, memoryview(data), flow)
     finally:
         os.close(pipe.w)
         pipe.w = -1
+
+
+async def _splice_file(src: int, pipe: Pipe, flow: Flow) -> bool:
+    """Splice the regular file `src` into `pipe` until EOF; True if handled. False, nothing
+    moved, when splice refuses the file before its first byte (the caller copies instead)."""
+    moved = False
+    while True:
+        try:
+            n = syscalls.splice(src, pipe.w, syscalls.MAX_SPLICE_AT_ONCE)
+        except BlockingIOError:
+            await wait_writable(pipe.w)
+            continue
+        except OSError as exc:
+            if not moved and exc.errno in syscalls.SPLICE_REFUSED:
+                flow.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                return False
+            raise translate(exc, SOURCE, "splice") from exc
+        if n == 0:
+            return True
+        moved = True
+        flow.add_spliced(n)
+        await checkpoint()
 
 
 # ---- relay capture: socket → pipe A → tee → pipe B → file, A → destination ----------------
