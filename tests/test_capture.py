@@ -303,3 +303,50 @@ def test_client_reset_is_passed_on_with_capture(zcrelay, tmp_path):
     line = next(l for l in err.splitlines() if "conn=" in l)
     assert "close=reset" in line, err
     assert "internal" not in err and "Traceback" not in err, err
+
+
+def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
+    """In-process, real pipes and a real file: splice(2) into the capture file refused with
+    EINVAL (a file system without splice_write). The copy fallback must take every chunk, not
+    only the first; the capture stays complete."""
+    import errno
+
+    import trio
+
+    from zcrelay import syscalls, teeing
+    from zcrelay.pipes import Pipe
+
+    fd = os.open(tmp_path / "cap", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    real_splice = syscalls.splice
+
+    def splice(src, dst, n, *args, **kwargs):
+        if dst == fd:
+            raise OSError(errno.EINVAL, "refused")
+        return real_splice(src, dst, n, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", splice)
+    capture = teeing.CaptureFile(fd, "cap")
+    chunks = [os.urandom(10_000 + i) for i in range(4)]
+    src = Pipe.open(1 << 16)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            for chunk in chunks:
+                os.write(src.w, chunk)
+                src.held = len(chunk)
+                await capture.offer(src)
+                assert os.read(src.r, len(chunk)) == chunk  # the relay's pump, in short
+                src.held = 0
+            capture.close_input()
+
+    try:
+        trio.run(main)
+    finally:
+        src.close()
+        capture.close()
+        os.close(fd)
+    assert capture.error is None, capture.error
+    assert capture.fallback == "splice refused (EINVAL)"
+    assert (tmp_path / "cap").read_bytes() == b"".join(chunks)
+    assert capture.captured == sum(map(len, chunks))

@@ -520,15 +520,18 @@ class CaptureFile:
         pipe = self.pipe
         assert pipe is not None
         while pipe.held:
+            if self.fallback is not None:
+                # Copy for good once splice was refused: it would refuse every later chunk too.
+                data = os.read(pipe.r, pipe.held)
+                pipe.held -= len(data)
+                self._pwrite_all(data)
+                continue
             try:
                 m = syscalls.splice(pipe.r, self.fd, pipe.held, 0, offset_dst=self.offset)
             except OSError as exc:
                 if self.captured == 0 and exc.errno in syscalls.SPLICE_REFUSED:
                     # The file system cannot splice: copy this capture (fallback, reported).
                     self.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
-                    data = os.read(pipe.r, pipe.held)
-                    pipe.held -= len(data)
-                    self._pwrite_all(data)
                     continue
                 raise
             pipe.held -= m
