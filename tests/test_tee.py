@@ -388,3 +388,63 @@ def test_consumer_refusing_splice_switches_to_copy(tmp_path, monkeypatch):
     assert b.fallback == "splice refused (EINVAL)" and b.copy
     assert (tmp_path / "a").read_bytes() == data
     assert (tmp_path / "b").read_bytes() == data
+
+
+def test_feed_from_nonblocking_socket_waits_on_eagain():
+    """In-process, real socketpair: a stdin socket with O_NONBLOCK (set by whoever shares it)
+    that is empty when feed_pipe reads gives EAGAIN: that means wait, not a read error."""
+    import socket
+
+    import trio
+    import trio.testing
+
+    from zcrelay import teeing
+    from zcrelay.pipes import Pipe
+    from zcrelay.stats import Flow
+
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    pipe = Pipe.open(1 << 20)
+    data = os.urandom(100_000)
+    out = bytearray()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(teeing.feed_pipe, theirs.fileno(), pipe, Flow())
+            await trio.testing.wait_all_tasks_blocked()  # the feed found stdin empty
+            ours.sendall(data[:50_000])
+            await trio.testing.wait_all_tasks_blocked()  # and empty again
+            ours.sendall(data[50_000:])
+            ours.shutdown(socket.SHUT_WR)
+        while chunk := os.read(pipe.r, 1 << 20):  # feed_pipe closed the write end
+            out.extend(chunk)
+
+    try:
+        trio.run(main)
+    finally:
+        pipe.close()
+        ours.close()
+        theirs.close()
+    assert bytes(out) == data
+
+
+def test_no_output_left_ends_a_blocked_stdin_read():
+    """stdin is a blocking socket that stays open and silent; stdout's reader is gone and
+    --output-error=warn-nopipe leaves no output: the tee must end although a worker thread
+    is still blocked reading stdin (abandon_on_cancel)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # EPIPE on the first write to stdout
+    proc = subprocess.Popen(zcrelay_argv("tee", "--output-error=warn-nopipe"), stdin=theirs.fileno(),
+                            stdout=out_w, stderr=subprocess.PIPE, env=zcrelay_env())
+    theirs.close()
+    os.close(out_w)
+    ours.sendall(b"x" * 1000)
+    try:
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        ours.close()
+    assert code == 0, proc.stderr.read()

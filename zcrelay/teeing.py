@@ -379,9 +379,21 @@ async def feed_pipe(src: int, pipe: Pipe, flow: Flow) -> None:
     try:
         if classify(src) == FILE and await _splice_file(src, pipe, flow):
             return
+        nonblocking = not os.get_blocking(src)
         while True:
             try:
-                data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE)
+                if nonblocking:  # try, then wait: no thread needed
+                    data = os.read(src, COPY_BUFSIZE)
+                    await checkpoint()
+                else:
+                    # A blocking read cannot be interrupted: on cancel (no output left) the
+                    # thread is abandoned, still blocked in read(2), so the tee can end.
+                    data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE,
+                                                         abandon_on_cancel=True)
+            except BlockingIOError:  # O_NONBLOCK set by someone else since we looked
+                nonblocking = True
+                await wait_readable(src)
+                continue
             except OSError as exc:
                 raise translate(exc, SOURCE, "read") from exc
             if not data:
