@@ -448,3 +448,18 @@ def test_no_output_left_ends_a_blocked_stdin_read():
         proc.kill()
         ours.close()
     assert code == 0, proc.stderr.read()
+
+
+def test_stdin_read_error_exits_with_input_error(tmp_path):
+    """Reading stdin fails (a pty master whose slave is closed: EIO): exit status 8
+    (INPUT_ERROR, as documented), with GNU tee's message, not 1 or a traceback."""
+    master, slave = os.openpty()
+    os.close(slave)
+    try:
+        r = subprocess.run(zcrelay_argv("tee", str(tmp_path / "f")), stdin=master,
+                           capture_output=True, timeout=60, env=zcrelay_env())
+    finally:
+        os.close(master)
+    assert r.returncode == 8, r.stderr
+    assert b"standard input: Input/output error" in r.stderr
+    assert b"Traceback" not in r.stderr

@@ -15,6 +15,7 @@ import trio
 
 from zcrelay import syscalls, teeing
 from zcrelay.errors import StreamError, ZcrelayError
+from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
 
@@ -44,6 +45,10 @@ class BrokenPipeExit(ZcrelayError):
 
 class OutputErrorExit(ZcrelayError):
     """An output failed in an exit mode."""
+
+
+class InputError(ZcrelayError):
+    """Reading standard input failed (EIO, EISDIR...): the CLI exits with INPUT_ERROR."""
 
 
 @dataclass
@@ -140,6 +145,8 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
             leaf = _leaf(group)
             if isinstance(leaf, (BrokenPipeExit, OutputErrorExit)):
                 raise leaf from None
+            if isinstance(leaf, StreamError) and leaf.role == SOURCE:
+                raise InputError(_message("standard input", leaf.errno)) from leaf
             raise
         finally:
             if feed is not None:
