@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -270,3 +271,82 @@ def test_capture_payload_moves_only_by_tee_and_splice(zcrelay, tmp_path):
     (port,) = results
     moved = check_zero_copy(trace.read_text(), 32 << 20, *files)
     assert moved["tee"] >= 32 << 20
+
+
+def test_client_reset_is_passed_on_with_capture(zcrelay, tmp_path):
+    """A client that resets mid-stream: with --capture-dir, as without, the relay logs
+    close=reset and resets the target's connection (trio's nursery wraps the PeerGone in an
+    ExceptionGroup; the capture path must hand the relay the error itself)."""
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    server = socket.create_server(("127.0.0.1", 0))
+    relay = zcrelay("forward", "0", f"127.0.0.1:{server.getsockname()[1]}", "--capture-dir", str(cap))
+    client_sock = socket.create_connection(("127.0.0.1", relay.port))
+    conn, _ = server.accept()
+    client_sock.sendall(os.urandom(100_000))
+    got = 0
+    while got < 100_000:  # everything arrived: the relay holds nothing more for this direction
+        chunk = conn.recv(1 << 20)
+        assert chunk
+        got += len(chunk)
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_sock.close()  # RST
+    conn.settimeout(30)
+    with pytest.raises(ConnectionResetError):
+        while conn.recv(1 << 16):
+            pass
+    conn.close()
+    server.close()
+    relay.wait_for_lines("conn=", 1)
+    code, err = relay.stop()
+    assert code == 0, err
+    line = next(l for l in err.splitlines() if "conn=" in l)
+    assert "close=reset" in line, err
+    assert "internal" not in err and "Traceback" not in err, err
+
+
+def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
+    """In-process, real pipes and a real file: splice(2) into the capture file refused with
+    EINVAL (a file system without splice_write). The copy fallback must take every chunk, not
+    only the first; the capture stays complete."""
+    import errno
+
+    import trio
+
+    from zcrelay import syscalls, teeing
+    from zcrelay.pipes import Pipe
+
+    fd = os.open(tmp_path / "cap", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    real_splice = syscalls.splice
+
+    def splice(src, dst, n, *args, **kwargs):
+        if dst == fd:
+            raise OSError(errno.EINVAL, "refused")
+        return real_splice(src, dst, n, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", splice)
+    capture = teeing.CaptureFile(fd, "cap")
+    chunks = [os.urandom(10_000 + i) for i in range(4)]
+    src = Pipe.open(1 << 16)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            for chunk in chunks:
+                os.write(src.w, chunk)
+                src.held = len(chunk)
+                await capture.offer(src)
+                assert os.read(src.r, len(chunk)) == chunk  # the relay's pump, in short
+                src.held = 0
+            capture.close_input()
+
+    try:
+        trio.run(main)
+    finally:
+        src.close()
+        capture.close()
+        os.close(fd)
+    assert capture.error is None, capture.error
+    assert capture.fallback == "splice refused (EINVAL)"
+    assert (tmp_path / "cap").read_bytes() == b"".join(chunks)
+    assert capture.captured == sum(map(len, chunks))

@@ -247,3 +247,219 @@ def check_zero_copy(trace: str, size: int, *files: str) -> dict[str, int]:
     assert not offenders, offenders[:5]
     assert moved["splice"] >= size
     return moved
+
+
+def test_source_pipe_grows_during_the_tee(tmp_path):
+    """In-process, real pipes: the source pipe is grown (F_SETPIPE_SZ by the upstream writer)
+    after the tee read its size; the private pipes must follow, and every output gets it all."""
+    import fcntl
+
+    import trio
+    import trio.testing
+
+    from zcrelay import tee as teemod, teeing
+
+    data = os.urandom(200 * 4096)
+    r, w = os.pipe2(os.O_CLOEXEC)  # 64 KiB by default, like an inherited stdin
+    lr, lw = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    fcntl.fcntl(lw, fcntl.F_SETPIPE_SZ, 1 << 20)
+    a = teemod.open_output(str(tmp_path / "a"), False)
+    b = teemod.open_output(str(tmp_path / "b"), False)
+    sinks = [teeing.Sink(lw, "stdout", teeing.PIPE), a, b]
+    errors = []
+    lead_out = bytearray()
+
+    async def read_lead():
+        while True:
+            try:
+                chunk = os.read(lr, 1 << 20)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lr)
+                continue
+            if not chunk:
+                return
+            lead_out.extend(chunk)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_lead)
+
+            async def run():
+                try:
+                    await teeing.tee_pipeline(r, sinks, lambda s, e: errors.append((s.name, e)))
+                finally:
+                    os.close(lw)
+
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()  # the tee waits on the empty source
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+            os.write(w, data)  # fits: 200 pages in a 256-slot pipe
+            os.close(w)
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in (r, lr, a.fd, b.fd):
+            os.close(fd)
+    assert not errors
+    assert bytes(lead_out) == data
+    assert (tmp_path / "a").read_bytes() == data
+    assert (tmp_path / "b").read_bytes() == data
+
+
+def test_inherited_pipes_holding_more_than_pipe_size_are_not_shrunk(tmp_path):
+    """stdin and stdout are 1 MiB pipes already holding 512 KiB; --pipe-size 64K must not
+    shrink them (F_SETPIPE_SZ would fail with EBUSY): the tee runs and loses nothing."""
+    import fcntl
+
+    data = os.urandom(512 * 1024)
+    prefix = os.urandom(512 * 1024)
+    in_r, in_w = os.pipe()
+    fcntl.fcntl(in_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(in_w, data)
+    os.close(in_w)
+    out_r, out_w = os.pipe()
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(out_w, prefix)
+    proc = subprocess.Popen(zcrelay_argv("tee", "--pipe-size", "64K", str(tmp_path / "f")),
+                            stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, env=zcrelay_env())
+    os.close(in_r)
+    os.close(out_w)
+    out = bytearray()
+    while chunk := os.read(out_r, 1 << 20):
+        out.extend(chunk)
+    os.close(out_r)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert bytes(out) == prefix + data
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_stdin_file_that_refuses_splice_is_copied(tmp_path):
+    """procfs files have no splice_read (EINVAL on the first splice): stdin falls back to
+    user-space reads, reported with -v, and every output gets the file."""
+    out = tmp_path / "out"
+    r = bash(f"{ZC} -v {tmp_path / 'o.txt'} < /proc/self/status > {out}")
+    assert r.returncode == 0, r.stderr
+    assert b"splice refused (EINVAL)" in r.stderr
+    text = out.read_bytes()
+    assert text.startswith(b"Name:") and b"\nPid:" in text
+    assert (tmp_path / "o.txt").read_bytes() == text
+
+
+def test_consumer_refusing_splice_switches_to_copy(tmp_path, monkeypatch):
+    """In-process, real pipes and files: splice(2) into the consumer file refused with EINVAL
+    (a file system without splice_write) before its first byte: it is copied, not dropped."""
+    import errno as errno_mod
+
+    import trio
+
+    from zcrelay import syscalls, tee as teemod, teeing
+
+    a = teemod.open_output(str(tmp_path / "a"), False)
+    b = teemod.open_output(str(tmp_path / "b"), False)
+    real_splice = syscalls.splice
+
+    def splice(src, dst, n, *args, **kwargs):
+        if dst == b.fd:
+            raise OSError(errno_mod.EINVAL, "refused")
+        return real_splice(src, dst, n, *args, **kwargs)
+
+    monkeypatch.setattr(syscalls, "splice", splice)
+    data = os.urandom(300_000)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    feed = [a, b]
+    errors = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def write():
+                await trio.to_thread.run_sync(os.write, w, data)
+                os.close(w)
+            nursery.start_soon(write)
+            await teeing.tee_pipeline(r, feed, lambda s, e: errors.append((s.name, e)))
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in (r, a.fd, b.fd):
+            os.close(fd)
+    assert not errors
+    assert b.fallback == "splice refused (EINVAL)" and b.copy
+    assert (tmp_path / "a").read_bytes() == data
+    assert (tmp_path / "b").read_bytes() == data
+
+
+def test_feed_from_nonblocking_socket_waits_on_eagain():
+    """In-process, real socketpair: a stdin socket with O_NONBLOCK (set by whoever shares it)
+    that is empty when feed_pipe reads gives EAGAIN: that means wait, not a read error."""
+    import socket
+
+    import trio
+    import trio.testing
+
+    from zcrelay import teeing
+    from zcrelay.pipes import Pipe
+    from zcrelay.stats import Flow
+
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    pipe = Pipe.open(1 << 20)
+    data = os.urandom(100_000)
+    out = bytearray()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(teeing.feed_pipe, theirs.fileno(), pipe, Flow())
+            await trio.testing.wait_all_tasks_blocked()  # the feed found stdin empty
+            ours.sendall(data[:50_000])
+            await trio.testing.wait_all_tasks_blocked()  # and empty again
+            ours.sendall(data[50_000:])
+            ours.shutdown(socket.SHUT_WR)
+        while chunk := os.read(pipe.r, 1 << 20):  # feed_pipe closed the write end
+            out.extend(chunk)
+
+    try:
+        trio.run(main)
+    finally:
+        pipe.close()
+        ours.close()
+        theirs.close()
+    assert bytes(out) == data
+
+
+def test_no_output_left_ends_a_blocked_stdin_read():
+    """stdin is a blocking socket that stays open and silent; stdout's reader is gone and
+    --output-error=warn-nopipe leaves no output: the tee must end although a worker thread
+    is still blocked reading stdin (abandon_on_cancel)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # EPIPE on the first write to stdout
+    proc = subprocess.Popen(zcrelay_argv("tee", "--output-error=warn-nopipe"), stdin=theirs.fileno(),
+                            stdout=out_w, stderr=subprocess.PIPE, env=zcrelay_env())
+    theirs.close()
+    os.close(out_w)
+    ours.sendall(b"x" * 1000)
+    try:
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        ours.close()
+    assert code == 0, proc.stderr.read()
+
+
+def test_stdin_read_error_exits_with_input_error(tmp_path):
+    """Reading stdin fails (a pty master whose slave is closed: EIO): exit status 8
+    (INPUT_ERROR, as documented), with GNU tee's message, not 1 or a traceback."""
+    master, slave = os.openpty()
+    os.close(slave)
+    try:
+        r = subprocess.run(zcrelay_argv("tee", str(tmp_path / "f")), stdin=master,
+                           capture_output=True, timeout=60, env=zcrelay_env())
+    finally:
+        os.close(master)
+    assert r.returncode == 8, r.stderr
+    assert b"standard input: Input/output error" in r.stderr
+    assert b"Traceback" not in r.stderr

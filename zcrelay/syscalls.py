@@ -100,11 +100,18 @@ def read_pipe_limits() -> PipeLimits:
     )
 
 
+# F_SETPIPE_SZ refusals that leave the pipe as it was: EPERM (above pipe-max-size, or the
+# user's pipe pages spent), EINVAL, ENOMEM, and EBUSY (pipe(7): the new size is too small for
+# the data the pipe holds now).
+_SIZE_REFUSED = frozenset({errno.EPERM, errno.EINVAL, errno.ENOMEM, errno.EBUSY})
+
+
 def set_pipe_size(fd: int, size: int, limits: PipeLimits | None = None) -> int:
     """Ask the kernel for a pipe of `size` bytes; return the size it gave.
 
     A refused size is not an error here: above pipe-max-size F_SETPIPE_SZ gives EPERM (even as
-    root in some sandboxes), and once a user's pipe page budget is spent every grow gives EPERM.
+    root in some sandboxes), once a user's pipe page budget is spent every grow gives EPERM, and
+    a shrink below what the pipe holds gives EBUSY.
     The request is then clamped to pipe-max-size and retried once; whatever the pipe ends up
     with is returned, and the caller compares it with what it asked for.
     """
@@ -112,14 +119,14 @@ def set_pipe_size(fd: int, size: int, limits: PipeLimits | None = None) -> int:
     try:
         return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
+        if exc.errno not in _SIZE_REFUSED:
             raise
     limits = limits or read_pipe_limits()
     if size > limits.max_size:
         try:
             return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, limits.max_size)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
+            if exc.errno not in _SIZE_REFUSED:
                 raise
     return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
 

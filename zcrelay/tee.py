@@ -15,6 +15,7 @@ import trio
 
 from zcrelay import syscalls, teeing
 from zcrelay.errors import StreamError, ZcrelayError
+from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
 
@@ -46,6 +47,10 @@ class OutputErrorExit(ZcrelayError):
     """An output failed in an exit mode."""
 
 
+class InputError(ZcrelayError):
+    """Reading standard input failed (EIO, EISDIR...): the CLI exits with INPUT_ERROR."""
+
+
 @dataclass
 class TeeOutcome:
     bytes: int = 0
@@ -73,11 +78,21 @@ def open_output(path: str, append: bool) -> teeing.Sink:
     return teeing.Sink(fd, path, kind, offset=offset)
 
 
+def grow_pipe(fd: int, size: int) -> int:
+    """Grow an inherited pipe towards `size`, never shrink it: a pipe shared with others may
+    hold more than `size` already (F_SETPIPE_SZ would fail with EBUSY), and its size is theirs
+    too. Returns the size the pipe has."""
+    current = syscalls.pipe_size(fd)
+    if current >= size:
+        return current
+    return syscalls.set_pipe_size(fd, size)
+
+
 def stdout_sink(fd: int, pipe_size: int, outcome: TeeOutcome) -> teeing.Sink:
     kind = teeing.classify(fd)
     sink = teeing.Sink(fd, "standard output", kind)
     if kind == teeing.PIPE:
-        granted = syscalls.set_pipe_size(fd, pipe_size)
+        granted = grow_pipe(fd, pipe_size)
         outcome.notes.append(f"standard output is a pipe of {granted} bytes")
     elif kind == teeing.FILE and teeing.is_append(fd):
         # Shared open file description: clearing O_APPEND would change it for others too.
@@ -117,10 +132,11 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
                 log.error("%s", message)
                 outcome.failed.append(message)
         src, feed = _source(stdin, config.pipe_size, outcome)
+        feed_flow = Flow()
         try:
             async with trio.open_nursery() as nursery:
                 if feed is not None:
-                    nursery.start_soon(teeing.feed_pipe, stdin, feed, Flow())
+                    nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
                 result = await teeing.tee_pipeline(src, sinks, on_error)
                 outcome.bytes = result.bytes
                 nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
@@ -129,10 +145,14 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
             leaf = _leaf(group)
             if isinstance(leaf, (BrokenPipeExit, OutputErrorExit)):
                 raise leaf from None
+            if isinstance(leaf, StreamError) and leaf.role == SOURCE:
+                raise InputError(_message("standard input", leaf.errno)) from leaf
             raise
         finally:
             if feed is not None:
                 feed.close()
+        if feed_flow.fallback:
+            outcome.notes.append(f"standard input: {feed_flow.fallback}, read through user space")
         for sink in sinks:
             if sink.fallback:
                 outcome.notes.append(f"{sink.name}: {sink.fallback}, copied through user space")
@@ -153,7 +173,7 @@ def _source(stdin: int, pipe_size: int, outcome: TeeOutcome) -> tuple[int, Pipe 
     pipe of ours that feed_pipe fills (a regular file by splice, a terminal by copying)."""
     kind = teeing.classify(stdin)
     if kind == teeing.PIPE:
-        granted = syscalls.set_pipe_size(stdin, pipe_size)
+        granted = grow_pipe(stdin, pipe_size)
         outcome.notes.append(f"standard input is a pipe of {granted} bytes")
         return stdin, None
     pipe = Pipe.open(pipe_size)

@@ -25,6 +25,7 @@ import os
 import select
 import stat
 from dataclasses import dataclass, field
+import sys
 from typing import Callable
 
 import trio
@@ -35,6 +36,9 @@ from zcrelay.errors import SpliceRefused, StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, _flush_by_copy, _get_pipe, pump, write_all
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("zcrelay")
 
@@ -113,6 +117,14 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeRes
                 result.stopped = "no-outputs"
                 await checkpoint()
                 return result
+            # The source pipe can grow under us (an upstream F_SETPIPE_SZ on a shared pipe);
+            # a private pipe smaller than it could not take a whole round. The private pipes
+            # are empty here, so they can be replaced.
+            size = syscalls.pipe_size(src)
+            if size > src_size:
+                src_size = size
+                for sink in sinks:
+                    sink.drop_pipe()
             lead = _lead(live)
             consumer = _consumer(live, lead)
             others = [s for s in live if s is not lead and s is not consumer]
@@ -139,13 +151,19 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeRes
             result.bytes += n
             result.rounds += 1
             # 2. the same n bytes into every other private pipe
+            size = syscalls.pipe_size(src)
+            if size > src_size:  # grew since the top of the round: the round may be larger
+                src_size = size
+                for sink in others:
+                    if not sink.pipe.held:
+                        sink.drop_pipe()
+                        sink.pipe = _private_pipe(src_size)
             for sink in others:
                 if sink.pipe.held:
                     continue  # took the round in _round_size
                 got = syscalls.tee(src, sink.pipe.w, n)
                 if got != n:
-                    raise RuntimeError(f"tee(2) took {got} of {n} bytes into an empty private pipe "
-                                       f"of {sink.pipe.size} bytes (source pipe {src_size})")
+                    raise ShortTee(got, n, sink.pipe.size, src_size)
                 sink.pipe.held = n
             # 3. consume the round from the source
             await _consume(src, n, consumer, devnull, on_error)
@@ -198,6 +216,14 @@ def _private_pipe(src_size: int) -> Pipe:
 class OutOfPipeBudget(StreamError):
     def __init__(self, size: int) -> None:
         super().__init__("pipe", errno.ENOMEM, f"a private pipe of {size} bytes (F_SETPIPE_SZ)")
+
+
+class ShortTee(StreamError):
+    """tee(2) took less than a round into an empty private pipe: the outputs would diverge."""
+
+    def __init__(self, got: int, n: int, private: int, source: int) -> None:
+        super().__init__("pipe", errno.EIO, f"tee(2) took {got} of {n} bytes into an empty private "
+                                            f"pipe of {private} bytes (source pipe {source})")
 
 
 def _fail(sink: Sink, exc: StreamError, on_error: OnError) -> None:
@@ -261,13 +287,20 @@ async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_err
     """Take `n` bytes off the source: into the consumer file at its offset, else /dev/null.
 
     A consumer that fails part-way (ENOSPC, EIO) is dropped and the rest goes to /dev/null, so
-    the other outputs still get the whole stream.
+    the other outputs still get the whole stream. A consumer whose first splice is refused
+    (a file system without splice_write) takes this round by copy and is copied from then on
+    (it is no longer a consumer, it gets a private pipe like any output).
     """
     left = n
     while left and consumer is not None and consumer.live:
         try:
             m = syscalls.splice(src, consumer.fd, left, offset_dst=consumer.offset)
         except OSError as exc:
+            if consumer.written == 0 and exc.errno in syscalls.SPLICE_REFUSED:
+                consumer.copy = True
+                consumer.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                left = await _copy_round(src, left, consumer, on_error)
+                break
             _fail(consumer, translate(exc, DESTINATION, "splice"), on_error)
             break
         if m == 0:
@@ -279,6 +312,25 @@ async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_err
     while left:
         left -= syscalls.splice(src, devnull, left)
     await checkpoint()
+
+
+async def _copy_round(src: int, left: int, sink: Sink, on_error: OnError) -> int:
+    """Read `left` bytes of the round off the source (it holds them: os.read does not block)
+    and write them to `sink` through user space; return what is still to be consumed (0,
+    or the rest when the sink failed). Nothing has been written to `sink` yet, so its fd's own
+    position is its offset: copies go through it, as _pump_sink's do."""
+    while left:
+        data = os.read(src, min(left, COPY_BUFSIZE))
+        left -= len(data)
+        try:
+            await write_all(sink.fd, memoryview(data), Flow())
+        except StreamError as exc:
+            _fail(sink, exc, on_error)
+            return left
+        sink.written += len(data)
+        if sink.offset is not None:
+            sink.offset += len(data)
+    return left
 
 
 async def _pump_sink(sink: Sink) -> bool:
@@ -320,35 +372,58 @@ async def feed_pipe(src: int, pipe: Pipe, flow: Flow) -> None:
 
     A regular file is spliced (zero-copy, its pages are referenced); anything else (a
     terminal, a socket, a character device) is read through user space in a worker thread,
-    because such an fd is usually blocking and would stall the event loop. Who calls this
-    owns `pipe`; this closes only `pipe.w`.
+    because such an fd is usually blocking and would stall the event loop. A file whose first
+    splice is refused (procfs files without splice_read: EINVAL) is read the same way, and
+    `flow.fallback` says why. Who calls this owns `pipe`; this closes only `pipe.w`.
     """
     try:
-        if classify(src) == FILE:
-            while True:
-                try:
-                    n = syscalls.splice(src, pipe.w, syscalls.MAX_SPLICE_AT_ONCE)
-                except BlockingIOError:
-                    await wait_writable(pipe.w)
-                    continue
-                except OSError as exc:
-                    raise translate(exc, SOURCE, "splice") from exc
-                if n == 0:
-                    break
-                flow.add_spliced(n)
-                await checkpoint()
-        else:
-            while True:
-                try:
-                    data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE)
-                except OSError as exc:
-                    raise translate(exc, SOURCE, "read") from exc
-                if not data:
-                    break
-                await write_all(pipe.w, memoryview(data), flow)
+        if classify(src) == FILE and await _splice_file(src, pipe, flow):
+            return
+        nonblocking = not os.get_blocking(src)
+        while True:
+            try:
+                if nonblocking:  # try, then wait: no thread needed
+                    data = os.read(src, COPY_BUFSIZE)
+                    await checkpoint()
+                else:
+                    # A blocking read cannot be interrupted: on cancel (no output left) the
+                    # thread is abandoned, still blocked in read(2), so the tee can end.
+                    data = await trio.to_thread.run_sync(os.read, src, COPY_BUFSIZE,
+                                                         abandon_on_cancel=True)
+            except BlockingIOError:  # O_NONBLOCK set by someone else since we looked
+                nonblocking = True
+                await wait_readable(src)
+                continue
+            except OSError as exc:
+                raise translate(exc, SOURCE, "read") from exc
+            if not data:
+                break
+            await write_all(pipe.w, memoryview(data), flow)
     finally:
         os.close(pipe.w)
         pipe.w = -1
+
+
+async def _splice_file(src: int, pipe: Pipe, flow: Flow) -> bool:
+    """Splice the regular file `src` into `pipe` until EOF; True if handled. False, nothing
+    moved, when splice refuses the file before its first byte (the caller copies instead)."""
+    moved = False
+    while True:
+        try:
+            n = syscalls.splice(src, pipe.w, syscalls.MAX_SPLICE_AT_ONCE)
+        except BlockingIOError:
+            await wait_writable(pipe.w)
+            continue
+        except OSError as exc:
+            if not moved and exc.errno in syscalls.SPLICE_REFUSED:
+                flow.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                return False
+            raise translate(exc, SOURCE, "splice") from exc
+        if n == 0:
+            return True
+        moved = True
+        flow.add_spliced(n)
+        await checkpoint()
 
 
 # ---- relay capture: socket → pipe A → tee → pipe B → file, A → destination ----------------
@@ -457,15 +532,18 @@ class CaptureFile:
         pipe = self.pipe
         assert pipe is not None
         while pipe.held:
+            if self.fallback is not None:
+                # Copy for good once splice was refused: it would refuse every later chunk too.
+                data = os.read(pipe.r, pipe.held)
+                pipe.held -= len(data)
+                self._pwrite_all(data)
+                continue
             try:
                 m = syscalls.splice(pipe.r, self.fd, pipe.held, 0, offset_dst=self.offset)
             except OSError as exc:
                 if self.captured == 0 and exc.errno in syscalls.SPLICE_REFUSED:
                     # The file system cannot splice: copy this capture (fallback, reported).
                     self.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
-                    data = os.read(pipe.r, pipe.held)
-                    pipe.held -= len(data)
-                    self._pwrite_all(data)
                     continue
                 raise
             pipe.held -= m
@@ -492,12 +570,34 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     one is still being written; the next tee waits for it (lossless). Raises SpliceRefused,
     nothing lost, before the first byte; then the caller falls back to captured_copy_stream.
     """
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(capture.writer)
-        try:
-            await _captured_splice(src, dst, pool, flow, capture, max_chunk)
-        finally:
-            capture.close_input()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            try:
+                await _captured_splice(src, dst, pool, flow, capture, max_chunk)
+            finally:
+                capture.close_input()
+    except BaseExceptionGroup as group:
+        # The nursery wraps everything; the relay above catches PeerGone, SpliceRefused...
+        # by type (a reset must reach the other side as a reset), so hand it the one error.
+        leaf = single_exception(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
+
+
+def single_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in `group` (nested groups flattened) that is not a trio.Cancelled,
+    or None when there are several (or none: a plain cancellation, trio handles it)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 async def _captured_splice(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,

@@ -13,7 +13,7 @@ import typer
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
 from zcrelay.exitcodes import ExitCode
-from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, OutputErrorExit, TeeConfig, run_tee
+from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, run_tee
 
 OUTPUT_ERROR_HELP = (
     "What an error writing an output does (GNU tee's modes): warn, warn-nopipe, exit, exit-nopipe. "
@@ -83,6 +83,8 @@ def tee(
             return ExitCode.OUTPUT_ERROR
         except OutputErrorExit as exc:
             return error(str(exc), ExitCode.OUTPUT_ERROR)
+        except InputError as exc:
+            return error(str(exc), ExitCode.INPUT_ERROR)
         for note in outcome.notes:
             from zcrelay.cli.common import log
 
