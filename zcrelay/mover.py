@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Awaitable, Callable
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -38,7 +39,8 @@ COPY_BUFSIZE = 256 * 1024
 
 
 async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
-                        max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE) -> None:
+                        max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE,
+                        on_drained: Callable[[Pipe], Awaitable[None]] | None = None) -> None:
     """Move bytes src → pipe → dst with splice(2) until src reaches EOF, then return.
 
     The caller owns src and dst and decides what EOF means (half-close, close). Bytes moved are
@@ -55,6 +57,10 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     user space first (counted as copied), so the fallback keeps every byte in order. Any other
     failure raises a StreamError. Cancellation at any await is safe: a pipe still holding bytes
     is destroyed, never pooled.
+
+    `on_drained(pipe)`, if given, runs after each drain and before its pump, with `pipe.held`
+    exact: the capture tees the chunk there (tee(2) consumes nothing, so the pump still moves
+    every byte).
     """
     # The hot loop: one drain and one pump a cycle, so every line here runs once per chunk.
     # Locals instead of attribute lookups, and the pump inlined (no coroutine per chunk): with
@@ -89,6 +95,8 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
             # Pump: the pipe holds bytes, so EAGAIN can only mean the destination is full.
             # pipe.held is kept exact across every await, for the finally below.
             held = pipe.held = n
+            if on_drained is not None:
+                await on_drained(pipe)
             waited = False
             while held:
                 try:

@@ -24,7 +24,7 @@ import logging
 import os
 import select
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import sys
 from typing import Callable
 
@@ -33,7 +33,7 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from zcrelay import syscalls
 from zcrelay.errors import SpliceRefused, StreamError, translate
-from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, _flush_by_copy, _get_pipe, pump, write_all
+from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, splice_stream, write_all
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
@@ -574,7 +574,7 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(capture.writer)
             try:
-                await _captured_splice(src, dst, pool, flow, capture, max_chunk)
+                await splice_stream(src, dst, pool, flow, max_chunk, on_drained=capture.offer)
             finally:
                 capture.close_input()
     except BaseExceptionGroup as group:
@@ -598,45 +598,6 @@ def single_exception(group: BaseExceptionGroup) -> BaseException | None:
         elif not isinstance(exc, trio.Cancelled):
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else None
-
-
-async def _captured_splice(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,
-                           max_chunk: int) -> None:
-    pipe: Pipe | None = None
-    moved = False
-    try:
-        while True:
-            if pipe is None:
-                pipe = _get_pipe(pool, moved)
-            try:
-                n = syscalls.splice(src, pipe.w, max_chunk)
-            except BlockingIOError:
-                pool.put(pipe)
-                pipe = None
-                await wait_readable(src)
-                continue
-            except OSError as exc:
-                if not moved and exc.errno in syscalls.SPLICE_REFUSED:
-                    raise SpliceRefused(exc.errno, SOURCE) from exc
-                raise translate(exc, SOURCE, "splice") from exc
-            if n == 0:
-                await checkpoint()
-                return
-            pipe.held = n
-            await capture.offer(pipe)
-            try:
-                waited = await pump(pipe, dst, flow)
-            except OSError as exc:
-                if not moved and pipe.held == n and exc.errno in syscalls.SPLICE_REFUSED:
-                    await _flush_by_copy(pipe, dst, flow)
-                    raise SpliceRefused(exc.errno, DESTINATION) from exc
-                raise translate(exc, DESTINATION, "splice") from exc
-            moved = True
-            if not waited:
-                await checkpoint()
-    finally:
-        if pipe is not None:
-            pool.put(pipe)
 
 
 async def captured_copy_stream(src: int, dst: int, flow: Flow, capture: CaptureFile,
