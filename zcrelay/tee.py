@@ -8,19 +8,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import trio
 
 from zcrelay import syscalls, teeing
+from zcrelay.excgroups import BaseExceptionGroup, first_error
 from zcrelay.errors import StreamError, ZcrelayError
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("zcrelay")
 
@@ -142,7 +140,7 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
                 nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
         except BaseExceptionGroup as group:
             # The nursery wraps what on_error raised; the CLI wants the decision itself.
-            leaf = _leaf(group)
+            leaf = first_error(group)
             if isinstance(leaf, (BrokenPipeExit, OutputErrorExit)):
                 raise leaf from None
             if isinstance(leaf, StreamError) and leaf.role == SOURCE:
@@ -160,12 +158,6 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
         for sink in sinks[1:]:
             os.close(sink.fd)
     return outcome
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _source(stdin: int, pipe_size: int, outcome: TeeOutcome) -> tuple[int, Pipe | None]:

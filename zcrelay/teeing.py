@@ -25,20 +25,18 @@ import os
 import select
 import stat
 from dataclasses import dataclass
-import sys
 from typing import Callable
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from zcrelay import syscalls
+from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.errors import SpliceRefused, StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, splice_stream, write_all
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("zcrelay")
 
@@ -580,24 +578,10 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     except BaseExceptionGroup as group:
         # The nursery wraps everything; the relay above catches PeerGone, SpliceRefused...
         # by type (a reset must reach the other side as a reset), so hand it the one error.
-        leaf = single_exception(group)
+        leaf = single_error(group)
         if leaf is None:
             raise
         raise leaf from leaf.__cause__
-
-
-def single_exception(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception in `group` (nested groups flattened) that is not a trio.Cancelled,
-    or None when there are several (or none: a plain cancellation, trio handles it)."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else None
 
 
 async def captured_copy_stream(src: int, dst: int, flow: Flow, capture: CaptureFile,

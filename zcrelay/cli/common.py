@@ -13,11 +13,10 @@ from typing import Awaitable, Callable
 import trio
 import typer
 
-if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
-    from exceptiongroup import BaseExceptionGroup
 
 from zcrelay.addresses import Address, AddressError, parse
 from zcrelay.errors import ZcrelayError
+from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.net import BindError, ConnectError
 
@@ -66,26 +65,9 @@ def error(message: str, code: ExitCode) -> ExitCode:
     return code
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real exception inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def single_error(group: BaseException) -> BaseException | None:
-    """The one exception, other than trio.Cancelled, inside (nested) exception groups; None if
-    there are several. trio's nurseries wrap whatever their tasks raise in a group."""
-    if not isinstance(group, BaseExceptionGroup):
-        return group
-    leaves = [leaf for leaf in (single_error(e) for e in group.exceptions)
-              if not isinstance(leaf, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else None
-
-
 def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     """The one place an exception becomes an exit code and a one-line message."""
-    exc = _leaf(exc)
+    exc = first_error(exc)
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED, "interrupted"
     if isinstance(exc, BindError):
@@ -112,7 +94,7 @@ def run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
     try:
         return trio.run(main) or ExitCode.OK
     except BaseException as exc:  # the CLI boundary: everything becomes a code and a line
-        if isinstance(_leaf(exc), (SystemExit, GeneratorExit)):
+        if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
             raise
         code, message = exit_code_for(exc)
         if code == ExitCode.INTERRUPTED:

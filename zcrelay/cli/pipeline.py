@@ -21,14 +21,12 @@ from typing import Awaitable, Callable, Iterator, Optional
 import trio
 import typer
 
-if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
-    from exceptiongroup import BaseExceptionGroup
 
 from zcrelay import net
 from zcrelay.cli.app import app
-from zcrelay.cli.common import (address, error, parse_size, run, say, serve_until_signal, setup_logging,
-                                single_error)
+from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
 from zcrelay.direct import FileShrank
+from zcrelay.excgroups import BaseExceptionGroup, first_error, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import METHODS, BadRange, FileServer, SendConfig, open_file, send as send_file, span
 from zcrelay.pipeline import (STDIN, STDOUT, ConnectionLost, InputFailed, OutputClosed, OutputFailed,
@@ -56,12 +54,6 @@ PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer 
 CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer (0: none).")
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
     """common.run, plus the exit codes of this file's errors."""
 
@@ -69,7 +61,7 @@ def _run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
         try:
             return await main()
         except BaseException as exc:
-            leaf = _leaf(exc)
+            leaf = first_error(exc)
             for kind, code in _CODES:
                 if isinstance(leaf, kind):
                     if code == ExitCode.BROKEN_PIPE:

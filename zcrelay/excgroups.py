@@ -1,0 +1,41 @@
+"""Finding the error inside the exception groups that trio's nurseries raise.
+
+A nursery wraps whatever its tasks raise in a (Base)ExceptionGroup, so `except PeerGone` or
+`except ConnectionLost` above a nursery never matches on its own. These helpers are the one
+place that looks inside.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
+    from exceptiongroup import BaseExceptionGroup
+else:
+    BaseExceptionGroup = BaseExceptionGroup  # re-exported for the except clauses of callers
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first leaf inside (nested) exception groups; `exc` itself if it is not a group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def single_error(exc: BaseException) -> BaseException | None:
+    """The one exception other than trio.Cancelled inside `exc` (nested groups flattened),
+    `exc` itself if it is not a group, or None when there are several (or only cancellations,
+    which trio handles)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        elif not isinstance(item, trio.Cancelled):
+            leaves.append(item)
+    return leaves[0] if len(leaves) == 1 else None
