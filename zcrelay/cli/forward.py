@@ -115,11 +115,17 @@ def forward(
     if settings.pipe_size < 4096:
         raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
     setup_logging(verbose, quiet)
+    return run_forwarder(settings)
+
+
+def run_forwarder(settings: ForwardConfig, note: str = "") -> ExitCode:
+    """Serve `settings` until SIGINT/SIGTERM: a "listening on" line per rule (with `note`),
+    then the summary line; returns the exit code."""
     forwarder = Forwarder(settings)
 
     def ready(bound) -> None:
         for item in bound:
-            say(f"listening on {item.address} -> {item.rule.target}")
+            say(f"listening on {item.address} -> {item.rule.target}{note}")
 
     async def main() -> None:
         await serve_until_signal(forwarder.serve, ready)

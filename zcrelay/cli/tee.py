@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import address, error, parse_size, run, setup_logging
 from zcrelay.exitcodes import ExitCode
 from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, run_tee
 
@@ -25,24 +25,12 @@ OUTPUT_ERROR_HELP = (
 def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode:
     """`zcrelay tee --listen L --target T --capture-dir DIR`: `zcrelay forward L T
     --capture-dir DIR` with forward's defaults."""
-    from zcrelay.cli.forward import capture_directory, summary
-    from zcrelay.forward import ForwardConfig, Forwarder, Rule
+    from zcrelay.cli.forward import capture_directory, run_forwarder
+    from zcrelay.forward import ForwardConfig, Rule
 
     settings = ForwardConfig(rules=(Rule(listen, target),), pipe_size=pipe_size,
                              capture_dir=capture_directory(capture_dir))
-    forwarder = Forwarder(settings)
-
-    def ready(bound) -> None:
-        for item in bound:
-            say(f"listening on {item.address} -> {item.rule.target} (capturing to {capture_dir})")
-
-    async def main() -> None:
-        await serve_until_signal(forwarder.serve, ready)
-
-    code = run(main)
-    if code == ExitCode.OK:
-        say(summary(forwarder.totals))
-    return code
+    return run_forwarder(settings, f" (capturing to {capture_dir})")
 
 
 @app.command()
