@@ -77,7 +77,7 @@ class Running:
             pass
 
     def wait_for_lines(self, needle: str, count: int) -> None:
-        """Read stderr until `count` lines containing `needle` have appeared (e.g. "conn=" for
+        """Read stderr until `count` lines containing `needle` have appeared (e.g. " close=" for
         finished connections: the relay's own word that it is done with them)."""
         seen = sum(needle in line for line in self.stderr_lines)
         while seen < count:

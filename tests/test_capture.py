@@ -134,7 +134,7 @@ def test_32_connections_captured_whole(zcrelay, tmp_path, command):
         relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
     sizes = [((i * 131071) % (3 << 20) + 1, (i * 65537) % (2 << 20), i % 2 == 1) for i in range(CONNECTIONS)]
     results = run_clients(relay.port, sizes)
-    relay.wait_for_lines("conn=", CONNECTIONS)
+    relay.wait_for_lines(" close=", CONNECTIONS)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -198,7 +198,7 @@ def test_full_disk_stops_capture_not_relay(zcrelay, small_tmpfs):
     target = Target()
     relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs))
     results = run_clients(relay.port, [(8 << 20, 6 << 20, False), (100, 50, True)])
-    relay.wait_for_lines("conn=", 2)
+    relay.wait_for_lines(" close=", 2)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -226,7 +226,7 @@ def test_removed_directory_does_not_stop_the_relay(zcrelay, tmp_path):
     relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
     cap.rmdir()
     results = run_clients(relay.port, [(1 << 20, 1 << 20, False)])
-    relay.wait_for_lines("conn=", 1)
+    relay.wait_for_lines(" close=", 1)
     code, err = relay.stop()
     target.close()
     assert code == 0, err
@@ -258,7 +258,7 @@ def test_capture_payload_moves_only_by_tee_and_splice(zcrelay, tmp_path):
     results = run_clients(relay.port, [(16 << 20, 16 << 20, False)])
     # The clients are done; wait for the relay's own line for the connection (its capture is
     # finished then), not just for the bytes.
-    relay.wait_for_lines("conn=", 1)
+    relay.wait_for_lines(" close=", 1)
     # SIGTERM goes to zcrelay itself, not to strace (which would only detach)
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
     os.kill(int(children[0]), 15)
@@ -297,7 +297,7 @@ def test_client_reset_is_passed_on_with_capture(zcrelay, tmp_path):
             pass
     conn.close()
     server.close()
-    relay.wait_for_lines("conn=", 1)
+    relay.wait_for_lines(" close=", 1)
     code, err = relay.stop()
     assert code == 0, err
     line = next(l for l in err.splitlines() if "conn=" in l)
@@ -350,3 +350,21 @@ def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
     assert capture.fallback == "splice refused (EINVAL)"
     assert (tmp_path / "cap").read_bytes() == b"".join(chunks)
     assert capture.captured == sum(map(len, chunks))
+
+
+def test_connection_open_at_shutdown_is_logged_as_shutdown(zcrelay, tmp_path):
+    """SIGTERM while a captured connection is open: its line says close=shutdown (the
+    cancellation reaches it through the capture's nursery, inside an exception group)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        relay = zcrelay("forward", "0", f"127.0.0.1:{listener.getsockname()[1]}", "--capture-dir", str(tmp_path))
+        with socket.create_connection(("127.0.0.1", relay.port)) as client:
+            client.sendall(b"hello")
+            target, _ = listener.accept()
+            with target:
+                assert target.recv(10) == b"hello"
+                code, err = relay.stop()
+    assert code == 0, err
+    [line] = [l for l in err.splitlines() if " close=" in l]
+    assert line.endswith("close=shutdown"), line

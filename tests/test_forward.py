@@ -247,7 +247,7 @@ async def test_refused_target_is_logged_and_relay_serves_on(zcrelay, path):
         results = await traffic.run_clients(("127.0.0.1", relay.ports[1]), 4, MiB, MiB)
         nursery.cancel_scope.cancel()
     traffic.check(results, server)
-    relay.wait_for_lines("conn=", 5)
+    relay.wait_for_lines(" close=", 5)
     code, err = relay.stop()
     closes = [m.group(6) for m in conn_lines(err)]
     assert "refused" in closes and closes.count("eof") == 4
@@ -302,7 +302,7 @@ async def test_peer_vanishing_mid_stream_ends_only_that_connection(zcrelay, path
             await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     traffic.check(survivors, server)
-    relay.wait_for_lines("conn=", 3)
+    relay.wait_for_lines(" close=", 3)
     code, err = relay.stop()
     closes = [m.group(6) for m in conn_lines(err)]
     assert any(c.startswith("reset by client") for c in closes), closes
@@ -347,7 +347,7 @@ async def test_several_rules_and_a_config_file(zcrelay, tmp_path, path):
         results += await traffic.run_clients(("::1", relay.ports[2]), 3, MiB, MiB, first_id=20, family=socket.AF_INET6)
         nursery.cancel_scope.cancel()
     traffic.check(results, server)
-    relay.wait_for_lines("conn=", 9)
+    relay.wait_for_lines(" close=", 9)
     code, err = relay.stop()
     assert code == 0 and len(conn_lines(err)) == 9
 
@@ -409,7 +409,7 @@ async def test_unix_target_with_full_backlog_is_retried_not_refused(zcrelay, tmp
                 got.append(await read_to_eof(sock))
     for c in clients:
         c.close()
-    relay.wait_for_lines("conn=", 4)
+    relay.wait_for_lines(" close=", 4)
     code, err = relay.stop()
     assert sorted(got) == [b"client %d" % i for i in range(4)], (got, err)
     assert [m.group(6) for m in conn_lines(err)].count("eof") == 4, err

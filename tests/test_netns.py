@@ -83,7 +83,7 @@ def test_relay_between_two_hosts(hosts, mode):
             while len(received) < 8:
                 conn_id, length, sha = json.loads(server.stdout.readline())
                 received[conn_id] = (length, sha)
-            relay.wait_for_lines("conn=", 8)
+            relay.wait_for_lines(" close=", 8)
         finally:
             code, err = relay.stop()
     finally:

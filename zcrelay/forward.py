@@ -16,6 +16,7 @@ import trio
 from zcrelay import capture, net
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES
+from zcrelay.excgroups import first_error
 from zcrelay.pipes import PipePool
 from zcrelay.relay import Engine, relay
 from zcrelay.stats import Flow, Totals
@@ -170,12 +171,13 @@ class Forwarder:
                     if end.reason == "reset":
                         # Pass the reset on, as the peer would have seen it without a relay.
                         net.abort(target if end.side == "a" else client)
-        except trio.Cancelled:
-            conn.close = "shutdown"
-            raise
         except Exception as exc:  # a bug must not take the other connections down
             conn.close = f"internal-error ({type(exc).__name__}: {exc})"
             log.debug("connection %d failed", conn.number, exc_info=True)
+        except BaseException as exc:
+            # Cancelled arrives bare or, through a nursery (the capture's), in a group.
+            conn.close = "shutdown" if isinstance(first_error(exc), trio.Cancelled) else "interrupted"
+            raise
         finally:
             self.totals.active -= 1
             self.totals.add(conn.up, conn.down, conn.close.split(" ")[0])
