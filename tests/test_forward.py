@@ -38,8 +38,8 @@ async def test_64_connections_8mib_each_way_arrive_intact(zcrelay, path):
         server = await serve_traffic(nursery)
         relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "-q", *path_args(path))
         results = await traffic.run_clients(("127.0.0.1", relay.port), 64, 8 * MiB, 8 * MiB)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     code, err = relay.stop()
     assert code == 0, err
     summary = re.search(r"stopped: (\d+) connections, up (\d+) bytes, down (\d+) bytes, ([\d.]+)% spliced, (\d+) fallbacks", err)
@@ -245,8 +245,8 @@ async def test_refused_target_is_logged_and_relay_serves_on(zcrelay, path):
             with trio.fail_after(10):
                 assert await read_to_eof(client) == b""
         results = await traffic.run_clients(("127.0.0.1", relay.ports[1]), 4, MiB, MiB)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     relay.wait_for_lines(" close=", 5)
     code, err = relay.stop()
     closes = [m.group(6) for m in conn_lines(err)]
@@ -285,23 +285,23 @@ async def test_peer_vanishing_mid_stream_ends_only_that_connection(zcrelay, path
         server = await serve_traffic(nursery)
         relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", *path_args(path))
         addr = ("127.0.0.1", relay.port)
-        survivors = []
 
-        async def survivor():
-            survivors.extend(await traffic.run_clients(addr, 2, 16 * MiB, 16 * MiB, first_id=100))
+        async def victim():
+            """Asks for a lot, reads a little, and resets the connection."""
+            sock = trio.socket.socket()
+            await sock.connect(addr)
+            await sock.send(traffic.HEADER.pack(7, 64 * MiB) + b"x" * 1000)
+            await sock.recv(65536)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+            victim_gone.set()
 
-        nursery.start_soon(survivor)
-        # A client that asks for a lot, reads a little, and resets the connection.
-        victim = trio.socket.socket()
-        await victim.connect(addr)
-        await victim.send(traffic.HEADER.pack(7, 64 * MiB) + b"x" * 1000)
-        await victim.recv(65536)
-        victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        victim.close()
-        while len(survivors) < 2:
-            await trio.sleep(0.01)
+        victim_gone = trio.Event()
+        nursery.start_soon(victim)
+        survivors = await traffic.run_clients(addr, 2, 16 * MiB, 16 * MiB, first_id=100)
+        await traffic.check(survivors, server)
+        await victim_gone.wait()
         nursery.cancel_scope.cancel()
-    traffic.check(survivors, server)
     relay.wait_for_lines(" close=", 3)
     code, err = relay.stop()
     closes = [m.group(6) for m in conn_lines(err)]
@@ -345,8 +345,8 @@ async def test_several_rules_and_a_config_file(zcrelay, tmp_path, path):
         results = await traffic.run_clients(str(sock_path), 3, 2 * MiB, MiB, family=socket.AF_UNIX)
         results += await traffic.run_clients(("127.0.0.1", relay.ports[0]), 3, MiB, 2 * MiB, first_id=10)
         results += await traffic.run_clients(("::1", relay.ports[2]), 3, MiB, MiB, first_id=20, family=socket.AF_INET6)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     relay.wait_for_lines(" close=", 9)
     code, err = relay.stop()
     assert code == 0 and len(conn_lines(err)) == 9

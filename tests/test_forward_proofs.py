@@ -52,8 +52,8 @@ async def test_256mib_transfer_is_at_least_999_permille_spliced(zcrelay):
         nursery.start_soon(server.serve)
         relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}")
         results = await traffic.run_clients(("127.0.0.1", relay.port), 1, 256 * MiB, 256 * MiB)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     code, err = relay.stop()
     [line] = conn_lines(err)
     up, down, spliced, copied = (int(line.group(i)) for i in (2, 3, 4, 5))
@@ -75,8 +75,8 @@ async def test_strace_shows_no_payload_through_user_space(zcrelay, tmp_path):
                         prefix=["strace", "-f", "-yy", "-qq", "-o", str(log),
                                 "-e", f"trace={COPYING_CALLS},splice"])
         results = await traffic.run_clients(("127.0.0.1", relay.port), 2, 32 * MiB, 32 * MiB)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     relay.stop()
     lines = log.read_text().splitlines()
     # The payload's pipes are those splice used (trio's import runs ldconfig through a pipe of
@@ -204,8 +204,8 @@ async def test_fd_exhaustion_on_accept_backs_off_and_recovers(zcrelay):
         for c in holders:
             c.close()
         results = await traffic.run_clients(("127.0.0.1", relay.port), 3, MiB, MiB, first_id=1)
+        await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    traffic.check(results, server)
     code, err = relay.stop()
     assert code == 0
     assert err.count("out of file descriptors") == 1, err

@@ -67,6 +67,15 @@ class Server:
     listener: object
     received: dict[int, tuple[int, str]] = field(default_factory=dict)
     errors: dict[int, BaseException] = field(default_factory=dict)  # by connection id
+    _recorded: trio.Event = field(default_factory=trio.Event)  # set (and replaced) per record
+
+    async def wait_for(self, conn_ids, timeout: float = 60) -> None:
+        """Until every id has a record. A client is done when the server's FIN arrives, which
+        can be before the relay has delivered the client's last bytes to the server."""
+        with trio.fail_after(timeout):
+            while any(i not in self.received and i not in self.errors for i in conn_ids):
+                await self._recorded.wait()
+                self._recorded = trio.Event()
 
     @property
     def port(self) -> int:
@@ -95,6 +104,8 @@ class Server:
                     self.received[conn_id] = await recv_all(sock, random.Random(~conn_id))
             except Exception as exc:  # recorded; check() fails a test whose clients saw it
                 self.errors[conn_id] = exc
+            finally:
+                self._recorded.set()
 
 
 async def open_server(host: str = "127.0.0.1", family=socket.AF_INET) -> Server:
@@ -132,8 +143,9 @@ async def client(address, conn_id: int, up_size: int, down_size: int, family=soc
         return result
 
 
-def check(results: list[Result], server: Server) -> None:
-    """Every byte arrived, in order, both ways."""
+async def check(results: list[Result], server: Server) -> None:
+    """Every byte arrived, in order, both ways. Call it while the server still serves."""
+    await server.wait_for([r.conn_id for r in results])
     for r in results:
         assert r.conn_id not in server.errors, server.errors[r.conn_id]
         expected_down = payload(r.conn_id, "down", r.down_size)
