@@ -69,7 +69,10 @@ class Target:
             self.errors.append(exc)
 
     def close(self) -> None:
+        """Stop accepting and let every handler finish recording what it received."""
         self.sock.close()
+        for t in list(self.threads):
+            t.join(timeout=60)
 
 
 def _send_all(sock: socket.socket, data: bytes) -> None:
