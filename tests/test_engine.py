@@ -7,7 +7,6 @@ import ast
 import errno
 import fcntl
 import os
-import random
 import socket
 from pathlib import Path
 
@@ -239,37 +238,6 @@ async def test_cancelled_mid_stream_destroys_the_pipe_holding_bytes():
 
 # --- the relay, in process, both paths ------------------------------------------------------------
 
-async def test_relay_both_ways_with_half_close(path):
-    (client, a), (b, server) = await _pair(), await _pair()
-    engine = Engine(pool=PipePool(size=65536), splice=(path == "splice"))
-    up_data, down_data = os.urandom(9 * MiB), os.urandom(7 * MiB)
-    up, down = Flow(), Flow()
-    got = {}
-
-    async def side(sock, data, key):
-        async def send():
-            view = memoryview(data)
-            while view:
-                view = view[await sock.send(view[:300_000]):]
-            sock.shutdown(socket.SHUT_WR)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got[key] = await traffic.recv_all(sock, random.Random(1))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(side, client, up_data, "client")
-        nursery.start_soon(side, server, down_data, "server")
-        end = await relay(a, b, engine, up, down, linger=10)
-    assert end.reason == "eof"
-    assert got["server"] == (len(up_data), traffic.digest(up_data))
-    assert got["client"] == (len(down_data), traffic.digest(down_data))
-    if path == "splice":
-        assert up.spliced == len(up_data) and down.copied == 0 and not engine.fallbacks
-    else:
-        assert up.copied == len(up_data) and up.fallback == "splice disabled"
-        assert engine.fallbacks["splice disabled"] == 2
-
-
 async def test_relay_reset_on_one_side_ends_both_promptly(path):
     """The server closes with unread data (its peer gets ECONNRESET) while the client stays
     open and silent: the relay ends at once, not after --linger."""
@@ -314,7 +282,7 @@ def test_low_layers_do_not_import_trio_or_the_cli():
 
 
 def test_only_the_async_layer_waits_on_fds_and_only_the_cli_prints_or_exits():
-    waiters = {"mover.py", "direct.py", "teeing.py"}
+    waiters = {"mover.py", "reactor.py", "direct.py", "teeing.py"}
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         rel = path.relative_to(PACKAGE)

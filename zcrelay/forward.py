@@ -98,6 +98,7 @@ class Forwarder:
         if self.config.splice:
             # Ask for one pipe now so a size the kernel refuses is reported at start-up, once.
             self.engine.pool.put(self.engine.pool.get())
+        self.engine.reactor()  # its epoll fd belongs to the relay's start-up, not to a connection
         listeners = []
         try:
             for rule in self.config.rules:

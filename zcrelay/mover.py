@@ -1,4 +1,5 @@
-"""The async mover: moves one direction of a stream, and is the only code that waits on fds.
+"""The async mover: moves one direction of a stream in the calling task (files, pipelines,
+captures). With zcrelay.reactor, which moves relay streams, it is the code that waits on fds.
 
 Every loop tries the syscall first and waits only on EAGAIN (BlockingIOError); every errno that
 is not EAGAIN is translated once, by zcrelay.errors.translate, into a stream error naming the

@@ -20,6 +20,7 @@ import trio
 from zcrelay import mover, syscalls, teeing
 from zcrelay.errors import SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
+from zcrelay.reactor import Reactor
 from zcrelay.stats import Flow
 
 
@@ -33,15 +34,31 @@ class Endpoint(Protocol):
 
 @dataclass
 class Engine:
-    """What every stream of one relay shares: the pipe pool and the copy policy."""
+    """What every stream of one relay shares: the pipe pool, the copy policy and the reactor."""
 
     pool: PipePool = field(default_factory=PipePool)
     splice: bool = True
     max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE
     copy_bufsize: int = mover.COPY_BUFSIZE
     fallbacks: Counter = field(default_factory=Counter)
+    _reactor: Reactor | None = field(default=None, init=False, repr=False)
+    _reactor_run: object = field(default=None, init=False, repr=False)
+
+    def reactor(self) -> Reactor:
+        """The reactor of the current trio run, started (as a system task) on first use."""
+        token = trio.lowlevel.current_trio_token()
+        if self._reactor is None or self._reactor_run is not token:
+            if self._reactor is not None:
+                self._reactor.close()  # a previous run's
+            self._reactor = Reactor(self.pool, splice=self.splice, max_chunk=self.max_chunk,
+                                    copy_bufsize=self.copy_bufsize, fallbacks=self.fallbacks)
+            self._reactor_run = token
+            trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
+        return self._reactor
 
     def close(self) -> None:
+        if self._reactor is not None:
+            self._reactor.close()
         self.pool.close()
 
 
@@ -83,42 +100,63 @@ class RelayEnd:
 
 
 class _Relay:
-    """State shared by the two directions of one relay."""
+    """The policy shared by the two directions of one relay, whichever way they run."""
 
-    def __init__(self, scope: trio.CancelScope, linger: float | None) -> None:
-        self.scope = scope
+    def __init__(self, a: Endpoint, b: Endpoint, linger: float | None) -> None:
+        self.ends = {"a": a, "b": b}
         self.linger = linger
+        self.scope: trio.CancelScope | None = None  # the scope whose deadline is the linger's
+        self.stop_scope: trio.CancelScope | None = None  # cancelled when the relay ends (tasks)
         self.finished = 0
         self.end: RelayEnd | None = None
+        self.crash: BaseException | None = None  # a bug inside the reactor, re-raised by relay()
+        self.done = trio.Event()
         self.last_activity = trio.current_time()
         self.linger_at = float("inf")
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
 
-    async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
-                        src_side: str, dst_side: str, capture=None) -> None:
-        try:
-            await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
-        except StreamError as exc:
-            side = src_side if exc.role in (mover.SOURCE, "pipe") else dst_side
-            flow.end = exc.reason
-            if self.end is None:
-                self.end = RelayEnd(exc.reason, side, str(exc))
-            self.scope.cancel()
+    def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
+        """One direction ended, at EOF (error None) or with an error; never raises."""
+        if error is not None:
+            if isinstance(error, StreamError):
+                side = src_side if error.role in (mover.SOURCE, "pipe") else dst_side
+                flow.end = error.reason
+                if self.end is None:
+                    self.end = RelayEnd(error.reason, side, str(error))
+            elif self.crash is None:
+                self.crash = error
+            self._stop()
             return
         flow.end = "eof"
         try:
-            dst.shutdown(socket.SHUT_WR)
+            self.ends[dst_side].shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is already gone; its own direction will report how
         self.finished += 1
         if self.finished == 2:
             self.end = RelayEnd("eof")
-            self.scope.cancel()  # stops the idle watcher, if any
+            self._stop()
         elif self.linger is not None:
             self.linger_at = trio.current_time() + self.linger
-            self.scope.deadline = min(self.scope.deadline, self.linger_at)
+            if self.scope is not None:
+                self.scope.deadline = min(self.scope.deadline, self.linger_at)
+
+    def _stop(self) -> None:
+        self.done.set()
+        if self.stop_scope is not None:
+            self.stop_scope.cancel()
+
+    async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
+                        src_side: str, dst_side: str, capture=None) -> None:
+        """One direction as a task (the capture path)."""
+        try:
+            await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
+        except StreamError as exc:
+            self.stream_ended(flow, src_side, dst_side, exc)
+            return
+        self.stream_ended(flow, src_side, dst_side, None)
 
     async def watch_idle(self, idle: float) -> None:
         while True:
@@ -126,8 +164,17 @@ class _Relay:
             if trio.current_time() >= self.last_activity + idle:
                 if self.end is None:
                     self.end = RelayEnd("idle")
-                self.scope.cancel()
+                self._stop()
                 return
+
+    def conclude(self, up: Flow, down: Flow) -> RelayEnd:
+        if self.end is None:
+            # Only the linger deadline ends a relay without setting an end.
+            self.end = RelayEnd("linger")
+        for flow in (up, down):
+            if flow.end is None:
+                flow.end = self.end.reason
+        return self.end
 
 
 async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, *,
@@ -140,20 +187,52 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """
+    state = _Relay(a, b, linger)
+    if idle:
+        up.on_bytes = down.on_bytes = state.touch
+    if captures != (None, None):
+        return await _relay_in_tasks(state, a, b, engine, up, down, idle, captures)
+    # Without captures both directions are streams of the engine's reactor: this task only
+    # waits for them to end (or for a deadline), so a message costs no task switch.
+    reactor = engine.reactor()
+    streams = reactor.start([(a.fileno(), b.fileno(), up), (b.fileno(), a.fileno(), down)],
+                            lambda s, error: state.stream_ended(s.flow, *_SIDES[s.flow is down], error))
+    try:
+        while not state.done.is_set():
+            deadline = state.linger_at
+            if idle:
+                deadline = min(deadline, state.last_activity + idle)
+            with trio.CancelScope(deadline=deadline) as scope:
+                state.scope = scope
+                await state.done.wait()
+            state.scope = None
+            if state.done.is_set():
+                break
+            now = trio.current_time()
+            if now >= state.linger_at:
+                break
+            if idle and now >= state.last_activity + idle:
+                state.end = RelayEnd("idle")
+                break
+    finally:
+        reactor.stop(streams)
+    if state.crash is not None:
+        raise state.crash
+    return state.conclude(up, down)
+
+
+_SIDES = {False: ("a", "b"), True: ("b", "a")}  # by "is this the down flow": (src side, dst side)
+
+
+async def _relay_in_tasks(state: _Relay, a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow,
+                          idle: float | None, captures: tuple) -> RelayEnd:
+    """The relay with a task per direction, for captures (their writers wait on files)."""
     # The nursery's own scope is the relay's: cancelling it (reset, idle, both EOFs) or its
-    # deadline (linger) ends both directions. The a → b direction runs in this task, so a
-    # connection costs one spawned task, not two: per-connection cost is Python's weak spot.
+    # deadline (linger) ends both directions. The a → b direction runs in this task.
     async with trio.open_nursery() as nursery:
-        state = _Relay(nursery.cancel_scope, linger)
+        state.scope = state.stop_scope = nursery.cancel_scope
         if idle:
-            up.on_bytes = down.on_bytes = state.touch
             nursery.start_soon(state.watch_idle, idle)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
-    if state.end is None:
-        # Only the linger deadline cancels the scope without setting an end.
-        state.end = RelayEnd("linger")
-    for flow in (up, down):
-        if flow.end is None:
-            flow.end = state.end.reason
-    return state.end
+    return state.conclude(up, down)

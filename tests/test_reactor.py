@@ -1,0 +1,197 @@
+"""The reactor (zcrelay.reactor) through relay(), in process, on real sockets: refusals that
+fall back before the first byte, errors mid-stream, cancellation with bytes in a pipe, and the
+byte budget that keeps one stream from starving the others."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import socket
+
+import pytest
+import trio
+
+from zcrelay import reactor as reactor_mod
+from zcrelay import syscalls
+from zcrelay.pipes import PipePool
+from zcrelay.reactor import Reactor
+from zcrelay.relay import Engine, relay
+from zcrelay.stats import Flow
+from tests import traffic
+
+MiB = 1 << 20
+
+
+async def _two_pairs():
+    """(client, a), (b, server): the relay runs between a and b."""
+    return trio.socket.socketpair(), trio.socket.socketpair()
+
+
+async def _exchange(client, server, up_data: bytes, down_data: bytes, engine: Engine, **kwargs):
+    """Run relay(a, b) while the client and the server each send their data and read to EOF."""
+    (client, a), (b, server) = client, server
+    got = {}
+
+    async def side(sock, data, key):
+        async def send():
+            view = memoryview(data)
+            while view:
+                view = view[await sock.send(view[:200_000]):]
+            sock.shutdown(socket.SHUT_WR)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got[key] = await traffic.recv_all(sock, random.Random(2))
+
+    up, down = Flow(), Flow()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side, client, up_data, "client")
+            nursery.start_soon(side, server, down_data, "server")
+            end = await relay(a, b, engine, up, down, linger=10, **kwargs)
+    assert got["server"] == (len(up_data), traffic.digest(up_data)), "upstream differs"
+    assert got["client"] == (len(down_data), traffic.digest(down_data)), "downstream differs"
+    return end, up, down
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS])
+async def test_source_refusing_splice_falls_back_to_copy_before_any_byte(monkeypatch, err):
+    pairs = await _two_pairs()
+    refused_fd = pairs[0][1].fileno()  # a: the up direction's source
+    real = syscalls.splice_unchecked
+
+    def refuse_source(src, dst, *args):
+        if src == refused_fd:
+            raise OSError(err, os.strerror(err))
+        return real(src, dst, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", refuse_source)
+    engine = Engine(pool=PipePool(size=65536))
+    up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    end, up, down = await _exchange(*pairs, up_data, down_data, engine)
+    reason = f"splice refused on source ({errno.errorcode[err]})"
+    assert end.reason == "eof"
+    assert up.fallback == reason and up.copied == len(up_data) and up.spliced == 0
+    assert engine.fallbacks == {reason: 1}
+    assert down.fallback is None and down.spliced == len(down_data) and down.copied == 0
+
+
+async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
+    """The source gave a chunk into the pipe, then the destination refused splice: that chunk
+    is written through user space first and the stream goes on copying, in order."""
+    pairs = await _two_pairs()
+    refused_fd = pairs[1][0].fileno()  # b: the up direction's destination
+    real = syscalls.splice_unchecked
+
+    def refuse_destination(src, dst, *args):
+        if dst == refused_fd:
+            raise OSError(errno.EINVAL, "refused")
+        return real(src, dst, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", refuse_destination)
+    engine = Engine(pool=PipePool(size=65536))
+    up_data, down_data = os.urandom(5 * MiB), os.urandom(MiB)
+    end, up, down = await _exchange(*pairs, up_data, down_data, engine)
+    assert up.fallback == "splice refused on destination (EINVAL)"
+    assert up.copied == len(up_data) and up.spliced == 0
+    assert engine.pool.stats.destroyed_dirty == 0  # the chunk was taken out, the pipe reused
+
+
+@pytest.mark.parametrize("err,reason", [(errno.ECONNRESET, "reset"), (errno.EIO, "eio")])
+async def test_mid_stream_error_ends_the_relay_naming_the_side(monkeypatch, err, reason, path):
+    (client, a), (b, server) = await _two_pairs()
+    fail_fd = a.fileno()
+    calls = []
+    real_splice, real_readv = syscalls.splice_unchecked, os.readv
+
+    def fail_second(real):
+        def call(src, *args):
+            if src == fail_fd:
+                calls.append(1)
+                if len(calls) == 2:
+                    raise OSError(err, os.strerror(err))
+            return real(src, *args)
+        return call
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", fail_second(real_splice))
+    monkeypatch.setattr(reactor_mod.os, "readv", fail_second(real_readv))
+    engine = Engine(splice=(path == "splice"))
+
+    async def talk():
+        await client.send(b"x" * 1000)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send(b"y" * 1000)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(talk)
+            end = await relay(a, b, engine, Flow(), Flow(), linger=30)
+    assert end.reason == reason and end.side == "a", end
+    assert engine.reactor().waiting == 0
+
+
+async def test_cancelled_relay_destroys_the_pipe_holding_bytes():
+    """Nobody reads the server side: a pipe fills and the pump waits. Cancelling the relay
+    destroys that pipe (it still holds bytes) and leaves nothing waiting in the reactor."""
+    (client, a), (b, server) = await _two_pairs()
+    engine = Engine(pool=PipePool(size=65536))
+    with trio.move_on_after(0.3):
+        async with trio.open_nursery() as nursery:
+            async def feed():
+                while True:
+                    await client.send(b"y" * 65536)
+            nursery.start_soon(feed)
+            await relay(a, b, engine, Flow(), Flow())
+    assert engine.pool.stats.destroyed_dirty == 1
+    assert engine.pool.idle == 0
+    assert engine.reactor().waiting == 0
+
+
+async def test_a_stream_that_never_waits_gives_way_every_budget(tmp_path):
+    """A regular file never answers EAGAIN (and epoll refuses it): the stream must still hand
+    the CPU back after each YIELD_EVERY bytes, and move every byte."""
+    size = 5 * reactor_mod.YIELD_EVERY // 2
+    src_path = tmp_path / "src"
+    data = os.urandom(size)
+    src_path.write_bytes(data)
+    dst_path = tmp_path / "dst"
+    pool = PipePool(size=65536)
+    r = Reactor(pool)
+    ended = trio.Event()
+    ticks_at_end = []
+    ticks = 0
+
+    def on_end(stream, error):
+        assert error is None
+        ticks_at_end.append(ticks)
+        ended.set()
+
+    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.run)
+            flow = Flow()
+            streams = r.start([(src.fileno(), dst.fileno(), flow)], on_end)
+            while not ended.is_set():
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+            r.stop(streams)
+            nursery.cancel_scope.cancel()
+    r.close()
+    assert ticks_at_end[0] >= 2  # three budgets' worth of steps, the ticker ran between them
+    assert flow.spliced == size and traffic.digest(dst_path.read_bytes()) == traffic.digest(data)
+
+
+async def test_relay_both_ways_with_half_close(path):
+    """More than a pipe and a socket buffer each way, random data, both paths; each side shuts
+    down its write side when done and still reads the other's data to the end."""
+    engine = Engine(pool=PipePool(size=65536), splice=(path == "splice"))
+    up_data, down_data = os.urandom(17 * MiB), os.urandom(11 * MiB)
+    end, up, down = await _exchange(*await _two_pairs(), up_data, down_data, engine)
+    assert end.reason == "eof"
+    if path == "splice":
+        assert (up.spliced, down.spliced) == (len(up_data), len(down_data))
+        assert up.copied == down.copied == 0 and not engine.fallbacks
+    else:
+        assert (up.copied, down.copied) == (len(up_data), len(down_data))
+        assert up.fallback == "splice disabled" and engine.fallbacks["splice disabled"] == 2
+    assert engine.reactor().waiting == 0 and engine.pool.stats.destroyed_dirty == 0
