@@ -20,7 +20,7 @@ import pytest
 import typer
 
 from zcrelay import addresses
-from zcrelay.cli import app
+from zcrelay.cli import load
 from zcrelay.cli import docs
 from zcrelay.exitcodes import DESCRIPTIONS, ExitCode
 
@@ -46,7 +46,7 @@ def need(program: str) -> str:
 
 def _tree() -> tuple[list[str], dict[str, list[str]]]:
     """Root option strings, and each visible command's option strings, from the click tree."""
-    group = typer.main.get_command(app)
+    group = typer.main.get_command(load())
     ctx = group.context_class(group, info_name="zcrelay", **(group.context_settings or {}))
 
     def options(cmd, cmd_ctx) -> list[str]:

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
 
-from zcrelay.cli import bench as _bench  # noqa: F401  (registers the command)
-from zcrelay.cli import demo as _demo  # noqa: F401  (registers the command)
-from zcrelay.cli import forward as _forward  # noqa: F401  (registers the command)
-from zcrelay.cli import pipeline as _pipeline  # noqa: F401  (connect, listen, send, serve)
-from zcrelay.cli import tee as _tee  # noqa: F401  (registers the command)
 from zcrelay.cli._click import Abort, ClickException, UsageError
 from zcrelay.cli.app import app
 from zcrelay.cli.common import PROG
 from zcrelay.exitcodes import ExitCode
 
+# Command → the module that registers it, in the order --help lists them. Only the invoked
+# command's module is imported: each pulls in its own policy modules (trio, rich, ...), and
+# importing them all cost more start-up CPU than a 1 GiB splice (issues #3, #4).
+COMMANDS = {
+    "bench": "bench", "demo": "demo", "forward": "forward",
+    "connect": "pipeline", "listen": "pipeline", "send": "pipeline", "serve": "pipeline",
+    "tee": "tee",
+}
+
+
+def load(names: set[str] | None = None) -> typer.Typer:
+    """Register the commands called `names` (every command when None) on the app; return it."""
+    for module in dict.fromkeys(COMMANDS.values()):
+        if names is None or any(COMMANDS[n] == module for n in names):
+            importlib.import_module(f"zcrelay.cli.{module}")
+    return app
+
+
+def _invoked(argv: list[str]) -> set[str] | None:
+    """The command argv names, or None (help, --version, a typo: load them all). The root takes
+    no option with a value, so the first word that is not an option is the command."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return {first} if first in COMMANDS else None
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr and exit code 2, never a traceback."""
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(load(_invoked(sys.argv[1:] if argv is None else argv)))
     try:
         result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
     except UsageError as exc:

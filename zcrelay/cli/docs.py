@@ -161,9 +161,9 @@ def _command(cmd: object, ctx: object, name: str) -> Command:
 
 def load() -> tuple[Command, list[Command]]:
     """The root and its commands (in the order they were registered), hidden ones left out."""
-    from zcrelay.cli import app  # importing the package registers every command
+    from zcrelay.cli import load
 
-    group = typer.main.get_command(app)
+    group = typer.main.get_command(load())  # every command
     ctx = group.context_class(group, info_name=PROG, **(group.context_settings or {}))
     root = _command(group, ctx, "")
     commands = []
