@@ -31,10 +31,13 @@ def load(names: set[str] | None = None) -> typer.Typer:
 
 
 def _invoked(argv: list[str]) -> set[str] | None:
-    """The command argv names, or None (help, --version, a typo: load them all). The root takes
-    no option with a value, so the first word that is not an option is the command."""
+    """The commands to load for argv: the one it names, none for --version, else None (help or
+    a typo: load them all). The root takes no option with a value, so the first word that is
+    not an option is the command."""
     first = next((arg for arg in argv if not arg.startswith("-")), None)
-    return {first} if first in COMMANDS else None
+    if first in COMMANDS:
+        return {first}
+    return set() if first is None and "--version" in argv else None
 
 
 def main(argv: list[str] | None = None) -> None:
