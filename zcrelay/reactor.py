@@ -197,6 +197,8 @@ class Reactor:
             else:
                 self._step_copy(s)
         except Exception as exc:  # a StreamError, or a bug: it ends this stream, not the reactor
+            if s.done:
+                raise  # on_end itself raised: a bug in the caller, not a stream to end again
             self._end(s, exc)
 
     def _end(self, s: Stream, error: BaseException | None) -> None:
