@@ -371,3 +371,24 @@ def test_connection_open_at_shutdown_is_logged_as_shutdown(zcrelay, tmp_path):
     assert code == 0, err
     [line] = [l for l in err.splitlines() if " close=" in l]
     assert line.endswith("close=shutdown"), line
+
+
+def test_copy_path_captures_whole(zcrelay, tmp_path):
+    """With --no-splice the capture is written from the copy buffer (mover.copy_stream's
+    on_read): each file still has the SHA-256 of what crossed the relay in its direction."""
+    target = Target()
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap), "--no-splice")
+    results = run_clients(relay.port, [(3 << 20, 2 << 20, False), (1 << 20, 3 << 20, True)])
+    relay.wait_for_lines(" close=", 2)
+    code, err = relay.stop()
+    target.close()
+    assert code == 0, err
+    records = sidecars(cap)
+    assert len(records) == 2
+    for port, hashes in results.items():
+        assert target.received[port] == hashes["up"] and target.sent[port] == hashes["down"]
+        for direction in ("up", "down"):
+            assert sha256_file(cap / records[port][direction]["file"]) == hashes[direction], (port, direction)
+    assert "0.00% spliced" in err

@@ -28,9 +28,9 @@ async def _two_pairs():
     return trio.socket.socketpair(), trio.socket.socketpair()
 
 
-async def _exchange(client, server, up_data: bytes, down_data: bytes, engine: Engine, **kwargs):
+async def _exchange(client_pair, server_pair, up_data: bytes, down_data: bytes, engine: Engine, **kwargs):
     """Run relay(a, b) while the client and the server each send their data and read to EOF."""
-    (client, a), (b, server) = client, server
+    (client, a), (b, server) = client_pair, server_pair
     got = {}
 
     async def side(sock, data, key):

@@ -194,11 +194,13 @@ async def connect(sock: socket.socket, sockaddr) -> None:
         raise OSError(err, os.strerror(err))
 
 
-async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZE) -> None:
+async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZE,
+                      on_read: Callable[[memoryview], Awaitable[None]] | None = None) -> None:
     """Move bytes src → user space → dst until src reaches EOF, then return.
 
     The fallback path: two copies per byte, counted in `flow.copied`. Used only when splice was
-    refused before the first byte moved, or turned off.
+    refused before the first byte moved, or turned off. `on_read(chunk)`, if given, runs on
+    each chunk before it is written (the capture writes it to its file there).
     """
     buf = bytearray(bufsize)
     view = memoryview(buf)
@@ -213,6 +215,8 @@ async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZ
         if n == 0:
             await checkpoint()
             return
+        if on_read is not None:
+            await on_read(view[:n])
         if not await write_all(dst, view[:n], flow):
             await checkpoint()
 

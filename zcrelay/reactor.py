@@ -28,7 +28,6 @@ EOF), called from the reactor task; the callback must not raise.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 from collections import Counter
@@ -38,7 +37,7 @@ import trio
 from trio.lowlevel import checkpoint, wait_readable
 
 from zcrelay import syscalls
-from zcrelay.errors import OutOfResources, StreamError, translate
+from zcrelay.errors import OutOfResources, SpliceRefused, StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, YIELD_EVERY
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
@@ -251,8 +250,7 @@ class Reactor:
                             held = pipe.held = 0
                             s.pipe = None
                             self.pool.put(pipe)
-                            self._fall_back(s.flow, f"splice refused on {DESTINATION} "
-                                            f"({_errname(exc.errno)})")
+                            self._fall_back(s.flow, SpliceRefused(exc.errno, DESTINATION).reason)
                             s.mode = COPY
                             return self._step_copy(s)
                         raise translate(exc, DESTINATION, "splice") from exc
@@ -283,7 +281,7 @@ class Reactor:
                         s.pipe = None
                         pipe.held = 0
                         self.pool.put(pipe)
-                        self._fall_back(s.flow, f"splice refused on {SOURCE} ({_errname(exc.errno)})")
+                        self._fall_back(s.flow, SpliceRefused(exc.errno, SOURCE).reason)
                         s.mode = COPY
                         return self._step_copy(s)
                     raise translate(exc, SOURCE, "splice") from exc
@@ -304,7 +302,7 @@ class Reactor:
         except OSError as exc:
             if s.flow.bytes == 0:
                 s.mode = COPY
-                self._fall_back(s.flow, f"splice refused on pipe ({_errname(exc.errno or 0)})")
+                self._fall_back(s.flow, SpliceRefused(exc.errno or 0, "pipe").reason)
                 s.pipe = None
                 return None
             raise OutOfResources("pipe", exc.errno or 0, "pipe2") from exc
@@ -366,7 +364,3 @@ def _read_exactly(fd: int, n: int) -> bytes:
         parts.append(data)
         n -= len(data)
     return b"".join(parts)
-
-
-def _errname(err: int) -> str:
-    return errno.errorcode.get(err, str(err))

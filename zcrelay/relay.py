@@ -67,20 +67,23 @@ async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) 
 
     A user-space copy is used only when splice is turned off or refused the pair before the
     first byte moved; the reason goes to `flow.fallback` and is counted in `engine.fallbacks`.
-    With `capture` (a zcrelay.teeing.CaptureFile), every chunk is also tee'd to its file.
+    With `capture` (a zcrelay.teeing.CaptureFile), every chunk is also written to its file:
+    tee'd on the splice path, written from the buffer on the copy path.
     """
-    if capture is not None:
-        return await teeing.captured_one_way(src, dst, engine, flow, capture)
     if engine.splice:
         try:
-            await mover.splice_stream(src, dst, engine.pool, flow, engine.max_chunk)
+            if capture is None:
+                await mover.splice_stream(src, dst, engine.pool, flow, engine.max_chunk)
+            else:
+                await teeing.captured_splice_stream(src, dst, engine.pool, flow, capture, engine.max_chunk)
             return
         except SpliceRefused as exc:
             flow.fallback = exc.reason
     else:
         flow.fallback = "splice disabled"
     engine.fallbacks[flow.fallback] += 1
-    await mover.copy_stream(src, dst, flow, engine.copy_bufsize)
+    await mover.copy_stream(src, dst, flow, engine.copy_bufsize,
+                            on_read=capture.write_bytes if capture is not None else None)
 
 
 @dataclass
@@ -150,7 +153,7 @@ class _Relay:
 
     async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
                         src_side: str, dst_side: str, capture=None) -> None:
-        """One direction as a task (the capture path)."""
+        """One direction as a task (the capture path: `capture` may be None for one of them)."""
         try:
             await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
         except StreamError as exc:

@@ -32,7 +32,7 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from zcrelay import syscalls
 from zcrelay.excgroups import BaseExceptionGroup, single_error
-from zcrelay.errors import SpliceRefused, StreamError, translate
+from zcrelay.errors import StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, splice_stream, write_all
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
@@ -566,7 +566,7 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     empty one; a chunk is drained, offered to the capture (tee: nothing is consumed), then
     pumped. The disk writer runs beside the pump, so the next chunk is drained while the last
     one is still being written; the next tee waits for it (lossless). Raises SpliceRefused,
-    nothing lost, before the first byte; then the caller falls back to captured_copy_stream.
+    nothing lost, before the first byte; then the caller falls back to copy_stream.
     """
     try:
         async with trio.open_nursery() as nursery:
@@ -582,38 +582,3 @@ async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
         if leaf is None:
             raise
         raise leaf from leaf.__cause__
-
-
-async def captured_copy_stream(src: int, dst: int, flow: Flow, capture: CaptureFile,
-                               bufsize: int = COPY_BUFSIZE) -> None:
-    """copy_stream (the user-space fallback) that also writes each chunk to `capture`."""
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    while True:
-        try:
-            n = os.readv(src, [buf])
-        except BlockingIOError:
-            await wait_readable(src)
-            continue
-        except OSError as exc:
-            raise translate(exc, SOURCE, "read") from exc
-        if n == 0:
-            await checkpoint()
-            return
-        await capture.write_bytes(view[:n])
-        await write_all(dst, view[:n], flow)
-
-
-async def captured_one_way(src: int, dst: int, engine, flow: Flow, capture: CaptureFile) -> None:
-    """relay.one_way for a captured direction: splice+tee, or the copy fallback with capture.
-    `engine` is a zcrelay.relay.Engine (pool, splice switch, fallback counter)."""
-    if engine.splice:
-        try:
-            await captured_splice_stream(src, dst, engine.pool, flow, capture, engine.max_chunk)
-            return
-        except SpliceRefused as exc:
-            flow.fallback = exc.reason
-    else:
-        flow.fallback = "splice disabled"
-    engine.fallbacks[flow.fallback] += 1
-    await captured_copy_stream(src, dst, flow, capture, engine.copy_bufsize)
