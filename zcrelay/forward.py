@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +20,8 @@ from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES
 from zcrelay.excgroups import first_error
 from zcrelay.pipes import PipePool
-from zcrelay.relay import Engine, relay
+from zcrelay.reactor import Reactor, Timer
+from zcrelay.relay import Engine, Pair, relay
 from zcrelay.stats import Flow, Totals
 
 log = logging.getLogger("zcrelay")
@@ -27,6 +30,8 @@ log = logging.getLogger("zcrelay")
 _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 # Back-off while the process is out of fds: trio's serve_listeners sleeps 100 ms; grow to 1 s.
 _ACCEPT_BACKOFF = (0.05, 1.0)
+# Accepts per callback before the listener lets the streams have a turn.
+_ACCEPT_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -82,15 +87,24 @@ class Bound:
 
 
 class Forwarder:
-    """Runs the rules of one ForwardConfig. `totals` stays readable after cancellation."""
+    """Runs the rules of one ForwardConfig. `totals` stays readable after cancellation.
+
+    Accepting runs in the engine's reactor (a callback per listener, no task). A connection to
+    a literal address (IP or Unix path) without capture is connected and relayed by the
+    reactor too (`_Link`), so it costs no task, nursery or cancel scope: that machinery was
+    most of a short connection's cost. A target given by name (resolved on every connection)
+    and a captured connection take a task each (`_handle`).
+    """
 
     def __init__(self, config: ForwardConfig) -> None:
         self.config = config
         self.totals = Totals()
         pool = PipePool(size=config.pipe_size, max_idle=config.max_idle_pipes, on_notice=log.warning)
         self.engine = Engine(pool=pool, splice=config.splice)
-        self._slots = trio.Semaphore(config.max_conns) if config.max_conns else None
         self._numbers = 0
+        self._links: set[_Link] = set()
+        self._listeners: list[_Listener] = []
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind every rule's listener, report them with task_status.started(list[Bound]),
@@ -98,57 +112,66 @@ class Forwarder:
         if self.config.splice:
             # Ask for one pipe now so a size the kernel refuses is reported at start-up, once.
             self.engine.pool.put(self.engine.pool.get())
-        self.engine.reactor()  # its epoll fd belongs to the relay's start-up, not to a connection
-        listeners = []
+        reactor = self.engine.reactor()  # its epoll fd belongs to the start-up, not to a connection
+        socks = []
         try:
             for rule in self.config.rules:
-                listeners.append(await net.open_listener(rule.listen, self.config.backlog))
-            bound = [Bound(rule, net.local_name(sock)) for rule, sock in zip(self.config.rules, listeners)]
+                socks.append(await net.open_listener(rule.listen, self.config.backlog))
+            bound = [Bound(rule, net.local_name(sock)) for rule, sock in zip(self.config.rules, socks)]
             async with trio.open_nursery() as nursery:
-                for index, (rule, sock) in enumerate(zip(self.config.rules, listeners), 1):
-                    nursery.start_soon(self._accept_loop, sock, index, rule, nursery)
+                self._nursery = nursery
+                for index, (rule, sock) in enumerate(zip(self.config.rules, socks), 1):
+                    raw = socket.socket(fileno=sock.detach())
+                    raw.setblocking(False)
+                    socks[index - 1] = raw
+                    listener = _Listener(self, reactor, raw, index, rule)
+                    self._listeners.append(listener)
+                    reactor.watch(raw.fileno(), listener.ready)
                 task_status.started(bound)
+                await trio.sleep_forever()
         finally:
-            for sock in listeners:
+            for listener in self._listeners:
+                listener.close()
+            for link in list(self._links):
+                link.abandon("shutdown")
+            for sock in socks:
                 sock.close()
             self.engine.close()
 
-    async def _accept_loop(self, listener, index: int, rule: Rule, nursery: trio.Nursery) -> None:
-        paused = False
-        delay = _ACCEPT_BACKOFF[0]
-        while True:
-            if self._slots is not None:
-                await self._slots.acquire()  # at --max-conns, clients wait in the backlog
-            try:
-                sock, peer = await listener.accept()
-            except OSError as exc:
-                self._release()
-                if exc.errno in NO_RESOURCES:
-                    if not paused:
-                        log.warning("out of file descriptors accepting on %s (%s): pausing accepts "
-                                    "until some are freed", rule.listen, errno.errorcode[exc.errno])
-                        paused = True
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, _ACCEPT_BACKOFF[1])
-                    continue
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue
-                raise
-            if paused:
-                log.warning("accepting again on %s", rule.listen)
-                paused, delay = False, _ACCEPT_BACKOFF[0]
-            self._numbers += 1
-            conn = Connection(self._numbers, index, net.peer_name(sock, peer), rule.target, trio.current_time())
-            log.debug("conn=%d rule=%d accepted from %s", conn.number, index, conn.peer)
-            nursery.start_soon(self._handle, sock, conn)
+    def _accepted(self, client: socket.socket, peer: object, index: int, rule: Rule) -> None:
+        self._numbers += 1
+        conn = Connection(self._numbers, index, net.peer_name(client, peer), rule.target, trio.current_time())
+        log.debug("conn=%d rule=%d accepted from %s", conn.number, index, conn.peer)
+        self.totals.active += 1
+        targets = net.literal_targets(rule.target)
+        if targets is None or self.config.capture_dir:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._handle, trio.socket.from_stdlib_socket(client), conn)
+            return
+        link = _Link(self, client, conn, targets)
+        self._links.add(link)
+        link.begin()
 
-    def _release(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
+    @property
+    def _full(self) -> bool:
+        return bool(self.config.max_conns) and self.totals.active >= self.config.max_conns
+
+    def _finished(self, conn: Connection) -> None:
+        """Count and log a connection that ended (either path); never raises."""
+        if conn.close == "out-of-fds":
+            # No fd for its target socket: accepting more would only drop them the same way.
+            self._listeners[conn.rule - 1]._back_off(OSError(errno.EMFILE, "no fd for the target socket"))
+        self.totals.active -= 1
+        self.totals.add(conn.up, conn.down, conn.close.split(" ")[0])
+        if log.isEnabledFor(logging.INFO):  # -q: skip formatting the line at all
+            log.info("%s", conn.log_line(trio.current_time()))
+        if self.config.max_conns and self.totals.active == self.config.max_conns - 1:
+            for listener in self._listeners:  # a slot is free: take the next from the backlog
+                listener.resume()
 
     async def _handle(self, client, conn: Connection) -> None:
+        """A connection with a task: a target by name (resolved now), or a capture."""
         config = self.config
-        self.totals.active += 1
         session = None
         try:
             with client:
@@ -180,11 +203,244 @@ class Forwarder:
             conn.close = "shutdown" if isinstance(first_error(exc), trio.Cancelled) else "interrupted"
             raise
         finally:
-            self.totals.active -= 1
-            self.totals.add(conn.up, conn.down, conn.close.split(" ")[0])
-            self._release()
             if session is not None:
                 session.write_sidecar(conn.up, conn.down, conn.close, time.time())
                 session.close()
-            if log.isEnabledFor(logging.INFO):  # -q: skip formatting the line at all
-                log.info("%s", conn.log_line(trio.current_time()))
+            self._finished(conn)
+
+
+class _Listener:
+    """One rule's listening socket, accepted from by reactor callbacks."""
+
+    def __init__(self, forwarder: Forwarder, reactor: Reactor, sock: socket.socket, index: int, rule: Rule) -> None:
+        self.forwarder = forwarder
+        self.reactor = reactor
+        self.sock = sock
+        self.index = index
+        self.rule = rule
+        self.paused = False  # waiting for the back-off timer
+        self.starved = False  # warned about running out of fds, not yet accepting again
+        self.delay = _ACCEPT_BACKOFF[0]
+        self.timer: Timer | None = None
+        self.closed = False
+
+    def ready(self, _events: int) -> None:
+        if not self.paused:
+            self.accept()
+
+    def resume(self) -> None:
+        if not self.paused and self.timer is None and not self.closed:
+            self.timer = self.reactor.call_soon(self._resumed)
+
+    def _resumed(self) -> None:
+        self.timer = None
+        self.accept()
+
+    def accept(self) -> None:
+        """Accept until EAGAIN (the listener is edge-triggered), --max-conns, or a batch."""
+        forwarder = self.forwarder
+        for _ in range(_ACCEPT_BATCH):
+            if forwarder._full or self.paused:
+                return  # the rest wait in the backlog; _finished or the timer resumes us
+            try:
+                client, peer = self.sock.accept()
+            except BlockingIOError:
+                if self.starved:  # the backlog is served: the shortage is over
+                    log.warning("accepting again on %s", self.rule.listen)
+                    self.starved, self.delay = False, _ACCEPT_BACKOFF[0]
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                self._back_off(exc)
+                return
+            try:
+                # accept(2) does not pass O_NONBLOCK on, and splice needs it on the socket side.
+                client.setblocking(False)
+                forwarder._accepted(client, peer, self.index, self.rule)
+            except Exception as exc:  # a bug must not stop the listener
+                log.error("conn=%d: internal error: %s: %s", forwarder._numbers, type(exc).__name__, exc)
+                log.debug("internal error", exc_info=True)
+                client.close()
+        self.resume()  # more may be waiting: go on after the others had a turn
+
+    def _back_off(self, exc: OSError) -> None:
+        """Stop accepting for a while: out of fds (for the client or its target socket), or an
+        accept error that is not the client's. Clients wait in the backlog meanwhile."""
+        if self.paused or self.closed:
+            return
+        if not self.starved:
+            why = "out of file descriptors" if exc.errno in NO_RESOURCES else os.strerror(exc.errno or 0).lower()
+            log.warning("%s accepting on %s (%s): pausing accepts until some are freed",
+                        why, self.rule.listen, errno.errorcode.get(exc.errno or 0, exc.errno))
+            self.starved = True
+        self.paused = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.reactor.call_at(trio.current_time() + self.delay, self._retry)
+        self.delay = min(self.delay * 2, _ACCEPT_BACKOFF[1])
+
+    def _retry(self) -> None:
+        self.timer = None
+        self.paused = False
+        self.accept()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.reactor.unwatch(self.sock.fileno())
+
+
+class _Link:
+    """One connection to a literal target, connected and relayed by the reactor: a state
+    machine (connecting → relaying → finished) driven by callbacks that never raise."""
+
+    __slots__ = ("forwarder", "reactor", "client", "target", "conn", "targets", "timer", "pair",
+                 "last_error", "retry", "finished")
+
+    def __init__(self, forwarder: Forwarder, client: socket.socket, conn: Connection, targets: list) -> None:
+        self.forwarder = forwarder
+        self.reactor = forwarder.engine.reactor()
+        self.client = client
+        self.target: socket.socket | None = None
+        self.conn = conn
+        self.targets = list(targets)
+        self.timer: Timer | None = None
+        self.pair: Pair | None = None
+        self.last_error = 0
+        self.retry = 0.0  # Unix target with a full backlog: the next back-off
+        self.finished = False
+
+    def begin(self) -> None:
+        timeout = self.forwarder.config.connect_timeout
+        if timeout:
+            self.timer = self.reactor.call_at(self.conn.started + timeout, self._timed_out)
+        self._guard(self._next_target)
+
+    def _guard(self, step, *args) -> None:
+        try:
+            step(*args)
+        except Exception as exc:  # a bug must not take the other connections down
+            log.debug("connection %d failed", self.conn.number, exc_info=True)
+            self._finish(f"internal-error ({type(exc).__name__}: {exc})")
+
+    def _next_target(self) -> None:
+        while self.targets:
+            family, sockaddr = self.targets[0]
+            try:
+                sock = net.stream_socket(family)
+            except OSError as exc:
+                self._fail(exc.errno or 0)  # out of fds or memory: another address will not help
+                return
+            self.target = sock
+            if self._try_connect(sockaddr):
+                return
+        self._fail(self.last_error)
+
+    def _try_connect(self, sockaddr) -> bool:
+        """Start connecting self.target; False if it failed at once (the next address is due)."""
+        sock = self.target
+        assert sock is not None
+        err = sock.connect_ex(sockaddr)
+        if err == errno.EINPROGRESS:
+            self.reactor.watch(sock.fileno(), self._connect_ready)
+            return True
+        if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
+            # A Unix listener with a full backlog answers EAGAIN and offers nothing to wait on:
+            # retry with back-off, within the connect timeout (as mover.connect does).
+            self.retry = min(2 * self.retry, 0.2) if self.retry else 0.005
+            self.reactor.call_at(trio.current_time() + self.retry, lambda: self._retry_unix(sock, sockaddr))
+            return True
+        if err == 0:
+            self._connected()
+            return True
+        self._drop_target(err)
+        return False
+
+    def _retry_unix(self, sock: socket.socket, sockaddr) -> None:
+        if self.target is sock and not self.finished:
+            self._guard(lambda: self._try_connect(sockaddr) or self._next_target())
+
+    def _drop_target(self, err: int) -> None:
+        self.last_error = err
+        self.targets.pop(0)
+        if self.target is not None:
+            self.reactor.unwatch(self.target.fileno())
+            self.target.close()
+            self.target = None
+
+    def _connect_ready(self, _events: int) -> None:
+        self._guard(self._check_connect)
+
+    def _check_connect(self) -> None:
+        sock = self.target
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            try:
+                sock.getpeername()  # a stale event for a reused fd number is not a connect
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    return  # still connecting: the real event will come
+                err = exc.errno or errno.EIO
+        if err:
+            self._drop_target(err)
+            self._next_target()
+            return
+        self.reactor.unwatch(sock.fileno(), keep=True)  # the stream takes the registration over
+        self._connected()
+
+    def _connected(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        config = self.forwarder.config
+        assert self.target is not None
+        if config.nodelay:
+            net.set_nodelay(self.client)
+            net.set_nodelay(self.target)
+        self.pair = Pair(self.reactor, self.client, self.target, self.conn.up, self.conn.down,
+                         idle=config.idle_timeout, linger=config.linger, on_done=self._relayed)
+
+    def _relayed(self, pair: Pair) -> None:
+        end = pair.end
+        assert end is not None and self.target is not None
+        if pair.crash is not None:
+            exc = pair.crash
+            log.debug("connection %d failed", self.conn.number, exc_info=exc)
+            self._finish(f"internal-error ({type(exc).__name__}: {exc})")
+            return
+        if end.reason == "reset":
+            # Pass the reset on, as the peer would have seen it without a relay.
+            net.abort(self.target if end.side == "a" else self.client)
+        self._finish(end.describe("client", "target"))
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        timeout = self.forwarder.config.connect_timeout
+        self._finish(net.ConnectError(self.conn.target, "timeout", f"timed out after {timeout:g}s").reason)
+
+    def _fail(self, err: int) -> None:
+        self._finish(net.connect_error(self.conn.target, err).reason)
+
+    def abandon(self, why: str) -> None:
+        """End now (the forwarder is shutting down)."""
+        self._finish(why)
+
+    def _finish(self, close: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.conn.close = close
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.pair is not None:
+            self.pair.close()
+        if self.target is not None:
+            self.reactor.unwatch(self.target.fileno())
+            self.target.close()
+        self.client.close()
+        self.forwarder._links.discard(self)
+        self.forwarder._finished(self.conn)

@@ -159,13 +159,30 @@ async def connect(address: Address, timeout: float | None) -> trio.socket.Socket
     raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
 
 
-async def _connect(address: Address) -> trio.socket.SocketType:
+def literal_targets(address: Address) -> list[tuple[int, object]] | None:
+    """The (family, sockaddr) to connect to when no resolver is needed (a Unix path or an IP
+    literal), else None: the name must go through getaddrinfo on each connection."""
     if address.is_unix:
-        targets = [(socket.AF_UNIX, address.sockaddr_path)]
-    elif (numeric := _numeric(address.host)) is not None:
-        # An IP literal needs no resolver: skip getaddrinfo on every connection.
-        targets = [(numeric, (address.host, address.port))]
-    else:
+        return [(socket.AF_UNIX, address.sockaddr_path)]
+    numeric = _numeric(address.host)
+    if numeric is not None:
+        return [(numeric, (address.host, address.port))]
+    return None
+
+
+def connect_error(address: Address, err: int) -> ConnectError:
+    err = err or errno.EIO
+    return ConnectError(address, _CONNECT_REASONS.get(err, "error"), os.strerror(err).lower())
+
+
+def stream_socket(family: int) -> socket.socket:
+    """A non-blocking, close-on-exec stream socket (stdlib), for connect_ex."""
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
+async def _connect(address: Address) -> trio.socket.SocketType:
+    targets = literal_targets(address)
+    if targets is None:
         try:
             infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -174,7 +191,7 @@ async def _connect(address: Address) -> trio.socket.SocketType:
     last: OSError | None = None
     for family, sockaddr in targets:
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = stream_socket(family)
         except OSError as exc:
             last = exc
             break  # out of fds or memory: trying another address will not help
@@ -191,8 +208,7 @@ async def _connect(address: Address) -> trio.socket.SocketType:
             raise
         return trio.socket.from_stdlib_socket(sock)
     assert last is not None
-    err = last.errno or errno.EIO
-    raise ConnectError(address, _CONNECT_REASONS.get(err, "error"), os.strerror(err).lower())
+    raise connect_error(address, last.errno or errno.EIO)
 
 
 @functools.lru_cache(maxsize=256)

@@ -24,10 +24,18 @@ Registering an fd reports its current state, so a new stream is woken for data a
 The reactor owns no fds: callers open streams on fds they own, and close them only after
 `stop`. Each stream ends once, through its `on_end(stream, error)` callback (error None at
 EOF), called from the reactor task; the callback must not raise.
+
+Beside streams, the reactor runs what a connection needs before and around its streams, with
+no task per connection: `watch(fd, callback)` calls back on an fd's events (a listener that
+can accept, a socket whose connect completed) and `call_at(when, callback)` on a deadline
+(connect timeout, linger, idle, accept back-off). Deadlines wait in a heap served by a second
+system task, so a wake-up for bytes never pays for them. Callbacks must not raise.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import os
 import select
 from collections import Counter
@@ -72,8 +80,28 @@ class Stream:
         return f"Stream({self.src}->{self.dst}, {self.mode}, held={self.held}, done={self.done})"
 
 
+class Timer:
+    """A callback due at `when` (trio's clock). `cancel()` is idempotent and safe after it ran."""
+
+    __slots__ = ("when", "callback", "_reactor")
+
+    def __init__(self, when: float, callback: Callable[[], None], reactor: "Reactor") -> None:
+        self.when = when
+        self.callback: Callable[[], None] | None = callback
+        self._reactor = reactor
+
+    def __lt__(self, other: "Timer") -> bool:
+        return self.when < other.when
+
+    def cancel(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self._reactor._cancelled_timers += 1
+
+
 class Reactor:
-    """Moves the streams of one trio run. Start `run` in a task (Engine does, as a system task)."""
+    """Moves the streams of one trio run. Start `run` and `run_timers` in tasks (Engine does,
+    as system tasks)."""
 
     def __init__(self, pool: PipePool, *, splice: bool = True, max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE,
                  copy_bufsize: int = COPY_BUFSIZE, fallbacks: Counter | None = None) -> None:
@@ -87,6 +115,13 @@ class Reactor:
         self._ready: list[Stream] = []  # streams to step on the next turn
         self._unpollable: set[int] = set()  # fds epoll refuses (regular files): always ready
         self._scratch = bytearray(copy_bufsize)  # copy mode reads here; leftovers are copied out
+        self._watchers: dict[int, Callable[[int], None]] = {}  # fd → callback(epoll events)
+        self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
+        self._cancelled_timers = 0
+        self._timer_scope: trio.CancelScope | None = None  # run_timers' sleep, re-deadlined
+        self._stepping = False  # inside the reactor task's turn: no wake-up needed
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wakeup, select.EPOLLIN | select.EPOLLET)
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -100,16 +135,19 @@ class Reactor:
                 mode = COPY
                 self._fall_back(flow, "splice disabled")
             streams.append(Stream(src, dst, flow, on_end, mode))
+        known = set()  # already in the epoll set (a socket handed over by `unwatch(keep=True)`)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             try:
                 self._epoll.register(fd, _MASK)
             except PermissionError:  # a regular file is always ready
                 self._unpollable.add(fd)
             except FileExistsError:
-                pass
+                known.add(fd)
         for s in streams:
-            if s.src in self._unpollable:
+            if s.src in self._unpollable or s.src in known:
+                # No fresh registration will report what is already there: step it once.
                 self._ready.append(s)
+                self._wake()
             else:
                 self._readers[s.src] = s  # registration reports data already there
         return streams
@@ -132,6 +170,69 @@ class Reactor:
             except (OSError, ValueError):
                 pass  # never registered (unpollable), or already closed
 
+    # -- fds and deadlines of the layers above -------------------------------------------------
+
+    def watch(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Call `callback(events)` from the reactor task on the fd's epoll events. Edge-triggered:
+        the callback must drive the fd to EAGAIN (accept until EAGAIN) or expect no new call
+        until something new happens. Registration reports the fd's current state."""
+        self._watchers[fd] = callback
+        try:
+            self._epoll.register(fd, _MASK)
+        except FileExistsError:
+            pass
+
+    def unwatch(self, fd: int, *, keep: bool = False) -> None:
+        """Forget `fd`'s callback. With `keep` it stays in the epoll set, for `start` to take
+        over (a connected socket becoming a stream); otherwise call before closing it."""
+        self._watchers.pop(fd, None)
+        if not keep:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        """Run `callback()` once trio's clock reaches `when` (from the timer task)."""
+        timer = Timer(when, callback, self)
+        heapq.heappush(self._timers, timer)
+        scope = self._timer_scope
+        if scope is not None and when < scope.deadline:
+            scope.deadline = when
+        return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> Timer:
+        return self.call_at(-math.inf, callback)
+
+    async def run_timers(self) -> None:
+        """Run callbacks as their deadlines pass, until the reactor is closed."""
+        timers = self._timers
+        while not self._epoll.closed:
+            with trio.CancelScope(deadline=timers[0].when if timers else math.inf) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            while timers and timers[0].when <= now:
+                timer = heapq.heappop(timers)
+                callback = timer.callback
+                if callback is None:
+                    self._cancelled_timers -= 1
+                    continue
+                timer.callback = None
+                callback()
+            if self._cancelled_timers > 256 and 2 * self._cancelled_timers > len(timers):
+                # Connect timeouts are set and cancelled on every connection: compact, as
+                # asyncio does, rather than keep thousands of dead entries.
+                timers[:] = [t for t in timers if t.callback is not None]
+                heapq.heapify(timers)
+                self._cancelled_timers = 0
+
+    def _wake(self) -> None:
+        """Make the reactor task take a turn: work was queued from another task."""
+        if not self._stepping and not self._epoll.closed:
+            os.eventfd_write(self._wakeup, 1)
+
     @property
     def waiting(self) -> int:
         """Streams waiting for readiness or queued to run (0 when every stream is stopped)."""
@@ -145,6 +246,11 @@ class Reactor:
         except RuntimeError:
             pass  # outside a trio run: nobody can be waiting on it
         self._epoll.close()
+        os.close(self._wakeup)
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+        self._timers.clear()
+        self._watchers.clear()
 
     # -- the task ----------------------------------------------------------------------------
 
@@ -165,9 +271,13 @@ class Reactor:
             # through trio's scheduler (its epoll_wait, a re-arming epoll_ctl, a task switch):
             # on a busy stream that trip cost more than the splices. Bounded, so the other
             # tasks (accepts, timers) still run at least every _TURNS batches.
-            for _ in range(_TURNS):
-                if not self._turn() or self._ready:
-                    break
+            self._stepping = True
+            try:
+                for _ in range(_TURNS):
+                    if not self._turn() or self._ready:
+                        break
+            finally:
+                self._stepping = False
 
     def _turn(self) -> bool:
         """Step whatever is ready now; return whether anything was."""
@@ -175,6 +285,10 @@ class Reactor:
         self._ready = []
         readers, writers = self._readers, self._writers
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
+            watcher = self._watchers.get(fd)
+            if watcher is not None:
+                watcher(events)
+                continue
             if events & _READABLE:
                 s = readers.pop(fd, None)
                 if s is not None:

@@ -54,6 +54,7 @@ class Engine:
                                     copy_bufsize=self.copy_bufsize, fallbacks=self.fallbacks)
             self._reactor_run = token
             trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
+            trio.lowlevel.spawn_system_task(self._reactor.run_timers, name="zcrelay reactor timers")
         return self._reactor
 
     def close(self) -> None:
@@ -108,12 +109,9 @@ class _Relay:
     def __init__(self, a: Endpoint, b: Endpoint, linger: float | None) -> None:
         self.ends = {"a": a, "b": b}
         self.linger = linger
-        self.scope: trio.CancelScope | None = None  # the scope whose deadline is the linger's
-        self.stop_scope: trio.CancelScope | None = None  # cancelled when the relay ends (tasks)
         self.finished = 0
         self.end: RelayEnd | None = None
-        self.crash: BaseException | None = None  # a bug inside the reactor, re-raised by relay()
-        self.done = trio.Event()
+        self.crash: BaseException | None = None  # a bug inside a direction, re-raised by relay()
         self.last_activity = trio.current_time()
         self.linger_at = float("inf")
 
@@ -143,13 +141,104 @@ class _Relay:
             self._stop()
         elif self.linger is not None:
             self.linger_at = trio.current_time() + self.linger
-            if self.scope is not None:
-                self.scope.deadline = min(self.scope.deadline, self.linger_at)
+            self._deadline_moved()
 
     def _stop(self) -> None:
-        self.done.set()
-        if self.stop_scope is not None:
-            self.stop_scope.cancel()
+        raise NotImplementedError
+
+    def _deadline_moved(self) -> None:
+        raise NotImplementedError
+
+    def conclude(self, up: Flow, down: Flow) -> RelayEnd:
+        if self.end is None:
+            # Only the linger deadline ends a relay without setting an end.
+            self.end = RelayEnd("linger")
+        for flow in (up, down):
+            if flow.end is None:
+                flow.end = self.end.reason
+        return self.end
+
+
+class Pair(_Relay):
+    """A two-way relay run entirely by the reactor: two streams and one timer, no task.
+
+    `on_done(pair)` is called once, from the reactor, when the relay ends by itself (both EOFs,
+    a reset or error, linger, idle); `pair.end` then says why. `close()` ends it early without
+    calling `on_done` (cancellation, shutdown). Closes no fd: the caller owns `a` and `b`.
+    """
+
+    def __init__(self, reactor: Reactor, a: Endpoint, b: Endpoint, up: Flow, down: Flow, *,
+                 idle: float | None = None, linger: float | None = None, on_done) -> None:
+        super().__init__(a, b, linger)
+        self.reactor = reactor
+        self.up = up
+        self.down = down
+        self.idle = idle
+        self.on_done = on_done
+        self.closed = False
+        self._timer = None
+        if idle:
+            up.on_bytes = down.on_bytes = self.touch
+            self._timer = reactor.call_at(self.last_activity + idle, self._on_deadline)
+        self.streams = reactor.start([(a.fileno(), b.fileno(), up), (b.fileno(), a.fileno(), down)],
+                                     self._ended)
+
+    def _ended(self, stream, error: BaseException | None) -> None:
+        self.stream_ended(stream.flow, *_SIDES[stream.flow is self.down], error)
+
+    def _deadline(self) -> float:
+        return min(self.linger_at, self.last_activity + self.idle) if self.idle else self.linger_at
+
+    def _deadline_moved(self) -> None:
+        when = self._deadline()
+        if self._timer is None or when < self._timer.when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.reactor.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        now = trio.current_time()
+        if now >= self.linger_at:
+            self._stop()  # ends as "linger"
+        elif self.idle and now >= self.last_activity + self.idle:
+            if self.end is None:
+                self.end = RelayEnd("idle")
+            self._stop()
+        else:  # bytes moved since: wait for the new deadline
+            self._timer = self.reactor.call_at(self._deadline(), self._on_deadline)
+
+    def _stop(self) -> None:
+        if self.close():
+            self.conclude(self.up, self.down)
+            self.on_done(self)
+
+    def close(self) -> bool:
+        """Stop both streams and the timer; False if already closed."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.reactor.stop(self.streams)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return True
+
+
+class _TaskRelay(_Relay):
+    """The relay with a task per direction (captures: their writers wait on files)."""
+
+    def __init__(self, a: Endpoint, b: Endpoint, linger: float | None) -> None:
+        super().__init__(a, b, linger)
+        self.scope: trio.CancelScope | None = None  # the nursery's: cancelled when the relay ends
+
+    def _stop(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def _deadline_moved(self) -> None:
+        if self.scope is not None:
+            self.scope.deadline = min(self.scope.deadline, self.linger_at)
 
     async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
                         src_side: str, dst_side: str, capture=None) -> None:
@@ -170,15 +259,6 @@ class _Relay:
                 self._stop()
                 return
 
-    def conclude(self, up: Flow, down: Flow) -> RelayEnd:
-        if self.end is None:
-            # Only the linger deadline ends a relay without setting an end.
-            self.end = RelayEnd("linger")
-        for flow in (up, down):
-            if flow.end is None:
-                flow.end = self.end.reason
-        return self.end
-
 
 async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, *,
                 idle: float | None = None, linger: float | None = None,
@@ -190,50 +270,34 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """
-    state = _Relay(a, b, linger)
-    if idle:
-        up.on_bytes = down.on_bytes = state.touch
     if captures != (None, None):
-        return await _relay_in_tasks(state, a, b, engine, up, down, idle, captures)
-    # Without captures both directions are streams of the engine's reactor: this task only
-    # waits for them to end (or for a deadline), so a message costs no task switch.
-    reactor = engine.reactor()
-    streams = reactor.start([(a.fileno(), b.fileno(), up), (b.fileno(), a.fileno(), down)],
-                            lambda s, error: state.stream_ended(s.flow, *_SIDES[s.flow is down], error))
+        return await _relay_in_tasks(_TaskRelay(a, b, linger), a, b, engine, up, down, idle, captures)
+    # Without captures the relay is a Pair of the engine's reactor: this task only waits for
+    # it to end, so a message costs no task switch.
+    done = trio.Event()
+    pair = Pair(engine.reactor(), a, b, up, down, idle=idle, linger=linger, on_done=lambda _pair: done.set())
     try:
-        while not state.done.is_set():
-            deadline = state.linger_at
-            if idle:
-                deadline = min(deadline, state.last_activity + idle)
-            with trio.CancelScope(deadline=deadline) as scope:
-                state.scope = scope
-                await state.done.wait()
-            state.scope = None
-            if state.done.is_set():
-                break
-            now = trio.current_time()
-            if now >= state.linger_at:
-                break
-            if idle and now >= state.last_activity + idle:
-                state.end = RelayEnd("idle")
-                break
+        await done.wait()
     finally:
-        reactor.stop(streams)
-    if state.crash is not None:
-        raise state.crash
-    return state.conclude(up, down)
+        pair.close()
+    if pair.crash is not None:
+        raise pair.crash
+    assert pair.end is not None
+    return pair.end
 
 
 _SIDES = {False: ("a", "b"), True: ("b", "a")}  # by "is this the down flow": (src side, dst side)
 
 
-async def _relay_in_tasks(state: _Relay, a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow,
+async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow,
                           idle: float | None, captures: tuple) -> RelayEnd:
     """The relay with a task per direction, for captures (their writers wait on files)."""
     # The nursery's own scope is the relay's: cancelling it (reset, idle, both EOFs) or its
     # deadline (linger) ends both directions. The a → b direction runs in this task.
+    if idle:
+        up.on_bytes = down.on_bytes = state.touch
     async with trio.open_nursery() as nursery:
-        state.scope = state.stop_scope = nursery.cancel_scope
+        state.scope = nursery.cancel_scope
         if idle:
             nursery.start_soon(state.watch_idle, idle)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
