@@ -123,6 +123,8 @@ class Forwarder:
                 for index, (rule, sock) in enumerate(zip(self.config.rules, socks), 1):
                     raw = socket.socket(fileno=sock.detach())
                     raw.setblocking(False)
+                    if self.config.nodelay:
+                        net.set_nodelay(raw)  # accepted sockets inherit it (Linux): one call for all
                     socks[index - 1] = raw
                     listener = _Listener(self, reactor, raw, index, rule)
                     self._listeners.append(listener)
@@ -174,9 +176,7 @@ class Forwarder:
         config = self.config
         session = None
         try:
-            with client:
-                if config.nodelay:
-                    net.set_nodelay(client)
+            with client:  # TCP_NODELAY came from the listener
                 try:
                     target = await net.connect(conn.target, config.connect_timeout)
                 except net.ConnectError as exc:
@@ -378,13 +378,6 @@ class _Link:
         sock = self.target
         assert sock is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            try:
-                sock.getpeername()  # a stale event for a reused fd number is not a connect
-            except OSError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    return  # still connecting: the real event will come
-                err = exc.errno or errno.EIO
         if err:
             self._drop_target(err)
             self._next_target()
@@ -398,11 +391,11 @@ class _Link:
             self.timer = None
         config = self.forwarder.config
         assert self.target is not None
-        if config.nodelay:
-            net.set_nodelay(self.client)
+        if config.nodelay:  # the client's came from the listener
             net.set_nodelay(self.target)
         self.pair = Pair(self.reactor, self.client, self.target, self.conn.up, self.conn.down,
-                         idle=config.idle_timeout, linger=config.linger, on_done=self._relayed)
+                         idle=config.idle_timeout, linger=config.linger, on_done=self._relayed,
+                         closes=True)
 
     def _relayed(self, pair: Pair) -> None:
         end = pair.end

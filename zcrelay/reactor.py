@@ -115,7 +115,8 @@ class Reactor:
         self._ready: list[Stream] = []  # streams to step on the next turn
         self._unpollable: set[int] = set()  # fds epoll refuses (regular files): always ready
         self._scratch = bytearray(copy_bufsize)  # copy mode reads here; leftovers are copied out
-        self._watchers: dict[int, Callable[[int], None]] = {}  # fd → callback(epoll events)
+        self._watchers: dict[int, tuple[Callable[[int], None], int]] = {}  # fd → (callback, turn)
+        self._turns = 0  # counts _turn calls: an event polled before a watch is not for it
         self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
         self._cancelled_timers = 0
         self._timer_scope: trio.CancelScope | None = None  # run_timers' sleep, re-deadlined
@@ -152,9 +153,11 @@ class Reactor:
                 self._readers[s.src] = s  # registration reports data already there
         return streams
 
-    def stop(self, streams: list[Stream]) -> None:
+    def stop(self, streams: list[Stream], *, closing: bool = False) -> None:
         """Take streams out (ended or not): forget their waits, give back or destroy their pipes,
-        drop their fds from the epoll set. Call before closing the fds."""
+        drop their fds from the epoll set. Call before closing the fds. With `closing` the caller
+        closes them right after (and holds no duplicate): closing drops them from the epoll set,
+        so the two epoll_ctl calls are skipped."""
         for s in streams:
             s.done = True
             if self._readers.get(s.src) is s:
@@ -165,6 +168,8 @@ class Reactor:
             s.pending = None
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
+            if closing:
+                continue
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
@@ -176,7 +181,7 @@ class Reactor:
         """Call `callback(events)` from the reactor task on the fd's epoll events. Edge-triggered:
         the callback must drive the fd to EAGAIN (accept until EAGAIN) or expect no new call
         until something new happens. Registration reports the fd's current state."""
-        self._watchers[fd] = callback
+        self._watchers[fd] = (callback, self._turns)
         try:
             self._epoll.register(fd, _MASK)
         except FileExistsError:
@@ -284,10 +289,14 @@ class Reactor:
         batch = self._ready
         self._ready = []
         readers, writers = self._readers, self._writers
+        self._turns = turn = self._turns + 1
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
             watcher = self._watchers.get(fd)
             if watcher is not None:
-                watcher(events)
+                # An fd number closed and reused by a watch earlier in this batch: the event
+                # was the old file's. The new registration reports its own state later.
+                if watcher[1] != turn:
+                    watcher[0](events)
                 continue
             if events & _READABLE:
                 s = readers.pop(fd, None)
