@@ -316,7 +316,7 @@ def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
 
     import trio
 
-    from zcrelay import syscalls, teeing
+    from zcrelay import capture as capturing, syscalls
     from zcrelay.pipes import Pipe
 
     fd = os.open(tmp_path / "cap", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -328,7 +328,7 @@ def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
         return real_splice(src, dst, n, *args, **kwargs)
 
     monkeypatch.setattr(syscalls, "splice", splice)
-    capture = teeing.CaptureFile(fd, "cap")
+    capture = capturing.CaptureFile(fd, "cap")
     chunks = [os.urandom(10_000 + i) for i in range(4)]
     src = Pipe.open(1 << 16)
 

@@ -3,6 +3,8 @@ of a 1 GiB send or tee). Checked in a subprocess with `python -X importtime`."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 
 import pytest
@@ -36,3 +38,20 @@ def test_help_still_lists_every_command():
                          timeout=60).stdout
     for name in COMMANDS:
         assert f" {name} " in out, name
+
+
+def test_tee_with_a_pipe_on_stdin_runs_without_trio(tmp_path):
+    """stdin a pipe: the tee is one loop with blocking waits (zcrelay.waits), trio is never
+    imported, and every byte still reaches stdout and the file (more than a pipe holds)."""
+    data = os.urandom(5 << 20 | 123)
+    argv = zcrelay_argv("tee", str(tmp_path / "a"))
+    argv[1:1] = ["-X", "importtime"]
+    proc = subprocess.run(argv, input=data, capture_output=True, env=zcrelay_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = {line.rsplit(b"|", 1)[1].strip().decode() for line in proc.stderr.splitlines()
+               if line.startswith(b"import time:")}
+    assert "zcrelay.tee" in modules  # the probe works
+    assert not {m for m in modules if m == "trio" or m.startswith("trio.")}
+    want = hashlib.sha256(data).hexdigest()
+    assert hashlib.sha256(proc.stdout).hexdigest() == want
+    assert hashlib.sha256((tmp_path / "a").read_bytes()).hexdigest() == want

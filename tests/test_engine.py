@@ -282,7 +282,7 @@ def test_low_layers_do_not_import_trio_or_the_cli():
 
 
 def test_only_the_async_layer_waits_on_fds_and_only_the_cli_prints_or_exits():
-    waiters = {"mover.py", "reactor.py", "direct.py", "teeing.py"}
+    waiters = {"mover.py", "reactor.py", "direct.py", "teeing.py", "waits.py"}
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         rel = path.relative_to(PACKAGE)
@@ -292,3 +292,36 @@ def test_only_the_async_layer_waits_on_fds_and_only_the_cli_prints_or_exits():
             assert "sys.exit(" not in text and "trio.run(" not in text, f"{rel} exits or starts trio"
             assert not any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"
                            for n in ast.walk(ast.parse(text))), f"{rel} prints"
+
+
+def test_run_blocking_waits_in_poll_and_refuses_to_suspend():
+    """zcrelay.waits: outside trio a wait blocks in poll(2) until the fd is ready; a coroutine
+    that would suspend (a trio call) is an error, not a hang."""
+    import threading
+    import types
+
+    from zcrelay import mover, waits
+
+    @types.coroutine
+    def suspend():
+        yield "an event loop's trap"
+
+    async def would_suspend():
+        await suspend()
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    out_r, out_w = os.pipe()
+    timer = threading.Timer(0.05, lambda: (os.write(w, b"late"), os.close(w)))
+    timer.start()
+    flow = Flow()
+    try:
+        # copy_stream meets EAGAIN first (nothing written yet), so it must wait and then copy.
+        waits.run_blocking(mover.copy_stream, r, out_w, flow)
+        assert os.read(out_r, 100) == b"late" and flow.copied == 4
+        with pytest.raises(RuntimeError, match="suspend"):
+            waits.run_blocking(would_suspend)
+    finally:
+        timer.join()
+        for fd in (r, out_r, out_w):
+            os.close(fd)

@@ -16,6 +16,9 @@ planted symlink is never written through. The sidecar is written when the connec
 ("end": null, "complete": false) and rewritten when it ends; a direction is complete when its
 capture never failed and holds every byte the relay moved in that direction.
 
+The captured stream itself (CaptureFile, captured_splice_stream) is here too: every chunk a
+direction drains is tee'd into a private pipe that a writer splices to the file.
+
 Policy only: nothing here prints; failures are logged on the "zcrelay" logger and never stop
 the relay.
 """
@@ -29,9 +32,16 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+import trio
+from trio.lowlevel import checkpoint
+
+from zcrelay import syscalls
+from zcrelay.excgroups import BaseExceptionGroup, single_error
+from zcrelay.mover import splice_stream
+from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
-from zcrelay.teeing import CaptureFile
 
 log = logging.getLogger("zcrelay")
 
@@ -156,3 +166,163 @@ def _why(exc: OSError) -> str:
 
 def _iso(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1e6):06d}Z"
+
+
+# ---- relay capture: socket → pipe A → tee → pipe B → file, A → destination ----------------
+
+
+class CaptureFile:
+    """Where one direction of one connection is recorded.
+
+    Owns its private pipe; the fd of the file is owned by whoever created this (the capture
+    session closes it). The file is written at `offset`, tracked here (never O_APPEND).
+    Once `error` is set the capture is off for good: bytes already tee'd are dropped with the
+    private pipe, and the relay goes on untouched. `on_fail(capture)` is called once then.
+    """
+
+    def __init__(self, fd: int, path: str, on_fail: Callable[["CaptureFile"], None] | None = None) -> None:
+        self.fd = fd
+        self.path = path
+        self.offset = 0
+        self.captured = 0
+        self.error: str | None = None
+        self.errno: int | None = None
+        self.fallback: str | None = None
+        self.pipe: Pipe | None = None
+        self._on_fail = on_fail
+        self._free = trio.Semaphore(1)  # held while the private pipe holds a chunk
+        self._send, self._recv = trio.open_memory_channel(1)
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.fd >= 0
+
+    def fail(self, err: int, what: str) -> None:
+        if self.error is None:
+            self.errno = err
+            self.error = f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
+            if self.pipe is not None:
+                self.pipe.close()
+                self.pipe = None
+            if self._on_fail is not None:
+                self._on_fail(self)
+
+    async def offer(self, src: Pipe) -> None:
+        """Duplicate the chunk `src` holds into the private pipe and queue it for the disk.
+
+        Waits first until the writer has emptied the private pipe (lossless back-pressure: a
+        slow disk slows this direction of the relay, and only this one)."""
+        if not self.active:
+            return
+        await self._free.acquire()
+        if not self.active:
+            self._free.release()
+            return
+        try:
+            if self.pipe is None:
+                self.pipe = Pipe.open(src.size)
+                if self.pipe.size < src.size:
+                    self.fail(errno.ENOMEM, f"private pipe of {src.size} bytes (got {self.pipe.size})")
+                    self._free.release()
+                    return
+            got = syscalls.tee(src.r, self.pipe.w, src.held)
+        except OSError as exc:
+            self.fail(exc.errno or errno.EIO, "tee")
+            self._free.release()
+            return
+        if got != src.held:
+            raise RuntimeError(f"tee(2) took {got} of {src.held} bytes into an empty private pipe")
+        self.pipe.held = got
+        self._send.send_nowait(got)
+
+    async def write_bytes(self, data: bytes | memoryview) -> None:
+        """The copy path's capture: write `data` at the offset (a worker thread: disks block)."""
+        if not self.active:
+            await checkpoint()
+            return
+        try:
+            await trio.to_thread.run_sync(self._pwrite_all, bytes(data))
+        except OSError as exc:
+            self.fail(exc.errno or errno.EIO, "write")
+
+    def _pwrite_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.offset)
+            self.offset += n
+            self.captured += n
+            view = view[n:]
+
+    async def writer(self) -> None:
+        """Empty the private pipe into the file, chunk by chunk, in a worker thread (a splice
+        into a regular file blocks in the kernel; in the event loop it would stall every
+        connection). Ends when `close_input` is called and the last chunk is written."""
+        async with self._recv:
+            async for _n in self._recv:
+                try:
+                    if self.active and self.pipe is not None:
+                        await trio.to_thread.run_sync(self._splice_to_file)
+                except OSError as exc:
+                    self.fail(exc.errno or errno.EIO, "splice")
+                finally:
+                    if self.pipe is not None and self.pipe.held:
+                        self.pipe.close()  # never keep a pipe that still holds bytes
+                        self.pipe = None
+                    self._free.release()
+
+    def _splice_to_file(self) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        while pipe.held:
+            if self.fallback is not None:
+                # Copy for good once splice was refused: it would refuse every later chunk too.
+                data = os.read(pipe.r, pipe.held)
+                pipe.held -= len(data)
+                self._pwrite_all(data)
+                continue
+            try:
+                m = syscalls.splice(pipe.r, self.fd, pipe.held, 0, offset_dst=self.offset)
+            except OSError as exc:
+                if self.captured == 0 and exc.errno in syscalls.SPLICE_REFUSED:
+                    # The file system cannot splice: copy this capture (fallback, reported).
+                    self.fallback = f"splice refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+                    continue
+                raise
+            pipe.held -= m
+            self.offset += m
+            self.captured += m
+
+    def close_input(self) -> None:
+        self._send.close()
+
+    def close(self) -> None:
+        """Close the private pipe (the file's fd belongs to the session)."""
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+
+
+async def captured_splice_stream(src: int, dst: int, pool: PipePool, flow: Flow, capture: CaptureFile,
+                                 max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE) -> None:
+    """splice_stream (zcrelay.mover) with a tee(2) of every chunk into `capture`.
+
+    Invariant, as in splice_stream: at the top of each turn this stream holds no pipe, or an
+    empty one; a chunk is drained, offered to the capture (tee: nothing is consumed), then
+    pumped. The disk writer runs beside the pump, so the next chunk is drained while the last
+    one is still being written; the next tee waits for it (lossless). Raises SpliceRefused,
+    nothing lost, before the first byte; then the caller falls back to copy_stream.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            try:
+                await splice_stream(src, dst, pool, flow, max_chunk, on_drained=capture.offer)
+            finally:
+                capture.close_input()
+    except BaseExceptionGroup as group:
+        # The nursery wraps everything; the relay above catches PeerGone, SpliceRefused...
+        # by type (a reset must reach the other side as a reset), so hand it the one error.
+        leaf = single_error(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zcrelay.addresses import Address
 
 
 class ZcrelayError(Exception):
@@ -54,6 +58,26 @@ class SpliceRefused(ZcrelayError):
     @property
     def reason(self) -> str:
         return f"splice refused on {self.role} ({errno.errorcode.get(self.errno, self.errno)})"
+
+
+class BindError(ZcrelayError):
+    """A listen address could not be bound. `errno` says why (EADDRINUSE, EACCES...)."""
+
+    def __init__(self, address: Address, err: int, detail: str = "") -> None:
+        self.address = address
+        self.errno = err
+        reason = detail or os.strerror(err).lower()
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+class ConnectError(ZcrelayError):
+    """A target could not be reached. `reason` is one word for logs: refused, unreachable,
+    timeout, resolve, no-socket, out-of-fds, error."""
+
+    def __init__(self, address: Address, reason: str, detail: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot connect to {address}: {detail}")
 
 
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import trio
-
 if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
     from exceptiongroup import BaseExceptionGroup
 else:
@@ -30,6 +28,8 @@ def single_error(exc: BaseException) -> BaseException | None:
     which trio handles)."""
     if not isinstance(exc, BaseExceptionGroup):
         return exc
+    import trio  # groups come from trio's nurseries: it is loaded already
+
     leaves: list[BaseException] = []
     pending: list[BaseException] = [exc]
     while pending:

@@ -17,13 +17,11 @@ import os
 import socket
 from typing import Awaitable, Callable
 
-import trio
-from trio.lowlevel import checkpoint, wait_readable, wait_writable
-
 from zcrelay import syscalls
 from zcrelay.errors import OutOfResources, SpliceRefused, translate
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
+from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
 SOURCE = "source"
 DESTINATION = "destination"
@@ -182,6 +180,8 @@ async def connect(sock: socket.socket, sockaddr) -> None:
     while err == errno.EAGAIN and sock.family == socket.AF_UNIX:
         # A Unix listener whose backlog is full answers EAGAIN, not EINPROGRESS, and offers
         # nothing to wait on: back off and retry (the caller's connect timeout bounds this).
+        import trio  # connect runs in a trio run; importing it here keeps this module trio-free
+
         await trio.sleep(delay)
         delay = min(2 * delay, 0.2)
         err = sock.connect_ex(sockaddr)

@@ -18,31 +18,11 @@ import trio
 
 from zcrelay import mover
 from zcrelay.addresses import Address, format_sockname
-from zcrelay.errors import ZcrelayError
+from zcrelay.errors import BindError, ConnectError
 
 # socat's default backlog of 5 overflows under 32 concurrent clients and costs them seconds of
 # SYN retransmits; the kernel caps this at net.core.somaxconn anyway.
 BACKLOG = 4096
-
-
-class BindError(ZcrelayError):
-    """A listen address could not be bound. `errno` says why (EADDRINUSE, EACCES...)."""
-
-    def __init__(self, address: Address, err: int, detail: str = "") -> None:
-        self.address = address
-        self.errno = err
-        reason = detail or os.strerror(err).lower()
-        super().__init__(f"cannot listen on {address}: {reason}")
-
-
-class ConnectError(ZcrelayError):
-    """A target could not be reached. `reason` is one word for logs: refused, unreachable,
-    timeout, resolve, no-socket, out-of-fds, error."""
-
-    def __init__(self, address: Address, reason: str, detail: str) -> None:
-        self.address = address
-        self.reason = reason
-        super().__init__(f"cannot connect to {address}: {detail}")
 
 
 _CONNECT_REASONS = {

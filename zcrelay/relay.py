@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from zcrelay import mover, syscalls, teeing
+from zcrelay import capture as capturing, mover, syscalls
 from zcrelay.errors import SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor
@@ -68,7 +68,7 @@ async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) 
 
     A user-space copy is used only when splice is turned off or refused the pair before the
     first byte moved; the reason goes to `flow.fallback` and is counted in `engine.fallbacks`.
-    With `capture` (a zcrelay.teeing.CaptureFile), every chunk is also written to its file:
+    With `capture` (a zcrelay.capture.CaptureFile), every chunk is also written to its file:
     tee'd on the splice path, written from the buffer on the copy path.
     """
     if engine.splice:
@@ -76,7 +76,7 @@ async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) 
             if capture is None:
                 await mover.splice_stream(src, dst, engine.pool, flow, engine.max_chunk)
             else:
-                await teeing.captured_splice_stream(src, dst, engine.pool, flow, capture, engine.max_chunk)
+                await capturing.captured_splice_stream(src, dst, engine.pool, flow, capture, engine.max_chunk)
             return
         except SpliceRefused as exc:
             flow.fallback = exc.reason
@@ -274,7 +274,7 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     """Relay a → b (counted in `up`) and b → a (`down`) until both reach EOF, one side fails,
     or a timeout fires; return why it ended.
 
-    `captures` (up, down) are optional zcrelay.teeing.CaptureFile recorders, one a direction.
+    `captures` (up, down) are optional zcrelay.capture.CaptureFile recorders, one a direction.
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """

@@ -10,8 +10,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import trio
-
 from zcrelay import syscalls, teeing
 from zcrelay.excgroups import BaseExceptionGroup, first_error
 from zcrelay.errors import StreamError, ZcrelayError
@@ -132,15 +130,13 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
         src, feed = _source(stdin, config.pipe_size, outcome)
         feed_flow = Flow()
         try:
-            async with trio.open_nursery() as nursery:
-                if feed is not None:
-                    nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
-                result = await teeing.tee_pipeline(src, sinks, on_error)
-                outcome.bytes = result.bytes
-                nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
-        except BaseExceptionGroup as group:
-            # The nursery wraps what on_error raised; the CLI wants the decision itself.
-            leaf = first_error(group)
+            if feed is None:  # stdin is the pipe: one loop, no task (runs without trio too)
+                outcome.bytes = (await teeing.tee_pipeline(src, sinks, on_error)).bytes
+            else:
+                outcome.bytes = await _tee_fed(stdin, src, feed, feed_flow, sinks, on_error)
+        except (BaseExceptionGroup, StreamError) as exc:
+            # A nursery wraps what on_error raised; the CLI wants the decision itself.
+            leaf = first_error(exc)
             if isinstance(leaf, (BrokenPipeExit, OutputErrorExit)):
                 raise leaf from None
             if isinstance(leaf, StreamError) and leaf.role == SOURCE:
@@ -158,6 +154,23 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
         for sink in sinks[1:]:
             os.close(sink.fd)
     return outcome
+
+
+def needs_trio(stdin: int = 0) -> bool:
+    """Whether run_tee needs a trio run: only to feed a stdin that is not a pipe."""
+    return teeing.classify(stdin) != teeing.PIPE
+
+
+async def _tee_fed(stdin: int, src: int, feed: Pipe, feed_flow: Flow, sinks: list[teeing.Sink],
+                   on_error) -> int:
+    """The tee with a task filling our pipe from a stdin that is not a pipe."""
+    import trio  # only here: with a pipe on stdin the tee runs without trio (zcrelay.waits)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
+        result = await teeing.tee_pipeline(src, sinks, on_error)
+        nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
+    return result.bytes
 
 
 def _source(stdin: int, pipe_size: int, outcome: TeeOutcome) -> tuple[int, Pipe | None]:

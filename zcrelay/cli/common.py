@@ -10,15 +10,12 @@ import signal
 import sys
 from typing import Awaitable, Callable
 
-import trio
 import typer
 
-
 from zcrelay.addresses import Address, AddressError, parse
-from zcrelay.errors import ZcrelayError
+from zcrelay.errors import BindError, ConnectError, ZcrelayError
 from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
-from zcrelay.net import BindError, ConnectError
 
 PROG = "zcrelay"
 log = logging.getLogger("zcrelay")
@@ -89,9 +86,16 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     raise exc
 
 
-def run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
-    """Run `main` under trio; turn any failure into a one-line message and an exit code."""
+def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True) -> ExitCode:
+    """Run `main` under trio (or, `with_trio=False`, with blocking waits and without importing
+    trio: see zcrelay.waits); turn any failure into a one-line message and an exit code."""
     try:
+        if not with_trio:
+            from zcrelay.waits import run_blocking
+
+            return run_blocking(main) or ExitCode.OK
+        import trio
+
         return trio.run(main) or ExitCode.OK
     except BaseException as exc:  # the CLI boundary: everything becomes a code and a line
         if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
@@ -105,6 +109,8 @@ def run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
 async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]) -> None:
     """Run the task `start` (which reports readiness with task_status.started(value)), call
     `on_ready(value)`, and cancel it at the first SIGINT or SIGTERM."""
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             value = await nursery.start(start)

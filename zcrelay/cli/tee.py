@@ -13,7 +13,7 @@ import typer
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, parse_size, run, setup_logging
 from zcrelay.exitcodes import ExitCode
-from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, run_tee
+from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, needs_trio, run_tee
 
 OUTPUT_ERROR_HELP = (
     "What an error writing an output does (GNU tee's modes): warn, warn-nopipe, exit, exit-nopipe. "
@@ -79,7 +79,9 @@ def tee(
             log.debug("%s", note)
         return ExitCode.OUTPUT_ERROR if outcome.failed else ExitCode.OK
 
-    code = run(main)
+    # With a pipe on stdin the tee is one loop with nothing to schedule: it runs without trio
+    # (zcrelay.waits), which saves trio's import, most of a short run's CPU.
+    code = run(main, with_trio=needs_trio(0))
     if broken_pipe:
         # As GNU tee without --output-error: die of SIGPIPE, so `set -o pipefail` sees 141.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
