@@ -130,6 +130,38 @@ async def test_mid_stream_error_ends_the_relay_naming_the_side(monkeypatch, err,
     assert engine.reactor().waiting == 0
 
 
+async def test_error_while_filling_the_pipe_comes_after_the_bytes_before_it(monkeypatch):
+    """A bulk drain (>= _FILL_FROM) drains again before pumping; a source error met there is
+    held until the bytes already in the pipe are delivered, then ends the relay as usual."""
+    (client, a), (b, server) = await _two_pairs()
+    fail_fd = a.fileno()
+    calls = []
+    real_splice = syscalls.splice_unchecked
+
+    def splice(src, dst, *args):
+        if src == fail_fd:
+            calls.append("drain")
+            if calls.count("drain") == 2:  # the fill, right after the first (bulk) drain
+                raise OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        elif dst == b.fileno():
+            calls.append("pump")
+        return real_splice(src, dst, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", splice)
+    data = os.urandom(reactor_mod._FILL_FROM + 12345)
+    await client.send(data)  # all of it in a's buffer before the relay starts: one drain
+    engine = Engine()
+    with trio.fail_after(10):
+        end = await relay(a, b, engine, Flow(), Flow(), linger=30)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await server.recv(1 << 20)
+    assert calls[:3] == ["drain", "drain", "pump"], calls  # the error came while bytes were held
+    assert traffic.digest(bytes(got)) == traffic.digest(data)
+    assert end.reason == "reset" and end.side == "a", end
+    assert engine.reactor().waiting == 0
+
+
 async def test_cancelled_relay_destroys_the_pipe_holding_bytes():
     """Nobody reads the server side: a pipe fills and the pump waits. Cancelling the relay
     destroys that pipe (it still holds bytes) and leaves nothing waiting in the reactor."""

@@ -10,7 +10,9 @@ function calls until their next EAGAIN. A connection costs no task switch per me
 Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per direction:
 - try the syscall first, wait only on EAGAIN; at the top of each turn the stream holds no pipe
   or an empty one, so EAGAIN on the drain means "source empty" and on the pump "destination
-  full" (`held` counts the bytes in the pipe);
+  full" (`held` counts the bytes in the pipe). After a bulk drain the stream drains again
+  into the same pipe before pumping; EAGAIN there is ambiguous and is never waited on: the
+  stream pumps, and waits only on an unambiguous EAGAIN;
 - an idle stream holds no pipe and no buffer; a pipe that still holds bytes is destroyed;
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
@@ -55,6 +57,9 @@ _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLE
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _MAX_EVENTS = 1024
 _TURNS = 8  # batches stepped per wake-up at most
+# A drain at least this large marks a bulk transfer: drain again before pumping (see _step_splice).
+# Smaller ones (requests, replies, interactive traffic) are pumped at once, in 3 splices a burst.
+_FILL_FROM = 64 << 10
 
 SPLICE, COPY = "splice", "copy"
 
@@ -62,7 +67,7 @@ SPLICE, COPY = "splice", "copy"
 class Stream:
     """One direction, src → dst, and where it stands. Read-only outside the reactor."""
 
-    __slots__ = ("src", "dst", "flow", "on_end", "mode", "pipe", "held", "pending", "done")
+    __slots__ = ("src", "dst", "flow", "on_end", "mode", "pipe", "held", "pending", "done", "deferred")
 
     def __init__(self, src: int, dst: int, flow: Flow, on_end: Callable[["Stream", BaseException | None], None],
                  mode: str) -> None:
@@ -75,6 +80,7 @@ class Stream:
         self.held = 0  # bytes in self.pipe
         self.pending: memoryview | None = None  # copy mode: read, not yet written
         self.done = False
+        self.deferred: OSError | None = None  # a source error met while the pipe held bytes
 
     def __repr__(self) -> str:
         return f"Stream({self.src}->{self.dst}, {self.mode}, held={self.held}, done={self.done})"
@@ -382,6 +388,8 @@ class Reactor:
                     held -= m
                     add(m)
                     continue
+                if s.deferred is not None:  # every byte read before it has been delivered
+                    raise translate(s.deferred, SOURCE, "splice") from s.deferred
                 if budget <= 0:
                     self._ready.append(s)
                     return
@@ -412,8 +420,25 @@ class Reactor:
                     s.held = pipe.held = 0
                     self._end(s, None)
                     return
-                held = pipe.held = n
+                held = n
                 budget -= n
+                if n >= _FILL_FROM:
+                    # A bulk stream: fill the pipe further before pumping, so each send is
+                    # larger and there are fewer of them (and fewer wake-ups of the receiver).
+                    # EAGAIN here is ambiguous (source empty or pipe full): either way, pump.
+                    while budget > 0:
+                        try:
+                            n = splice(src, pipe.w, self.max_chunk, None, None, flags)
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            s.deferred = exc  # raised once the bytes before it are delivered
+                            break
+                        if n == 0:
+                            break  # EOF: the next drain, once the pipe is empty, sees it again
+                        held += n
+                        budget -= n
+                pipe.held = held
         finally:
             s.held = held
             if s.pipe is not None:
