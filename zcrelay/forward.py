@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ log = logging.getLogger("zcrelay")
 _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 # Back-off while the process is out of fds: trio's serve_listeners sleeps 100 ms; grow to 1 s.
 _ACCEPT_BACKOFF = (0.05, 1.0)
+# epoll events that end a connect with an error (SO_ERROR says which).
+_CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 # Accepts per callback before the listener lets the streams have a turn.
 _ACCEPT_BATCH = 64
 
@@ -371,19 +374,19 @@ class _Link:
             self.target.close()
             self.target = None
 
-    def _connect_ready(self, _events: int) -> None:
-        self._guard(self._check_connect)
+    def _connect_ready(self, events: int) -> None:
+        self._guard(self._check_connect, events)
 
-    def _check_connect(self) -> None:
+    def _check_connect(self, events: int) -> None:
         sock = self.target
         assert sock is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._drop_target(err)
-            self._next_target()
-            return
-        self.reactor.unwatch(sock.fileno(), keep=True)  # the stream takes the registration over
-        self._connected()
+        if not events & _CONNECT_FAILED:
+            if events & select.EPOLLOUT:  # connected: writable, no error (saves a getsockopt)
+                self.reactor.unwatch(sock.fileno(), keep=True)  # the streams take it over
+                self._connected()
+            return  # not an outcome yet: the real event will come
+        self._drop_target(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED)
+        self._next_target()
 
     def _connected(self) -> None:
         if self.timer is not None:
