@@ -10,10 +10,13 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -140,3 +143,24 @@ def run_zcrelay(*args: str, timeout: float = 60, input: bytes | None = None, **k
     """Run `zcrelay ARGS` to completion (bytes in, bytes out)."""
     return subprocess.run(zcrelay_argv(*args), input=input, capture_output=True, timeout=timeout,
                           env=zcrelay_env(), **kwargs)
+
+
+@contextmanager
+def syn_dropping_listener() -> Iterator[int]:
+    """The port of a listener whose accept queue is full: later SYNs are dropped (with
+    tcp_abort_on_overflow=0, the default), so a connect to it times out."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            fillers.append(s)
+        yield full.getsockname()[1]
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()

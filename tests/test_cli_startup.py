@@ -55,3 +55,35 @@ def test_tee_with_a_pipe_on_stdin_runs_without_trio(tmp_path):
     want = hashlib.sha256(data).hexdigest()
     assert hashlib.sha256(proc.stdout).hexdigest() == want
     assert hashlib.sha256((tmp_path / "a").read_bytes()).hexdigest() == want
+
+
+def test_send_runs_without_trio(tmp_path):
+    """`send` is one stream: it never imports trio (its import was most of a 1 GiB send's CPU)."""
+    import socket
+    import threading
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    got = bytearray()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def sink():
+            conn, _ = listener.accept()
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    got.extend(chunk)
+
+        peer = threading.Thread(target=sink)
+        peer.start()
+        argv = zcrelay_argv("send", str(tmp_path / "f"), f"127.0.0.1:{listener.getsockname()[1]}")
+        argv[1:1] = ["-X", "importtime"]
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=zcrelay_env(), timeout=60)
+        peer.join(30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "zcrelay.files" in modules  # the probe works
+    assert not {m for m in modules if m == "trio" or m.startswith("trio.")}
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()

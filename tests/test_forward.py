@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests import traffic
-from tests.conftest import run_zcrelay, zcrelay_argv, zcrelay_env
+from tests.conftest import run_zcrelay, syn_dropping_listener, zcrelay_argv, zcrelay_env
 
 MiB = 1 << 20
 LOG = re.compile(r"conn=(\d+) .*up=(\d+) down=(\d+) spliced=(\d+) copied=(\d+) duration=\S+ close=(.+?)(?: fallback=.*)?$")
@@ -256,17 +256,8 @@ async def test_refused_target_is_logged_and_relay_serves_on(zcrelay, path):
 
 async def test_connect_timeout_is_logged(zcrelay):
     """A target whose accept queue is full drops SYNs: the connect times out."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    try:
-        for _ in range(8):  # fill the queue; later SYNs are dropped (tcp_abort_on_overflow=0)
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(full.getsockname())
-            fillers.append(s)
-        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{full.getsockname()[1]}", "--connect-timeout", "0.5")
+    with syn_dropping_listener() as port:
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{port}", "--connect-timeout", "0.5")
         client = trio.socket.socket()
         with client:
             await client.connect(("127.0.0.1", relay.port))
@@ -274,10 +265,6 @@ async def test_connect_timeout_is_logged(zcrelay):
                 assert await read_to_eof(client) == b""
         code, err = relay.stop()
         assert conn_lines(err)[0].group(6) == "timeout"
-    finally:
-        for s in fillers:
-            s.close()
-        full.close()
 
 
 async def test_peer_vanishing_mid_stream_ends_only_that_connection(zcrelay, path):

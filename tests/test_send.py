@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.conftest import syn_dropping_listener
 from tests.pipeline_helpers import G, Sink, error_lines, random_file, sha256_file, shell, sparse_file
 
 SIZE = 24 << 20
@@ -134,3 +135,42 @@ def test_rate_limit_keeps_splice(tmp_path, data):
     assert sink.size == 12 << 20
     assert took >= 0.2, took  # 12M at 48M/s is 0.25 s; Python's start-up adds to it
     assert "by splice" in err
+
+
+def test_send_bounds_its_connect_and_linger_without_trio(tmp_path):
+    """`send` runs without trio (zcrelay.waits): its deadlines must still hold. A target whose
+    accept queue is full drops SYNs (--connect-timeout ends it, exit 6); a peer that reads
+    everything but never closes is left after --linger (exit 0, every byte delivered)."""
+    import socket
+    import threading
+
+    (tmp_path / "small").write_bytes(b"payload" * 1000)
+    with syn_dropping_listener() as port:
+        started = time.monotonic()
+        rc, err = shell(f"$Z send small 127.0.0.1:{port} --connect-timeout 0.5", tmp_path).wait()
+        assert rc == 6 and "timed out after 0.5s" in err, err
+        assert time.monotonic() - started < 5
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        got = bytearray()
+
+        def keep_open():
+            conn, _ = listener.accept()
+            while chunk := conn.recv(65536):  # to the sender's FIN, then stay silent and open
+                got.extend(chunk)
+            done.wait(10)
+            conn.close()
+
+        done = threading.Event()
+        peer = threading.Thread(target=keep_open)
+        peer.start()
+        started = time.monotonic()
+        rc, err = shell(f"$Z send small 127.0.0.1:{listener.getsockname()[1]} --linger 0.5", tmp_path).wait()
+        elapsed = time.monotonic() - started
+        done.set()
+        peer.join()
+    assert rc == 0, err
+    assert 0.5 <= elapsed < 5, elapsed
+    assert bytes(got) == b"payload" * 1000

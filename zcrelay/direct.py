@@ -25,13 +25,12 @@ import errno
 import os
 from typing import Protocol
 
-from trio.lowlevel import checkpoint, wait_readable, wait_writable
-
 from zcrelay import syscalls
 from zcrelay.errors import PEER_GONE, SpliceRefused, ZcrelayError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, pump
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
+from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
 
 class Pacer(Protocol):

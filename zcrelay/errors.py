@@ -80,6 +80,22 @@ class ConnectError(ZcrelayError):
         super().__init__(f"cannot connect to {address}: {detail}")
 
 
+class InputFailed(ZcrelayError):
+    """Reading stdin (or the file to send) failed."""
+
+
+class OutputFailed(ZcrelayError):
+    """Writing stdout failed (a full disk, an I/O error)."""
+
+
+class OutputClosed(ZcrelayError):
+    """stdout's reader went away (EPIPE), as `| head -c 100` does: not worth a message."""
+
+
+class ConnectionLost(ZcrelayError):
+    """The peer reset the connection or stopped reading before the transfer was over."""
+
+
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED,
                        errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN})
 NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})

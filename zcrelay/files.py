@@ -20,13 +20,10 @@ import socket
 import stat
 from dataclasses import dataclass
 
-import trio
-
-from zcrelay import direct, net
+from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import NO_RESOURCES, StreamError, ZcrelayError
+from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError
 from zcrelay.mover import SOURCE
-from zcrelay.pipeline import ConnectionLost, InputFailed
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
@@ -80,7 +77,7 @@ def span(size: int, offset: int, length: int | None) -> tuple[int, int]:
     return offset, length
 
 
-async def transfer(fd: int, sock: trio.socket.SocketType, offset: int, length: int, flow: Flow,
+async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow: Flow,
                    config: SendConfig) -> None:
     """Send bytes [offset, offset + length) of `fd` to `sock`, then half-close and wait for the
     peer to close (at most config.linger seconds). Raises FileShrank, InputFailed or
@@ -105,7 +102,7 @@ async def transfer(fd: int, sock: trio.socket.SocketType, offset: int, length: i
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         return
-    with trio.move_on_after(config.linger if config.linger is not None else float("inf")):
+    with waits.move_on_after(config.linger if config.linger is not None else float("inf")):
         await direct.drain_discard(sock.fileno())
 
 
@@ -119,57 +116,3 @@ async def send(path_fd: int, size: int, address: Address, offset: int, length: i
             net.set_nodelay(sock)
         await transfer(path_fd, sock, offset, length, flow, config)
     return flow.bytes
-
-
-class FileServer:
-    """Serves one file to every client of one listener, concurrently. One log line per client."""
-
-    def __init__(self, fd: int, path: str, address: Address, config: SendConfig) -> None:
-        self.fd = fd
-        self.path = path
-        self.address = address
-        self.config = config
-        self.connections = 0
-        self.sent = 0
-        self.failed = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report the bound address with task_status.started(str), serve until cancelled."""
-        listener = await net.open_listener(self.address)
-        with listener:
-            task_status.started(net.local_name(listener))
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        sock, peer = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno in NO_RESOURCES:
-                            log.warning("out of file descriptors: pausing accepts for 0.1 s")
-                            await trio.sleep(0.1)
-                        continue
-                    self.connections += 1
-                    nursery.start_soon(self._handle, sock, net.peer_name(sock, peer), self.connections)
-
-    async def _handle(self, sock: trio.socket.SocketType, peer: str, number: int) -> None:
-        flow = Flow()
-        started = trio.current_time()
-        outcome = "ok"
-        try:
-            with sock:
-                size = os.fstat(self.fd).st_size
-                await transfer(self.fd, sock, 0, size, flow, self.config)
-        except trio.Cancelled:
-            outcome = "shutdown"
-            raise
-        except (direct.FileShrank, InputFailed, ConnectionLost) as exc:
-            outcome = f"error ({exc})"
-            self.failed += 1
-        except Exception as exc:  # a bug must not take the other clients down
-            outcome = f"internal-error ({type(exc).__name__}: {exc})"
-            self.failed += 1
-        finally:
-            self.sent += flow.bytes
-            elapsed = trio.current_time() - started
-            rate = flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
-            log.info("conn=%d peer=%s sent=%d spliced=%d copied=%d duration=%.3fs rate=%.1fMB/s %s",
-                     number, peer, flow.bytes, flow.spliced, flow.copied, elapsed, rate, outcome)

@@ -21,6 +21,7 @@ from zcrelay import syscalls
 from zcrelay.errors import OutOfResources, SpliceRefused, translate
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
+from zcrelay import waits
 from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
 SOURCE = "source"
@@ -180,9 +181,7 @@ async def connect(sock: socket.socket, sockaddr) -> None:
     while err == errno.EAGAIN and sock.family == socket.AF_UNIX:
         # A Unix listener whose backlog is full answers EAGAIN, not EINPROGRESS, and offers
         # nothing to wait on: back off and retry (the caller's connect timeout bounds this).
-        import trio  # connect runs in a trio run; importing it here keeps this module trio-free
-
-        await trio.sleep(delay)
+        await waits.sleep_until(waits.current_time() + delay)
         delay = min(2 * delay, 0.2)
         err = sock.connect_ex(sockaddr)
     if err == errno.EINPROGRESS:

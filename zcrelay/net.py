@@ -1,7 +1,8 @@
 """Opening listeners and connecting to targets, with errors a user can read.
 
-Every socket here is a trio socket (non-blocking, which splice needs: SPLICE_F_NONBLOCK covers
-only the pipe side). Callers own what these functions return.
+Every socket here is non-blocking, which splice needs (SPLICE_F_NONBLOCK covers only the pipe
+side): a trio socket in a trio run; `connect` under zcrelay.waits.run_blocking returns a stdlib
+one. Callers own what these functions return.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import socket
 import stat
 import struct
 
-import trio
+from typing import TYPE_CHECKING
 
-from zcrelay import mover
+from zcrelay import mover, waits
 from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import BindError, ConnectError
+
+if TYPE_CHECKING:
+    import trio
 
 # socat's default backlog of 5 overflows under 32 concurrent clients and costs them seconds of
 # SYN retransmits; the kernel caps this at net.core.somaxconn anyway.
@@ -53,7 +57,9 @@ def abort(sock: trio.socket.SocketType) -> None:
 
 
 async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket.SocketType:
-    """A bound, listening socket for `address`; raises BindError."""
+    """A bound, listening socket for `address`; raises BindError. In a trio run only."""
+    import trio
+
     if address.is_unix:
         return await _open_unix_listener(address, backlog)
     family, sockaddr = await _listen_sockaddr(address)
@@ -75,6 +81,8 @@ async def _listen_sockaddr(address: Address) -> tuple[int, tuple]:
         # Every interface: dual-stack when the host has IPv6, IPv4 otherwise.
         return (socket.AF_INET6, ("::", address.port)) if socket.has_ipv6 and _ipv6_works() \
             else (socket.AF_INET, ("0.0.0.0", address.port))
+    import trio
+
     try:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                               flags=socket.AI_PASSIVE)
@@ -94,6 +102,8 @@ def _ipv6_works() -> bool:
 
 
 async def _open_unix_listener(address: Address, backlog: int) -> trio.socket.SocketType:
+    import trio
+
     path = address.sockaddr_path
     if not path.startswith("\0"):
         _remove_stale_socket(address)
@@ -132,9 +142,11 @@ def _remove_stale_socket(address: Address) -> None:
 async def connect(address: Address, timeout: float | None) -> trio.socket.SocketType:
     """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
 
-    `timeout` bounds the whole attempt (resolution included).
+    `timeout` bounds the whole attempt (resolution included, except without trio: see
+    zcrelay.waits, where getaddrinfo blocks). A trio socket in a trio run, else a non-blocking
+    stdlib socket.
     """
-    with trio.move_on_after(timeout if timeout else float("inf")):
+    with waits.move_on_after(timeout if timeout else float("inf")):
         return await _connect(address)
     raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
 
@@ -164,7 +176,7 @@ async def _connect(address: Address) -> trio.socket.SocketType:
     targets = literal_targets(address)
     if targets is None:
         try:
-            infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            infos = await _getaddrinfo(address.host, address.port)
         except socket.gaierror as exc:
             raise ConnectError(address, "resolve", f"cannot resolve {address.host!r}: {exc.strerror}") from None
         targets = [(info[0], info[4]) for info in infos]
@@ -186,9 +198,23 @@ async def _connect(address: Address) -> trio.socket.SocketType:
         except BaseException:
             sock.close()
             raise
-        return trio.socket.from_stdlib_socket(sock)
+        return sock if waits.blocking() else _trio_socket(sock)
     assert last is not None
     raise connect_error(address, last.errno or errno.EIO)
+
+
+async def _getaddrinfo(host: str, port: int) -> list:
+    if waits.blocking():
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    import trio
+
+    return await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def _trio_socket(sock: socket.socket) -> trio.socket.SocketType:
+    import trio
+
+    return trio.socket.from_stdlib_socket(sock)
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import trio
 
 from zcrelay import direct, syscalls
-from zcrelay.errors import PeerGone, SpliceRefused, StreamError, ZcrelayError
+from zcrelay.errors import (ConnectionLost, InputFailed, OutputClosed, OutputFailed,  # noqa: F401 (re-exported)
+                            PeerGone, SpliceRefused, StreamError, ZcrelayError)
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
@@ -36,22 +37,6 @@ from zcrelay.stats import Flow
 
 STDIN = 0
 STDOUT = 1
-
-
-class InputFailed(ZcrelayError):
-    """Reading stdin (or the file to send) failed."""
-
-
-class OutputFailed(ZcrelayError):
-    """Writing stdout failed (a full disk, an I/O error)."""
-
-
-class OutputClosed(ZcrelayError):
-    """stdout's reader went away (EPIPE), as `| head -c 100` does: not worth a message."""
-
-
-class ConnectionLost(ZcrelayError):
-    """The peer reset the connection or stopped reading before the transfer was over."""
 
 
 @dataclass(frozen=True)

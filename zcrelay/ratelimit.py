@@ -7,7 +7,7 @@ The mover's loops call `spent(n)` after every call (zcrelay.direct.Pacer).
 
 from __future__ import annotations
 
-import trio
+from zcrelay import waits
 
 # How far ahead of the rate a stream may run before it sleeps: one chunk's worth of time, so a
 # short burst after an idle spell is allowed but the average over any second stays at the rate.
@@ -27,11 +27,11 @@ class RateLimit:
         self._due: float | None = None  # when the bytes spent so far are paid for
 
     async def spent(self, n: int) -> None:
-        now = trio.current_time()
+        now = waits.current_time()
         if self._due is None or self._due < now - _SLICE:
             self._due = now  # idle: no credit beyond one slice
         self._due += n / self.rate
         if self._due > now:
-            await trio.sleep_until(self._due)
+            await waits.sleep_until(self._due)
         else:
-            await trio.lowlevel.checkpoint()
+            await waits.checkpoint()

@@ -1,10 +1,11 @@
 """How the async layer waits for an fd: through trio, or by blocking in poll(2).
 
 The movers are coroutines that try the syscall first and wait only on EAGAIN. Inside a trio
-run they wait through trio. A command with a single stream and nothing else to schedule (a
-`zcrelay tee` whose standard input is a pipe) runs them with `run_blocking` instead: the
-waits then block in poll(2), and the process never imports trio, whose import alone cost
-more start-up CPU (about 0.15 s here) than splicing a gigabyte to /dev/null.
+run they wait through trio. A command with a single stream and nothing else to schedule
+(`zcrelay send`, a `zcrelay tee` whose standard input is a pipe) runs them with `run_blocking`
+instead: the waits then block in poll(2), sleeps in time.sleep, deadlines (`move_on_after`)
+bound the polls, and the process never imports trio, whose import alone cost more start-up CPU
+(about 0.15 s here) than splicing a gigabyte.
 
 No trio import here (trio is imported on the first trio wait).
 """
@@ -12,10 +13,14 @@ No trio import here (trio is imported on the first trio wait).
 from __future__ import annotations
 
 import contextvars
+import math
 import select
-from typing import Any, Awaitable, Callable
+import time
+from contextlib import contextmanager
+from typing import Any, Awaitable, Callable, Iterator
 
 _BLOCKING = contextvars.ContextVar("zcrelay_blocking", default=False)
+_DEADLINE = contextvars.ContextVar("zcrelay_deadline", default=math.inf)  # time.monotonic()
 _lowlevel: Any = None  # trio.lowlevel, once a trio wait has been made
 
 
@@ -28,10 +33,29 @@ def _trio() -> Any:
     return _lowlevel
 
 
+class _Expired(Exception):
+    """A blocking wait reached the innermost move_on_after deadline (caught there)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+
+def _left() -> float:
+    deadline = _DEADLINE.get()
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Expired(deadline)
+    return left
+
+
 def _block(fd: int, events: int) -> None:
     poller = select.poll()
     poller.register(fd, events)
-    poller.poll()  # POLLERR/POLLHUP also end the wait: the next syscall reports them
+    while True:
+        left = _left()
+        # POLLERR/POLLHUP also end the wait: the next syscall reports them.
+        if poller.poll(None if left == math.inf else max(1, math.ceil(left * 1000))):
+            return
 
 
 async def wait_readable(fd: int) -> None:
@@ -51,6 +75,57 @@ async def wait_writable(fd: int) -> None:
 async def checkpoint() -> None:
     if not _BLOCKING.get():
         await _trio().checkpoint()
+
+
+def current_time() -> float:
+    return time.monotonic() if _BLOCKING.get() else _trio().current_time()
+
+
+async def sleep_until(when: float) -> None:
+    """Sleep until `when` (current_time's clock)."""
+    if not _BLOCKING.get():
+        import trio
+
+        await trio.sleep_until(when)
+        return
+    while True:
+        now = time.monotonic()
+        if now >= when:
+            return
+        deadline = _DEADLINE.get()
+        if deadline <= when:
+            time.sleep(max(0.0, deadline - now))
+            _left()  # raises: the deadline came first
+        time.sleep(when - now)
+
+
+class Scope:
+    """What move_on_after yields in blocking mode; `cancelled_caught` as trio's scopes."""
+
+    cancelled_caught = False
+
+
+@contextmanager
+def move_on_after(seconds: float) -> Iterator[Any]:
+    """trio.move_on_after in a trio run; in blocking mode, a deadline for the waits inside.
+    Check `scope.cancelled_caught` after the block."""
+    if not _BLOCKING.get():
+        import trio
+
+        with trio.move_on_after(seconds) as scope:
+            yield scope
+        return
+    scope = Scope()
+    deadline = min(_DEADLINE.get(), time.monotonic() + seconds)
+    token = _DEADLINE.set(deadline)
+    try:
+        yield scope
+    except _Expired as exc:
+        if exc.deadline != deadline:
+            raise  # an outer scope's deadline
+        scope.cancelled_caught = True
+    finally:
+        _DEADLINE.reset(token)
 
 
 def blocking() -> bool:

@@ -17,7 +17,7 @@ from zcrelay.exitcodes import ExitCode
 # importing them all cost more start-up CPU than a 1 GiB splice (issues #3, #4).
 COMMANDS = {
     "bench": "bench", "demo": "demo", "forward": "forward",
-    "connect": "pipeline", "listen": "pipeline", "send": "pipeline", "serve": "pipeline",
+    "connect": "pipeline", "listen": "pipeline", "send": "send", "serve": "pipeline",
     "tee": "tee",
 }
 
@@ -27,6 +27,10 @@ def load(names: set[str] | None = None) -> typer.Typer:
     for module in dict.fromkeys(COMMANDS.values()):
         if names is None or any(COMMANDS[n] == module for n in names):
             importlib.import_module(f"zcrelay.cli.{module}")
+    # Help, man page and completions list commands in COMMANDS' order, whatever module
+    # registered them first.
+    order = {name: i for i, name in enumerate(COMMANDS)}
+    app.registered_commands.sort(key=lambda info: order.get(info.name or info.callback.__name__, len(order)))
     return app
 
 

@@ -1,12 +1,6 @@
-"""`zcrelay connect`, `listen`, `send` and `serve`: netcat for pipelines, and files to sockets.
+"""`zcrelay connect`, `listen` and `serve`: netcat for pipelines, and a file to every client.
 
-Exit codes beyond the shared ones (zcrelay/exitcodes.py):
-- stdin or the file unreadable, missing, a directory: INPUT_ERROR (8)
-- writing stdout failed, or stdout is closed at start: OUTPUT_ERROR (9)
-- stdout's reader went away (`| head -c 100`): BROKEN_PIPE (141, as a program killed by
-  SIGPIPE reports), with no message
-- the file shrank during `send`: FILE_CHANGED (10)
-- the connection was reset or the peer stopped reading mid-transfer: FAILURE (1)
+Exit codes: see zcrelay/cli/transfer.py (`send` is zcrelay/cli/send.py).
 """
 
 from __future__ import annotations
@@ -14,79 +8,24 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import sys
-from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator, Optional
+from typing import Awaitable, Callable, Optional
 
 import trio
 import typer
 
-
 from zcrelay import net
 from zcrelay.cli.app import app
-from zcrelay.cli.common import address, error, parse_size, run, say, serve_until_signal, setup_logging
-from zcrelay.direct import FileShrank
-from zcrelay.excgroups import BaseExceptionGroup, first_error, single_error
+from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, NO_SPLICE, PIPE_SIZE, PROGRESS, QUIET, RATE, VERBOSE,
+                                  Display, pipe_size_value, rate_value, run_mapped, show_progress)
+from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
-from zcrelay.files import METHODS, BadRange, FileServer, SendConfig, open_file, send as send_file, span
-from zcrelay.pipeline import (STDIN, STDOUT, ConnectionLost, InputFailed, OutputClosed, OutputFailed,
-                              PipelineConfig, grow_pipe, plan, run_pipeline)
+from zcrelay.files import METHODS, SendConfig, open_file
+from zcrelay.pipeline import STDIN, STDOUT, ConnectionLost, PipelineConfig, grow_pipe, plan, run_pipeline
+from zcrelay.serving import FileServer
 from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
-
-_CODES: list[tuple[type, ExitCode]] = [
-    (OutputClosed, ExitCode.BROKEN_PIPE),
-    (InputFailed, ExitCode.INPUT_ERROR),
-    (OutputFailed, ExitCode.OUTPUT_ERROR),
-    (FileShrank, ExitCode.FILE_CHANGED),
-    (BadRange, ExitCode.USAGE),
-    (ConnectionLost, ExitCode.FAILURE),
-]
-
-# Options every command of this file shares.
-VERBOSE = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (the method each direction uses, a summary).")
-QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
-PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal]", show_default=False)
-RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded).", show_default=False)
-NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison).")
-PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
-CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer (0: none).")
-
-
-def _run(main: Callable[[], Awaitable[ExitCode | None]]) -> ExitCode:
-    """common.run, plus the exit codes of this file's errors."""
-
-    async def mapped() -> ExitCode | None:
-        try:
-            return await main()
-        except BaseException as exc:
-            leaf = first_error(exc)
-            for kind, code in _CODES:
-                if isinstance(leaf, kind):
-                    if code == ExitCode.BROKEN_PIPE:
-                        log.debug("%s", leaf)
-                        return code
-                    return error(str(leaf), code)
-            raise
-
-    return run(mapped)
-
-
-def _rate(text: Optional[str]) -> Optional[int]:
-    if text is None:
-        return None
-    rate = parse_size(text)
-    if rate <= 0:
-        raise typer.BadParameter("must be more than 0", param_hint="--rate-limit")
-    return rate
-
-
-def _pipe_size(text: str) -> int:
-    size = parse_size(text)
-    if size < 4096:
-        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
-    return size
 
 
 def _stdio_ready() -> ExitCode | None:
@@ -101,51 +40,6 @@ def _stdio_ready() -> ExitCode | None:
     except OSError:
         return error("stdout is closed", ExitCode.OUTPUT_ERROR)
     return None
-
-
-def _show_progress(option: Optional[bool]) -> bool:
-    return option if option is not None else sys.stderr.isatty()
-
-
-class Display:
-    """The rich progress display on stderr (never stdout), refreshed by a trio task."""
-
-    def __init__(self, enabled: bool, rows: list[tuple[str, Flow, Optional[int]]]) -> None:
-        self.enabled = enabled
-        self.rows = rows
-        self._progress = None
-        self._ids: list = []
-
-    @contextmanager
-    def shown(self) -> Iterator["Display"]:
-        if not self.enabled:
-            yield self
-            return
-        from rich.console import Console  # imported only when shown: rich costs ~0.1 s to import
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                   TransferSpeedColumn(), TimeRemainingColumn()]
-        self._progress = Progress(*columns, console=Console(file=sys.stderr), auto_refresh=False)
-        with self._progress:
-            self._ids = [self._progress.add_task(label, total=total) for label, _, total in self.rows]
-            try:
-                yield self
-            finally:
-                self.update()
-
-    def update(self) -> None:
-        if self._progress is None:
-            return
-        for task, (_, flow, _) in zip(self._ids, self.rows):
-            self._progress.update(task, completed=flow.bytes)
-        self._progress.refresh()
-
-    async def refresh(self) -> None:
-        while True:
-            await trio.sleep(0.1)
-            self.update()
 
 
 async def _with_display(display: Display, work: Callable[[], Awaitable]) -> object:
@@ -180,7 +74,7 @@ def _stdin_size() -> Optional[int]:
 def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], no_shutdown: bool,
                     close_after: Optional[float]):
     config = PipelineConfig(shutdown=not no_shutdown, close_after=close_after, splice=not no_splice,
-                            pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit))
+                            pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit))
     stdin_plan = plan(STDIN, output=False, splice=config.splice)
     stdout_plan = plan(STDOUT, output=True, splice=config.splice)
     for fd, how in ((STDIN, stdin_plan), (STDOUT, stdout_plan)):
@@ -231,9 +125,9 @@ def connect(
     async def main() -> None:
         sock = await net.connect(where, connect_timeout or None)
         with sock:
-            await _one_connection(sock, config, stdin_plan, stdout_plan, _show_progress(progress), str(where))
+            await _one_connection(sock, config, stdin_plan, stdout_plan, show_progress(progress), str(where))
 
-    return _run(main)
+    return run_mapped(main)
 
 
 @app.command()
@@ -257,7 +151,7 @@ def listen(
     if code is not None:
         return code
     config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
-    show = _show_progress(progress)
+    show = show_progress(progress)
 
     async def accept_one(listener):
         sock, peer = await listener.accept()
@@ -288,50 +182,7 @@ def listen(
 
         await serve_until_signal(serve, lambda bound: say(f"listening on {bound}"))
 
-    return _run(main)
-
-
-@app.command()
-def send(
-    file: str = typer.Argument(..., metavar="FILE", help="A regular file to send.", show_default=False),
-    target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
-    method: str = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2)."),
-    offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
-    length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  [default: to the end]", show_default=False),
-    linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
-    connect_timeout: float = CONNECT_TIMEOUT,
-    rate_limit: Optional[str] = RATE,
-    progress: Optional[bool] = PROGRESS,
-    pipe_size: str = PIPE_SIZE,
-    verbose: int = VERBOSE,
-    quiet: bool = QUIET,
-) -> ExitCode:
-    """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
-    if method not in METHODS:
-        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
-    where = address(target, listen=False)
-    start = parse_size(offset)
-    count = parse_size(length) if length is not None else None
-    config = SendConfig(method=method, pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit),
-                        linger=linger)
-    setup_logging(verbose, quiet)
-    flow = Flow()
-
-    async def main() -> None:
-        fd, size = open_file(file)
-        try:
-            first, total = span(size, start, count)
-            display = Display(_show_progress(progress), [(os.path.basename(file), flow, total)])
-            started = trio.current_time()
-            await _with_display(display, lambda: send_file(fd, size, where, first, total, flow, config,
-                                                           connect_timeout or None))
-            elapsed = trio.current_time() - started
-            log.debug("sent %d bytes by %s in %.3fs (%.1f MB/s)", flow.bytes, method, elapsed,
-                      flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0)
-        finally:
-            os.close(fd)
-
-    return _run(main)
+    return run_mapped(main)
 
 
 @app.command()
@@ -350,7 +201,7 @@ def serve(
     if method not in METHODS:
         raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
     bind = address(listen_on, listen=True)
-    config = SendConfig(method=method, pipe_size=_pipe_size(pipe_size), rate_limit=_rate(rate_limit),
+    config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
                         linger=linger)
     setup_logging(verbose, quiet)
     state: dict = {}
@@ -364,7 +215,7 @@ def serve(
         finally:
             os.close(fd)
 
-    code = _run(main)
+    code = run_mapped(main)
     server = state.get("server")
     if code == ExitCode.OK and server is not None:
         say(f"stopped: {server.connections} connections, {server.sent} bytes sent, "

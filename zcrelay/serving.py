@@ -1,0 +1,73 @@
+"""`zcrelay serve`: one file to every client of a listener, concurrently (policy layer).
+
+Each client gets files.transfer in its own trio task, with one log line when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from zcrelay import direct, net
+from zcrelay.addresses import Address
+from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
+from zcrelay.files import SendConfig, transfer
+from zcrelay.stats import Flow
+
+log = logging.getLogger("zcrelay")
+
+
+class FileServer:
+    """Serves one file to every client of one listener, concurrently. One log line per client."""
+
+    def __init__(self, fd: int, path: str, address: Address, config: SendConfig) -> None:
+        self.fd = fd
+        self.path = path
+        self.address = address
+        self.config = config
+        self.connections = 0
+        self.sent = 0
+        self.failed = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound address with task_status.started(str), serve until cancelled."""
+        listener = await net.open_listener(self.address)
+        with listener:
+            task_status.started(net.local_name(listener))
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        sock, peer = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in NO_RESOURCES:
+                            log.warning("out of file descriptors: pausing accepts for 0.1 s")
+                            await trio.sleep(0.1)
+                        continue
+                    self.connections += 1
+                    nursery.start_soon(self._handle, sock, net.peer_name(sock, peer), self.connections)
+
+    async def _handle(self, sock: trio.socket.SocketType, peer: str, number: int) -> None:
+        flow = Flow()
+        started = trio.current_time()
+        outcome = "ok"
+        try:
+            with sock:
+                size = os.fstat(self.fd).st_size
+                await transfer(self.fd, sock, 0, size, flow, self.config)
+        except trio.Cancelled:
+            outcome = "shutdown"
+            raise
+        except (direct.FileShrank, InputFailed, ConnectionLost) as exc:
+            outcome = f"error ({exc})"
+            self.failed += 1
+        except Exception as exc:  # a bug must not take the other clients down
+            outcome = f"internal-error ({type(exc).__name__}: {exc})"
+            self.failed += 1
+        finally:
+            self.sent += flow.bytes
+            elapsed = trio.current_time() - started
+            rate = flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
+            log.info("conn=%d peer=%s sent=%d spliced=%d copied=%d duration=%.3fs rate=%.1fMB/s %s",
+                     number, peer, flow.bytes, flow.spliced, flow.copied, elapsed, rate, outcome)
