@@ -83,6 +83,11 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow:
     peer to close (at most config.linger seconds). Raises FileShrank, InputFailed or
     ConnectionLost. Closes nothing."""
     pacer = RateLimit(config.rate_limit) if config.rate_limit else None
+    blocking = waits.blocking() and isinstance(sock, socket.socket)
+    if blocking:
+        # Nothing else runs in this process: let the kernel wait inside each send, as socat's
+        # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups).
+        sock.setblocking(True)
     try:
         if config.method == "sendfile":
             await direct.send_file_sendfile(fd, sock.fileno(), offset, length, flow, pacer)
@@ -97,6 +102,9 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow:
             raise InputFailed(f"reading the file: {os.strerror(exc.errno)}") from None
         why = "the peer stopped reading" if exc.errno == errno.EPIPE else os.strerror(exc.errno).lower()
         raise ConnectionLost(f"connection lost after {flow.bytes} of {length} bytes: {why}") from None
+    finally:
+        if blocking:
+            sock.setblocking(False)  # the linger below waits with a deadline
     flow.end = "eof"
     try:
         sock.shutdown(socket.SHUT_WR)
