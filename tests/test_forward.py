@@ -267,6 +267,32 @@ async def test_connect_timeout_is_logged(zcrelay):
         assert conn_lines(err)[0].group(6) == "timeout"
 
 
+async def test_pending_connects_time_out_in_turn_while_others_are_served(zcrelay):
+    """Connect timeouts are served oldest first by one timer: two clients of a rule whose
+    target drops SYNs, started apart, both time out, while connections of another rule opened
+    in between are relayed whole."""
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        with syn_dropping_listener() as port:
+            relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{port}", "--connect-timeout", "0.6",
+                            "--rule", f"127.0.0.1:0=127.0.0.1:{server.port}", listeners=2)
+            first, second = trio.socket.socket(), trio.socket.socket()
+            with first, second:
+                await first.connect(("127.0.0.1", relay.ports[0]))
+                results = await traffic.run_clients(("127.0.0.1", relay.ports[1]), 3, MiB, MiB)
+                await second.connect(("127.0.0.1", relay.ports[0]))
+                with trio.fail_after(10):
+                    assert await read_to_eof(first) == b""
+                    assert await read_to_eof(second) == b""
+            await traffic.check(results, server)
+            nursery.cancel_scope.cancel()
+            relay.wait_for_lines(" close=", 5)
+            code, err = relay.stop()
+    closes = [m.group(6) for m in conn_lines(err)]
+    assert closes.count("timeout") == 2 and closes.count("eof") == 3, err
+    assert code == 0
+
+
 async def test_peer_vanishing_mid_stream_ends_only_that_connection(zcrelay, path):
     async with trio.open_nursery() as nursery:
         server = await serve_traffic(nursery)

@@ -106,6 +106,10 @@ class Forwarder:
         self.engine = Engine(pool=pool, splice=config.splice)
         self._numbers = 0
         self._links: set[_Link] = set()
+        # Links still connecting, oldest first. One connect timeout for all, so their deadlines
+        # come in this order, and one timer (_sweep) serves them all instead of a timer each.
+        self._connecting: dict[_Link, None] = {}
+        self._sweeper: Timer | None = None
         self._listeners: list[_Listener] = []
         self._nursery: trio.Nursery | None = None
 
@@ -139,6 +143,8 @@ class Forwarder:
                 listener.close()
             for link in list(self._links):
                 link.abandon("shutdown")
+            if self._sweeper is not None:
+                self._sweeper.cancel()
             for sock in socks:
                 sock.close()
             self.engine.close()
@@ -156,6 +162,26 @@ class Forwarder:
         link = _Link(self, client, conn, targets)
         self._links.add(link)
         link.begin()
+
+    def _arm_sweep(self) -> None:
+        timeout = self.config.connect_timeout
+        if timeout and self._sweeper is None and self._connecting:
+            oldest = next(iter(self._connecting))
+            self._sweeper = self.engine.reactor().call_at(oldest.conn.started + timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """End the links whose connect timeout has passed (the oldest first), then re-arm."""
+        self._sweeper = None
+        timeout = self.config.connect_timeout
+        assert timeout
+        now = trio.current_time()
+        while self._connecting:
+            oldest = next(iter(self._connecting))
+            if oldest.conn.started + timeout > now:
+                break
+            del self._connecting[oldest]
+            oldest.timed_out()
+        self._arm_sweep()
 
     @property
     def _full(self) -> bool:
@@ -300,7 +326,7 @@ class _Link:
     """One connection to a literal target, connected and relayed by the reactor: a state
     machine (connecting → relaying → finished) driven by callbacks that never raise."""
 
-    __slots__ = ("forwarder", "reactor", "client", "target", "conn", "targets", "timer", "pair",
+    __slots__ = ("forwarder", "reactor", "client", "target", "conn", "targets", "pair",
                  "last_error", "retry", "finished")
 
     def __init__(self, forwarder: Forwarder, client: socket.socket, conn: Connection, targets: list) -> None:
@@ -310,16 +336,14 @@ class _Link:
         self.target: socket.socket | None = None
         self.conn = conn
         self.targets = list(targets)
-        self.timer: Timer | None = None
         self.pair: Pair | None = None
         self.last_error = 0
         self.retry = 0.0  # Unix target with a full backlog: the next back-off
         self.finished = False
 
     def begin(self) -> None:
-        timeout = self.forwarder.config.connect_timeout
-        if timeout:
-            self.timer = self.reactor.call_at(self.conn.started + timeout, self._timed_out)
+        self.forwarder._connecting[self] = None  # until connected or finished: see _sweep
+        self.forwarder._arm_sweep()
         self._guard(self._next_target)
 
     def _guard(self, step, *args) -> None:
@@ -389,13 +413,11 @@ class _Link:
         self._next_target()
 
     def _connected(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.forwarder._connecting.pop(self, None)
         config = self.forwarder.config
         assert self.target is not None
-        if config.nodelay:  # the client's came from the listener
-            net.set_nodelay(self.target)
+        if config.nodelay and self.targets[0][0] != socket.AF_UNIX:  # the client's came from the listener
+            self.target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pair = Pair(self.reactor, self.client, self.target, self.conn.up, self.conn.down,
                          idle=config.idle_timeout, linger=config.linger, on_done=self._relayed,
                          closes=True)
@@ -413,8 +435,7 @@ class _Link:
             net.abort(self.target if end.side == "a" else self.client)
         self._finish(end.describe("client", "target"))
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def timed_out(self) -> None:
         timeout = self.forwarder.config.connect_timeout
         self._finish(net.ConnectError(self.conn.target, "timeout", f"timed out after {timeout:g}s").reason)
 
@@ -430,12 +451,11 @@ class _Link:
             return
         self.finished = True
         self.conn.close = close
-        if self.timer is not None:
-            self.timer.cancel()
+        self.forwarder._connecting.pop(self, None)
         if self.pair is not None:
             self.pair.close()
         if self.target is not None:
-            self.reactor.unwatch(self.target.fileno())
+            self.reactor.unwatch(self.target.fileno(), keep=True)  # close drops it from epoll
             self.target.close()
         self.client.close()
         self.forwarder._links.discard(self)
