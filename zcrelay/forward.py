@@ -7,6 +7,7 @@ prints or exits; it logs to the "zcrelay" logger, one line per finished connecti
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from zcrelay import capture, net
-from zcrelay.addresses import Address
+from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import NO_RESOURCES
 from zcrelay.excgroups import first_error
 from zcrelay.pipes import PipePool
@@ -64,12 +65,16 @@ class Connection:
 
     number: int
     rule: int
-    peer: str
+    peer_addr: object  # as accept() returned it; formatted only when a line needs it
     target: Address
     started: float
     up: Flow = field(default_factory=Flow)
     down: Flow = field(default_factory=Flow)
     close: str = "?"
+
+    @functools.cached_property
+    def peer(self) -> str:
+        return format_sockname(self.peer_addr)
 
     def log_line(self, now: float) -> str:
         spliced = self.up.spliced + self.down.spliced
@@ -149,17 +154,17 @@ class Forwarder:
                 sock.close()
             self.engine.close()
 
-    def _accepted(self, client: socket.socket, peer: object, index: int, rule: Rule) -> None:
+    def _accepted(self, client: socket.socket, peer: object, listener: "_Listener") -> None:
         self._numbers += 1
-        conn = Connection(self._numbers, index, net.peer_name(client, peer), rule.target, trio.current_time())
-        log.debug("conn=%d rule=%d accepted from %s", conn.number, index, conn.peer)
+        conn = Connection(self._numbers, listener.index, peer, listener.rule.target, trio.current_time())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn=%d rule=%d accepted from %s", conn.number, listener.index, conn.peer)
         self.totals.active += 1
-        targets = net.literal_targets(rule.target)
-        if targets is None or self.config.capture_dir:
+        if listener.targets is None or self.config.capture_dir:
             assert self._nursery is not None
             self._nursery.start_soon(self._handle, trio.socket.from_stdlib_socket(client), conn)
             return
-        link = _Link(self, client, conn, targets)
+        link = _Link(self, listener.reactor, client, conn, listener.targets)
         self._links.add(link)
         link.begin()
 
@@ -252,6 +257,8 @@ class _Listener:
         self.delay = _ACCEPT_BACKOFF[0]
         self.timer: Timer | None = None
         self.closed = False
+        # Where its connections go when no resolver is needed (None: a name, resolved each time).
+        self.targets = net.literal_targets(rule.target)
 
     def ready(self, _events: int) -> None:
         if not self.paused:
@@ -286,7 +293,7 @@ class _Listener:
             try:
                 # accept(2) does not pass O_NONBLOCK on, and splice needs it on the socket side.
                 client.setblocking(False)
-                forwarder._accepted(client, peer, self.index, self.rule)
+                forwarder._accepted(client, peer, self)
             except Exception as exc:  # a bug must not stop the listener
                 log.error("conn=%d: internal error: %s: %s", forwarder._numbers, type(exc).__name__, exc)
                 log.debug("internal error", exc_info=True)
@@ -329,9 +336,10 @@ class _Link:
     __slots__ = ("forwarder", "reactor", "client", "target", "conn", "targets", "pair",
                  "last_error", "retry", "finished")
 
-    def __init__(self, forwarder: Forwarder, client: socket.socket, conn: Connection, targets: list) -> None:
+    def __init__(self, forwarder: Forwarder, reactor: Reactor, client: socket.socket, conn: Connection,
+                 targets: list) -> None:
         self.forwarder = forwarder
-        self.reactor = forwarder.engine.reactor()
+        self.reactor = reactor
         self.client = client
         self.target: socket.socket | None = None
         self.conn = conn
