@@ -325,3 +325,37 @@ def test_run_blocking_waits_in_poll_and_refuses_to_suspend():
         timer.join()
         for fd in (r, out_r, out_w):
             os.close(fd)
+
+
+def test_blocking_deadlines_bound_waits_and_sleeps_and_nest():
+    """zcrelay.waits without trio: move_on_after bounds a poll and a sleep; a deadline belongs
+    to its own scope (an outer one that passes first is caught there, not by the inner)."""
+    import time
+
+    from zcrelay import waits
+
+    r, w = os.pipe()
+    try:
+        async def scenario():
+            seen = {}
+            started = time.monotonic()
+            with waits.move_on_after(0.05) as alone:
+                await waits.wait_readable(r)  # nothing comes
+            seen["alone"] = (alone.cancelled_caught, time.monotonic() - started)
+            with waits.move_on_after(0.05) as outer:
+                with waits.move_on_after(10) as inner:
+                    await waits.sleep_until(waits.current_time() + 10)
+            seen["nested"] = (outer.cancelled_caught, inner.cancelled_caught)
+            with waits.move_on_after(10) as roomy:
+                await waits.sleep_until(waits.current_time() + 0.01)
+            seen["roomy"] = roomy.cancelled_caught
+            return seen
+
+        seen = waits.run_blocking(scenario)
+    finally:
+        os.close(r)
+        os.close(w)
+    caught, elapsed = seen["alone"]
+    assert caught and 0.04 <= elapsed < 2, seen
+    assert seen["nested"] == (True, False), seen
+    assert seen["roomy"] is False

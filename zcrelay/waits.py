@@ -116,13 +116,13 @@ def move_on_after(seconds: float) -> Iterator[Any]:
             yield scope
         return
     scope = Scope()
-    deadline = min(_DEADLINE.get(), time.monotonic() + seconds)
-    token = _DEADLINE.set(deadline)
+    mine = time.monotonic() + seconds
+    token = _DEADLINE.set(min(_DEADLINE.get(), mine))
     try:
         yield scope
     except _Expired as exc:
-        if exc.deadline != deadline:
-            raise  # an outer scope's deadline
+        if exc.deadline < mine:
+            raise  # an outer scope's deadline, earlier than this one's
         scope.cancelled_caught = True
     finally:
         _DEADLINE.reset(token)
