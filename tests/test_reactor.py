@@ -227,3 +227,25 @@ async def test_relay_both_ways_with_half_close(path):
         assert (up.copied, down.copied) == (len(up_data), len(down_data))
         assert up.fallback == "splice disabled" and engine.fallbacks["splice disabled"] == 2
     assert engine.reactor().waiting == 0 and engine.pool.stats.destroyed_dirty == 0
+
+
+async def test_timers_run_in_order_skip_cancelled_and_survive_compaction():
+    """Reactor.call_at: callbacks run in deadline order from the timer task; cancelled ones
+    never run; compacting a heap full of cancelled timers keeps the live ones."""
+    engine = Engine()
+    reactor = engine.reactor()
+    ran = []
+    now = trio.current_time()
+    live = [reactor.call_at(now + 0.03 * (3 - i), lambda i=i: ran.append(i)) for i in range(3)]
+    dead = [reactor.call_at(now + 0.01, lambda: ran.append("dead")) for _ in range(600)]
+    for timer in dead:
+        timer.cancel()
+    soon = reactor.call_soon(lambda: ran.append("soon"))
+    with trio.fail_after(5):
+        while len(ran) < 4:
+            await trio.sleep(0.01)
+    assert ran == ["soon", 2, 1, 0], ran
+    assert not reactor._timers  # the cancelled ones were dropped, not kept
+    soon.cancel()  # after it ran: harmless
+    live[0].cancel()
+    engine.close()
