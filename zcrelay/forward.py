@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from zcrelay import capture, net
+from zcrelay import capture, mover, net
 from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import NO_RESOURCES
 from zcrelay.excgroups import first_error
@@ -385,7 +385,7 @@ class _Link:
         if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
             # A Unix listener with a full backlog answers EAGAIN and offers nothing to wait on:
             # retry with back-off, within the connect timeout (as mover.connect does).
-            self.retry = min(2 * self.retry, 0.2) if self.retry else 0.005
+            self.retry = mover.unix_retry_delay(self.retry)
             self.reactor.call_at(trio.current_time() + self.retry, lambda: self._retry_unix(sock, sockaddr))
             return True
         if err == 0:
@@ -444,11 +444,10 @@ class _Link:
         self._finish(end.describe("client", "target"))
 
     def timed_out(self) -> None:
-        timeout = self.forwarder.config.connect_timeout
-        self._finish(net.ConnectError(self.conn.target, "timeout", f"timed out after {timeout:g}s").reason)
+        self._finish("timeout")
 
     def _fail(self, err: int) -> None:
-        self._finish(net.connect_error(self.conn.target, err).reason)
+        self._finish(net.connect_reason(err))
 
     def abandon(self, why: str) -> None:
         """End now (the forwarder is shutting down)."""

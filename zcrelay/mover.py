@@ -17,11 +17,10 @@ import os
 import socket
 from typing import Awaitable, Callable
 
-from zcrelay import syscalls
+from zcrelay import syscalls, waits
 from zcrelay.errors import OutOfResources, SpliceRefused, translate
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
-from zcrelay import waits
 from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
 SOURCE = "source"
@@ -177,12 +176,12 @@ async def connect(sock: socket.socket, sockaddr) -> None:
     it on failure or cancellation.
     """
     err = sock.connect_ex(sockaddr)
-    delay = 0.005
+    delay = 0.0
     while err == errno.EAGAIN and sock.family == socket.AF_UNIX:
         # A Unix listener whose backlog is full answers EAGAIN, not EINPROGRESS, and offers
         # nothing to wait on: back off and retry (the caller's connect timeout bounds this).
+        delay = unix_retry_delay(delay)
         await waits.sleep_until(waits.current_time() + delay)
-        delay = min(2 * delay, 0.2)
         err = sock.connect_ex(sockaddr)
     if err == errno.EINPROGRESS:
         await wait_writable(sock.fileno())
@@ -191,6 +190,12 @@ async def connect(sock: socket.socket, sockaddr) -> None:
         await checkpoint()
     if err:
         raise OSError(err, os.strerror(err))
+
+
+def unix_retry_delay(previous: float) -> float:
+    """The next wait before retrying a connect that a full Unix backlog refused with EAGAIN:
+    5 ms, doubling up to 200 ms (previous 0: the first retry)."""
+    return min(2 * previous, 0.2) if previous else 0.005
 
 
 async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZE,

@@ -14,7 +14,6 @@ import os
 import socket
 import stat
 import struct
-
 from typing import TYPE_CHECKING
 
 from zcrelay import mover, waits
@@ -162,9 +161,14 @@ def literal_targets(address: Address) -> list[tuple[int, object]] | None:
     return None
 
 
+def connect_reason(err: int) -> str:
+    """The one word a log line gives for a connect that failed with `err`."""
+    return _CONNECT_REASONS.get(err or errno.EIO, "error")
+
+
 def connect_error(address: Address, err: int) -> ConnectError:
     err = err or errno.EIO
-    return ConnectError(address, _CONNECT_REASONS.get(err, "error"), os.strerror(err).lower())
+    return ConnectError(address, connect_reason(err), os.strerror(err).lower())
 
 
 def stream_socket(family: int) -> socket.socket:
