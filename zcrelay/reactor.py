@@ -174,12 +174,8 @@ class Reactor:
             s.pending = None
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
-            if closing:
-                continue
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass  # never registered (unpollable), or already closed
+            if not closing:
+                self._unregister(fd)
 
     # -- fds and deadlines of the layers above -------------------------------------------------
 
@@ -198,10 +194,13 @@ class Reactor:
         over (a connected socket becoming a stream); otherwise call before closing it."""
         self._watchers.pop(fd, None)
         if not keep:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+            self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # never registered (unpollable), or already closed
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         """Run `callback()` once trio's clock reaches `when` (from the timer task)."""
@@ -233,8 +232,8 @@ class Reactor:
                 timer.callback = None
                 callback()
             if self._cancelled_timers > 256 and 2 * self._cancelled_timers > len(timers):
-                # Connect timeouts are set and cancelled on every connection: compact, as
-                # asyncio does, rather than keep thousands of dead entries.
+                # Linger and idle timers are set and cancelled on most connections: compact,
+                # as asyncio does, rather than keep thousands of dead entries.
                 timers[:] = [t for t in timers if t.callback is not None]
                 heapq.heapify(timers)
                 self._cancelled_timers = 0

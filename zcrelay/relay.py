@@ -25,7 +25,7 @@ from zcrelay.stats import Flow
 
 
 class Endpoint(Protocol):
-    """A connected stream: trio sockets are endpoints."""
+    """A connected stream: trio and stdlib sockets are endpoints."""
 
     def fileno(self) -> int: ...
 
@@ -147,6 +147,11 @@ class _Relay:
             self.linger_at = trio.current_time() + self.linger
             self._deadline_moved()
 
+    def _end_idle(self) -> None:
+        if self.end is None:
+            self.end = RelayEnd("idle")
+        self._stop()
+
     def _stop(self) -> None:
         raise NotImplementedError
 
@@ -210,9 +215,7 @@ class Pair(_Relay):
         if now >= self.linger_at:
             self._stop()  # ends as "linger"
         elif self.idle and now >= self.last_activity + self.idle:
-            if self.end is None:
-                self.end = RelayEnd("idle")
-            self._stop()
+            self._end_idle()
         else:  # bytes moved since: wait for the new deadline
             self._timer = self.reactor.call_at(self._deadline(), self._on_deadline)
 
@@ -262,9 +265,7 @@ class _TaskRelay(_Relay):
         while True:
             await trio.sleep_until(self.last_activity + idle)
             if trio.current_time() >= self.last_activity + idle:
-                if self.end is None:
-                    self.end = RelayEnd("idle")
-                self._stop()
+                self._end_idle()
                 return
 
 
