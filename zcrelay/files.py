@@ -83,7 +83,7 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow:
     peer to close (at most config.linger seconds). Raises FileShrank, InputFailed or
     ConnectionLost. Closes nothing."""
     pacer = RateLimit(config.rate_limit) if config.rate_limit else None
-    blocking = waits.blocking() and isinstance(sock, socket.socket)
+    blocking = waits.blocking()  # then `sock` is a stdlib socket (net.connect)
     if blocking:
         # Nothing else runs in this process: let the kernel wait inside each send, as socat's
         # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups).

@@ -11,12 +11,11 @@ import os
 from dataclasses import dataclass, field
 
 from zcrelay import syscalls, teeing
-from zcrelay.excgroups import BaseExceptionGroup, first_error
 from zcrelay.errors import StreamError, ZcrelayError
+from zcrelay.excgroups import BaseExceptionGroup, first_error
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
-
 
 log = logging.getLogger("zcrelay")
 

@@ -31,9 +31,8 @@ from zcrelay import syscalls
 from zcrelay.errors import StreamError, translate
 from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, write_all
 from zcrelay.pipes import Pipe
-from zcrelay.waits import checkpoint, wait_readable, wait_writable
 from zcrelay.stats import Flow
-
+from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
 log = logging.getLogger("zcrelay")
 

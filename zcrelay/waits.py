@@ -21,16 +21,16 @@ from typing import Any, Awaitable, Callable, Iterator
 
 _BLOCKING = contextvars.ContextVar("zcrelay_blocking", default=False)
 _DEADLINE = contextvars.ContextVar("zcrelay_deadline", default=math.inf)  # time.monotonic()
-_lowlevel: Any = None  # trio.lowlevel, once a trio wait has been made
+_trio_module: Any = None  # trio, once a trio wait has been made
 
 
 def _trio() -> Any:
-    global _lowlevel
-    if _lowlevel is None:
-        import trio.lowlevel
+    global _trio_module
+    if _trio_module is None:
+        import trio
 
-        _lowlevel = trio.lowlevel
-    return _lowlevel
+        _trio_module = trio
+    return _trio_module
 
 
 class _Expired(Exception):
@@ -62,19 +62,19 @@ async def wait_readable(fd: int) -> None:
     if _BLOCKING.get():
         _block(fd, select.POLLIN)
     else:
-        await _trio().wait_readable(fd)
+        await _trio().lowlevel.wait_readable(fd)
 
 
 async def wait_writable(fd: int) -> None:
     if _BLOCKING.get():
         _block(fd, select.POLLOUT)
     else:
-        await _trio().wait_writable(fd)
+        await _trio().lowlevel.wait_writable(fd)
 
 
 async def checkpoint() -> None:
     if not _BLOCKING.get():
-        await _trio().checkpoint()
+        await _trio().lowlevel.checkpoint()
 
 
 def current_time() -> float:
@@ -84,9 +84,7 @@ def current_time() -> float:
 async def sleep_until(when: float) -> None:
     """Sleep until `when` (current_time's clock)."""
     if not _BLOCKING.get():
-        import trio
-
-        await trio.sleep_until(when)
+        await _trio().sleep_until(when)
         return
     while True:
         now = time.monotonic()
@@ -110,9 +108,7 @@ def move_on_after(seconds: float) -> Iterator[Any]:
     """trio.move_on_after in a trio run; in blocking mode, a deadline for the waits inside.
     Check `scope.cancelled_caught` after the block."""
     if not _BLOCKING.get():
-        import trio
-
-        with trio.move_on_after(seconds) as scope:
+        with _trio().move_on_after(seconds) as scope:
             yield scope
         return
     scope = Scope()
