@@ -16,11 +16,12 @@ import typer
 from zcrelay import net
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, NO_SPLICE, PIPE_SIZE, PROGRESS, QUIET, RATE, VERBOSE,
-                                  Display, pipe_size_value, rate_value, run_mapped, show_progress)
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, PROGRESS, QUIET, RATE,
+                                  VERBOSE, Display, method_value, pipe_size_value, rate_value, run_mapped,
+                                  show_progress)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
-from zcrelay.files import METHODS, SendConfig, open_file
+from zcrelay.files import SendConfig, open_file
 from zcrelay.pipeline import STDIN, STDOUT, ConnectionLost, PipelineConfig, grow_pipe, plan, run_pipeline
 from zcrelay.serving import FileServer
 from zcrelay.stats import Flow
@@ -189,7 +190,7 @@ def listen(
 def serve(
     file: str = typer.Argument(..., metavar="FILE", help="A regular file to serve.", show_default=False),
     listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
-    method: str = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2)."),
+    method: str = METHOD,
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
     rate_limit: Optional[str] = RATE,
     pipe_size: str = PIPE_SIZE,
@@ -198,8 +199,7 @@ def serve(
 ) -> ExitCode:
     """Send FILE to every client that connects to --listen, concurrently, zero-copy; one log
     line per connection. SIGINT or SIGTERM stop it with exit code 0."""
-    if method not in METHODS:
-        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
+    method = method_value(method)
     bind = address(listen_on, listen=True)
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
                         linger=linger)

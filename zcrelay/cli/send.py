@@ -14,10 +14,10 @@ import typer
 
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, parse_size, setup_logging
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, PIPE_SIZE, PROGRESS, QUIET, RATE, VERBOSE, Display,
-                                  pipe_size_value, rate_value, run_mapped, show_progress)
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, PROGRESS, QUIET, RATE, VERBOSE, Display,
+                                  method_value, pipe_size_value, rate_value, run_mapped, show_progress)
 from zcrelay.exitcodes import ExitCode
-from zcrelay.files import METHODS, SendConfig, open_file, send as send_file, span
+from zcrelay.files import SendConfig, open_file, send as send_file, span
 from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
@@ -27,7 +27,7 @@ log = logging.getLogger("zcrelay")
 def send(
     file: str = typer.Argument(..., metavar="FILE", help="A regular file to send.", show_default=False),
     target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
-    method: str = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2)."),
+    method: str = METHOD,
     offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
     length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  [default: to the end]", show_default=False),
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
@@ -39,8 +39,7 @@ def send(
     quiet: bool = QUIET,
 ) -> ExitCode:
     """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
-    if method not in METHODS:
-        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
+    method = method_value(method)
     where = address(target, listen=False)
     start = parse_size(offset)
     count = parse_size(length) if length is not None else None

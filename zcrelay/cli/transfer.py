@@ -25,7 +25,7 @@ from zcrelay.direct import FileShrank
 from zcrelay.errors import ConnectionLost, InputFailed, OutputClosed, OutputFailed
 from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
-from zcrelay.files import BadRange
+from zcrelay.files import METHODS, BadRange
 from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
@@ -47,6 +47,7 @@ RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap throughpu
 NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison).")
 PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
 CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer (0: none).")
+METHOD = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2).")
 
 
 def run_mapped(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True) -> ExitCode:
@@ -66,6 +67,12 @@ def run_mapped(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: boo
             raise
 
     return run(mapped, with_trio=with_trio)
+
+
+def method_value(method: str) -> str:
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
+    return method
 
 
 def rate_value(text: Optional[str]) -> Optional[int]:
