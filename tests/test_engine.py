@@ -227,10 +227,7 @@ async def test_cancelled_mid_stream_destroys_the_pipe_holding_bytes():
     pool = PipePool(size=65536)
     with trio.move_on_after(0.2):
         async with trio.open_nursery() as nursery:
-            async def feed():
-                while True:
-                    await a_in.send(b"y" * 65536)
-            nursery.start_soon(feed)
+            nursery.start_soon(traffic.flood, a_in)
             await mover.splice_stream(a_out.fileno(), b_in.fileno(), pool, Flow())  # nobody reads b_out
     assert pool.stats.destroyed_dirty == 1
     assert pool.idle == 0

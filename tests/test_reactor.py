@@ -169,10 +169,7 @@ async def test_cancelled_relay_destroys_the_pipe_holding_bytes():
     engine = Engine(pool=PipePool(size=65536))
     with trio.move_on_after(0.3):
         async with trio.open_nursery() as nursery:
-            async def feed():
-                while True:
-                    await client.send(b"y" * 65536)
-            nursery.start_soon(feed)
+            nursery.start_soon(traffic.flood, client)
             await relay(a, b, engine, Flow(), Flow())
     assert engine.pool.stats.destroyed_dirty == 1
     assert engine.pool.idle == 0

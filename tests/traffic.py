@@ -50,6 +50,13 @@ async def recv_all(sock, rng: random.Random, max_chunk: int = 256 * 1024) -> tup
         total += len(data)
 
 
+async def flood(sock, chunk: int = 65536) -> None:
+    """Send until cancelled: fills whatever is downstream when nobody reads the far end."""
+    data = b"y" * chunk
+    while True:
+        await sock.send(data)
+
+
 async def recv_exactly(sock, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
