@@ -97,12 +97,12 @@ class Running:
 
 
 def start_zcrelay(*args: str, listeners: int = 1, prefix: list[str] | None = None,
-                  preexec_fn=None, cwd: str | None = None) -> Running:
-    """Start `zcrelay ARGS` and wait (by reading stderr, no sleep) until it has printed
-    `listeners` "listening on" lines. Raises if it exits first."""
+                  preexec_fn=None, cwd: str | None = None, env: dict[str, str] | None = None) -> Running:
+    """Start `zcrelay ARGS` (with `env` added to the environment) and wait (by reading stderr,
+    no sleep) until it has printed `listeners` "listening on" lines. Raises if it exits first."""
     argv = (prefix or []) + zcrelay_argv(*args)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=zcrelay_env(),
+                            stderr=subprocess.PIPE, text=True, env=zcrelay_env(**(env or {})),
                             preexec_fn=preexec_fn, cwd=cwd, start_new_session=True)
     running = Running(proc, [])
     while len(running.addresses) < listeners:

@@ -33,10 +33,14 @@ async def serve_traffic(nursery) -> traffic.Server:
 
 
 @pytest.mark.slow
-async def test_64_connections_8mib_each_way_arrive_intact(zcrelay, path):
+@pytest.mark.parametrize("loop", ["hosted", "trio"])
+async def test_64_connections_8mib_each_way_arrive_intact(zcrelay, path, loop):
+    """Both loops: forward's own (trio as the reactor's guest) and ZCRELAY_LOOP=trio (the
+    reactor as trio tasks, as the library runs it under trio.run)."""
+    env = {"ZCRELAY_LOOP": "trio"} if loop == "trio" else {}
     async with trio.open_nursery() as nursery:
         server = await serve_traffic(nursery)
-        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "-q", *path_args(path))
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "-q", *path_args(path), env=env)
         results = await traffic.run_clients(("127.0.0.1", relay.port), 64, 8 * MiB, 8 * MiB)
         await traffic.check(results, server)
         nursery.cancel_scope.cancel()

@@ -222,26 +222,38 @@ class Reactor:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            now = trio.current_time()
-            while timers and timers[0].when <= now:
-                timer = heapq.heappop(timers)
-                callback = timer.callback
-                if callback is None:
-                    self._cancelled_timers -= 1
-                    continue
-                timer.callback = None
-                callback()
-            if self._cancelled_timers > 256 and 2 * self._cancelled_timers > len(timers):
-                # Linger and idle timers are set and cancelled on most connections: compact,
-                # as asyncio does, rather than keep thousands of dead entries.
-                timers[:] = [t for t in timers if t.callback is not None]
-                heapq.heapify(timers)
-                self._cancelled_timers = 0
+            self._run_due_timers(trio.current_time())
+
+    def _run_due_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            callback = timer.callback
+            if callback is None:
+                self._cancelled_timers -= 1
+                continue
+            timer.callback = None
+            callback()
+        if self._cancelled_timers > 256 and 2 * self._cancelled_timers > len(timers):
+            # Linger and idle timers are set and cancelled on most connections: compact,
+            # as asyncio does, rather than keep thousands of dead entries.
+            timers[:] = [t for t in timers if t.callback is not None]
+            heapq.heapify(timers)
+            self._cancelled_timers = 0
 
     def _wake(self) -> None:
         """Make the reactor task take a turn: work was queued from another task."""
         if not self._stepping and not self._epoll.closed:
             os.eventfd_write(self._wakeup, 1)
+
+    def add_wakeup(self, fd: int) -> None:
+        """Wake this reactor's epoll_wait whenever `fd` (an eventfd the caller writes) is
+        written to. Its events are ignored: the wait only has to end."""
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
 
     @property
     def waiting(self) -> int:
@@ -289,13 +301,32 @@ class Reactor:
             finally:
                 self._stepping = False
 
-    def _turn(self) -> bool:
-        """Step whatever is ready now; return whether anything was."""
+    def host_turn(self, idle: bool) -> None:
+        """One turn of the reactor as the host loop (zcrelay.hosting): wait in epoll until an
+        fd is ready or the next deadline (not at all unless `idle`), step what is ready, run
+        the timers that are due."""
+        timeout = 0.0
+        if idle and not self._ready:
+            timers = self._timers
+            while timers and timers[0].callback is None:
+                heapq.heappop(timers)
+                self._cancelled_timers -= 1
+            timeout = max(0.0, timers[0].when - trio.current_time()) if timers else -1
+        self._stepping = True
+        try:
+            self._turn(timeout)
+        finally:
+            self._stepping = False
+        if self._timers:
+            self._run_due_timers(trio.current_time())
+
+    def _turn(self, timeout: float = 0) -> bool:
+        """Step whatever is ready now (or within `timeout` seconds); return whether anything was."""
         batch = self._ready
         self._ready = []
         readers, writers = self._readers, self._writers
         self._turns = turn = self._turns + 1
-        for fd, events in self._epoll.poll(0, _MAX_EVENTS):
+        for fd, events in self._epoll.poll(timeout, _MAX_EVENTS):
             watcher = self._watchers.get(fd)
             if watcher is not None:
                 # An fd number closed and reused by a watch earlier in this batch: the event

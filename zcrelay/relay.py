@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from zcrelay import capture as capturing, mover, syscalls
+from zcrelay import capture as capturing, hosting, mover, syscalls
 from zcrelay.errors import SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor
@@ -53,8 +53,11 @@ class Engine:
             self._reactor = Reactor(self.pool, splice=self.splice, max_chunk=self.max_chunk,
                                     copy_bufsize=self.copy_bufsize, fallbacks=self.fallbacks)
             self._reactor_run = token
-            trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
-            trio.lowlevel.spawn_system_task(self._reactor.run_timers, name="zcrelay reactor timers")
+            host = hosting.current()
+            if host is None or not host.adopt(self._reactor):
+                # Under trio.run: trio tasks run it. (Under hosting.run, the host loop does.)
+                trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
+                trio.lowlevel.spawn_system_task(self._reactor.run_timers, name="zcrelay reactor timers")
         return self._reactor
 
     def close(self) -> None:

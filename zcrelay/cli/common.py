@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import signal
 import sys
@@ -86,9 +87,13 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     raise exc
 
 
-def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True) -> ExitCode:
+def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True, hosted: bool = False) -> ExitCode:
     """Run `main` under trio (or, `with_trio=False`, with blocking waits and without importing
-    trio: see zcrelay.waits); turn any failure into a one-line message and an exit code."""
+    trio: see zcrelay.waits); turn any failure into a one-line message and an exit code.
+
+    `hosted`: trio runs as the guest of the reactor's loop (zcrelay.hosting), for commands
+    whose bytes the reactor moves (forward). ZCRELAY_LOOP=trio runs them under trio.run
+    instead, for tests and comparisons."""
     try:
         if not with_trio:
             from zcrelay.waits import run_blocking
@@ -96,7 +101,15 @@ def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = Tru
             return run_blocking(main) or ExitCode.OK
         import trio
 
-        return trio.run(main) or ExitCode.OK
+        if not hosted or os.environ.get("ZCRELAY_LOOP") == "trio":
+            return trio.run(main) or ExitCode.OK
+        from zcrelay.hosting import Host
+
+        with Host() as host:  # trio as the guest of the reactor's loop (zcrelay.hosting)
+            trio.lowlevel.start_guest_run(main, run_sync_soon_threadsafe=host.call_threadsafe,
+                                          run_sync_soon_not_threadsafe=host.call_soon,
+                                          done_callback=host.done)
+            return host.loop().unwrap() or ExitCode.OK
     except BaseException as exc:  # the CLI boundary: everything becomes a code and a line
         if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
             raise

@@ -412,7 +412,10 @@ which forms are accepted.
 """
 
 ENVIRONMENT = """
-zcrelay reads no environment variables of its own. Logs are plain text, whatever TERM says.
+zcrelay reads one environment variable of its own, ZCRELAY_LOOP. By default forward (without
+--capture-dir) runs trio as the guest of its own epoll loop, so that a wake-up for bytes costs
+no trip through trio's scheduler; ZCRELAY_LOOP=trio runs it under trio.run instead, as the
+library does (for comparison and for tests). Logs are plain text, whatever TERM says.
 """
 
 FILES = [

@@ -130,7 +130,8 @@ def run_forwarder(settings: ForwardConfig, note: str = "") -> ExitCode:
     async def main() -> None:
         await serve_until_signal(forwarder.serve, ready)
 
-    code = run(main)
+    # The reactor moves the bytes: let it own the loop, unless captures (tasks) do the work.
+    code = run(main, hosted=settings.capture_dir is None)
     if code == ExitCode.OK:
         say(summary(forwarder.totals))
     return code
