@@ -87,7 +87,7 @@ class Host:
                     poll.poll()
                     _drain(self._wakeup)
             else:
-                reactor.host_turn(idle=not queue)
+                reactor.host_run(queue)
         return self._outcome
 
 

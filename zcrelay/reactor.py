@@ -301,24 +301,31 @@ class Reactor:
             finally:
                 self._stepping = False
 
-    def host_turn(self, idle: bool) -> None:
-        """One turn of the reactor as the host loop (zcrelay.hosting): wait in epoll until an
-        fd is ready or the next deadline (not at all unless `idle`), step what is ready, run
-        the timers that are due."""
-        timeout = 0.0
-        if idle and not self._ready:
-            timers = self._timers
-            while timers and timers[0].callback is None:
-                heapq.heappop(timers)
-                self._cancelled_timers -= 1
-            timeout = max(0.0, timers[0].when - trio.current_time()) if timers else -1
+    def host_run(self, queue) -> None:
+        """Run as the host loop (zcrelay.hosting): wait in epoll until an fd is ready or the
+        next deadline, step what is ready, run the timers that are due; return as soon as
+        `queue` (the host's other callbacks: trio's ticks) holds work, after one turn at least,
+        or when the reactor is closed."""
+        timers = self._timers
+        now = trio.lowlevel.current_clock().current_time  # trio's clock, without its wrapper
+        turn = self._turn
         self._stepping = True
         try:
-            self._turn(timeout)
+            while True:
+                if queue or self._ready:
+                    timeout = 0.0
+                else:
+                    while timers and timers[0].callback is None:
+                        heapq.heappop(timers)
+                        self._cancelled_timers -= 1
+                    timeout = max(0.0, timers[0].when - now()) if timers else -1
+                turn(timeout)
+                if timers and timers[0].when <= now():
+                    self._run_due_timers(now())
+                if queue or self._epoll.closed:
+                    return
         finally:
             self._stepping = False
-        if self._timers:
-            self._run_due_timers(trio.current_time())
 
     def _turn(self, timeout: float = 0) -> bool:
         """Step whatever is ready now (or within `timeout` seconds); return whether anything was."""
