@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import select
 import socket
 
 import pytest
@@ -248,11 +249,14 @@ async def test_timers_run_in_order_skip_cancelled_and_survive_compaction():
     engine.close()
 
 
+@pytest.mark.parametrize("deaf", [False, True], ids=["", "out-deafened-first"])
 @pytest.mark.parametrize("path", ["splice", "copy"])
-async def test_source_is_not_heard_while_the_destination_is_full_and_nothing_is_lost(path):
+async def test_source_is_not_heard_while_the_destination_is_full_and_nothing_is_lost(path, deaf):
     """A stream waiting for its destination to drain is not woken by data reaching its source
     (on bulk transfers those wake-ups were 40-50% of all); once the destination drains, the
-    source is asked again and every byte it got meanwhile arrives, in order."""
+    source is asked again and every byte it got meanwhile arrives, in order. With `deaf`, the
+    destination had stopped asking for EPOLLOUT (as after a wake-up nobody waited for): the
+    stream's wait must ask for it again, or it would never be woken."""
     engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
     (client, a), (b, server) = await _two_pairs()
     reactor = engine.reactor()
@@ -276,6 +280,10 @@ async def test_source_is_not_heard_while_the_destination_is_full_and_nothing_is_
             done.set()
 
         nursery.start_soon(run_relay)
+        await trio.testing.wait_all_tasks_blocked()
+        if deaf:
+            reactor._deafen(b.fileno(), select.EPOLLOUT)
+            assert not reactor._masks[b.fileno()] & select.EPOLLOUT
         with trio.fail_after(20):
             # Nobody reads `server`: send until the stream waits on its destination.
             while b.fileno() not in reactor._writers:
