@@ -3,9 +3,11 @@
 Why: with a trio task per direction, every message costs a trip through trio's scheduler
 (wait_readable, epoll_ctl, reschedule, resume the coroutine) and that trip cost more CPU than
 the splices it waited for: on HTTP keep-alive through the relay, 46 µs of relay CPU per request
-against 25 µs with this reactor (HAProxy: 13-17 µs). Here one trio task waits on one epoll fd
-that holds every stream's sockets; when it is readable, the ready streams are stepped by plain
-function calls until their next EAGAIN. A connection costs no task switch per message.
+against 25 µs with this reactor (HAProxy: 13-17 µs). Here one epoll fd holds every stream's
+sockets; when it is readable, the ready streams are stepped by plain function calls until their
+next EAGAIN. A connection costs no task switch per message. Who waits on that epoll fd: under
+trio.run a trio task (`run`); under zcrelay.hosting the main thread itself (`host_run`), with
+trio as its guest, so a wake-up skips trio's scheduler altogether.
 
 Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per direction:
 - try the syscall first, wait only on EAGAIN; at the top of each turn the stream holds no pipe
@@ -109,7 +111,7 @@ class Timer:
 
 class Reactor:
     """Moves the streams of one trio run. Start `run` and `run_timers` in tasks (Engine does,
-    as system tasks)."""
+    as system tasks), or let a zcrelay.hosting.Host call `host_run`."""
 
     def __init__(self, pool: PipePool, *, splice: bool = True, max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE,
                  copy_bufsize: int = COPY_BUFSIZE, fallbacks: Counter | None = None) -> None:

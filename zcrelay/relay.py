@@ -45,7 +45,8 @@ class Engine:
     _reactor_run: object = field(default=None, init=False, repr=False)
 
     def reactor(self) -> Reactor:
-        """The reactor of the current trio run, started (as a system task) on first use."""
+        """The reactor of the current trio run, started on first use: adopted by the run's
+        host loop (zcrelay.hosting) if it has one, otherwise run by two trio system tasks."""
         token = trio.lowlevel.current_trio_token()
         if self._reactor is None or self._reactor_run is not token:
             if self._reactor is not None:
@@ -55,7 +56,7 @@ class Engine:
             self._reactor_run = token
             host = hosting.current()
             if host is None or not host.adopt(self._reactor):
-                # Under trio.run: trio tasks run it. (Under hosting.run, the host loop does.)
+                # Under trio.run (or a host that already has one): trio tasks run it.
                 trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
                 trio.lowlevel.spawn_system_task(self._reactor.run_timers, name="zcrelay reactor timers")
         return self._reactor
