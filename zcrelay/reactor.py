@@ -358,8 +358,11 @@ class Reactor:
                 s = writers.pop(fd, None)
                 if s is not None:
                     batch.append(s)
-                elif events & select.EPOLLOUT:
-                    self._deafen(fd, select.EPOLLOUT)  # nobody waits to write: see _wait
+                elif not events & _READABLE:
+                    # Only writable, and nobody waits to write: stop asking (see _deafen).
+                    # Not on every event that reports EPOLLOUT beside EPOLLIN, which would
+                    # cost a short connection an epoll_ctl for each of its sockets.
+                    self._deafen(fd, select.EPOLLOUT)
         step = self._step
         for s in batch:
             if not s.done:
