@@ -250,6 +250,7 @@ class _Listener:
         self.forwarder = forwarder
         self.reactor = reactor
         self.sock = sock
+        self.family = int(sock.family)
         self.index = index
         self.rule = rule
         self.paused = False  # waiting for the back-off timer
@@ -275,11 +276,14 @@ class _Listener:
     def accept(self) -> None:
         """Accept until EAGAIN (the listener is edge-triggered), --max-conns, or a batch."""
         forwarder = self.forwarder
+        accept, family = self.sock._accept, self.family
         for _ in range(_ACCEPT_BATCH):
             if forwarder._full or self.paused:
                 return  # the rest wait in the backlog; _finished or the timer resumes us
             try:
-                client, peer = self.sock.accept()
+                # The C-level accept: socket.accept() would also turn the listener's family and
+                # type into enums on every call, a measurable share of a short connection.
+                fd, peer = accept()
             except BlockingIOError:
                 if self.starved:  # the backlog is served: the shortage is over
                     log.warning("accepting again on %s", self.rule.listen)
@@ -290,14 +294,19 @@ class _Listener:
                     continue
                 self._back_off(exc)
                 return
+            client = None
             try:
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 # accept(2) does not pass O_NONBLOCK on, and splice needs it on the socket side.
                 client.setblocking(False)
                 forwarder._accepted(client, peer, self)
             except Exception as exc:  # a bug must not stop the listener
                 log.error("conn=%d: internal error: %s: %s", forwarder._numbers, type(exc).__name__, exc)
                 log.debug("internal error", exc_info=True)
-                client.close()
+                if client is None:
+                    os.close(fd)
+                else:
+                    client.close()
         self.resume()  # more may be waiting: go on after the others had a turn
 
     def _back_off(self, exc: OSError) -> None:
