@@ -113,7 +113,21 @@ def test_guest_errors_come_out_of_the_loop():
 
 
 def test_one_host_at_a_time():
-    with hosting.Host():
+    outer = hosting.Host()
+    with outer:
         with pytest.raises(RuntimeError):
             with hosting.Host():
                 pass
+    os.close(outer._wakeup)  # left open: no guest run ended
+
+
+def test_an_exception_out_of_the_loop_leaves_the_wakeup_fd_open():
+    """If the loop itself raises (a KeyboardInterrupt outside any signal receiver), trio's
+    helper thread may still post to the eventfd: closing it could hand its number to another
+    file that the thread would then write to."""
+    host = hosting.Host()
+    with pytest.raises(KeyboardInterrupt):
+        with host:
+            raise KeyboardInterrupt
+    os.fstat(host._wakeup)  # still open
+    os.close(host._wakeup)

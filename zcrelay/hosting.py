@@ -27,8 +27,8 @@ _current: "Host | None" = None
 
 
 class Host:
-    """The loop of one `run`: a queue of callbacks (trio's ticks, mostly) and, once an engine
-    asks for one, the reactor whose epoll it waits in."""
+    """The loop of one guest run: a queue of callbacks (trio's ticks, mostly) and, once an
+    engine asks for one, the reactor whose epoll it waits in."""
 
     def __init__(self) -> None:
         self.reactor: Reactor | None = None
@@ -66,7 +66,10 @@ class Host:
     def __exit__(self, *exc_info) -> None:
         global _current
         _current = None
-        os.close(self._wakeup)
+        if self._outcome is not None:
+            os.close(self._wakeup)
+        # else the guest run was abandoned (an exception out of the loop): trio's helper thread
+        # may still post to the eventfd, so it stays open rather than risk a reused fd number.
 
     def loop(self):
         """Run until the guest run is done (see `done`); return its outcome. Inside `with self`,
