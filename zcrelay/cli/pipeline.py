@@ -17,8 +17,8 @@ from zcrelay import net
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, PROGRESS, QUIET, RATE,
-                                  VERBOSE, Display, method_value, pipe_size_value, rate_value, run_mapped,
-                                  show_progress)
+                                  TARGET, VERBOSE, Display, method_value, pipe_size_value, rate_value,
+                                  run_mapped, show_progress)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file
@@ -104,7 +104,7 @@ async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool,
 
 @app.command()
 def connect(
-    target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
+    target: str = TARGET,
     no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open (the default shuts it down, like nc -N)."),
     close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF, even if the peer has not closed.", show_default=False),
     connect_timeout: float = CONNECT_TIMEOUT,

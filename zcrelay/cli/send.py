@@ -14,8 +14,8 @@ import typer
 
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, parse_size, setup_logging
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, PROGRESS, QUIET, RATE, VERBOSE, Display,
-                                  method_value, pipe_size_value, rate_value, run_mapped, show_progress)
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, PROGRESS, QUIET, RATE, TARGET, VERBOSE,
+                                  Display, method_value, pipe_size_value, rate_value, run_mapped, show_progress)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file, send as send_file, span
 from zcrelay.stats import Flow
@@ -26,7 +26,7 @@ log = logging.getLogger("zcrelay")
 @app.command()
 def send(
     file: str = typer.Argument(..., metavar="FILE", help="A regular file to send.", show_default=False),
-    target: str = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
+    target: str = TARGET,
     method: str = METHOD,
     offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
     length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  [default: to the end]", show_default=False),
