@@ -225,13 +225,21 @@ class Reactor:
 
     async def run_timers(self) -> None:
         """Run callbacks as their deadlines pass, until the reactor is closed."""
-        timers = self._timers
         while not self._epoll.closed:
-            with trio.CancelScope(deadline=timers[0].when if timers else math.inf) as scope:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
             self._run_due_timers(trio.current_time())
+
+    def _next_deadline(self) -> float:
+        """When the earliest live timer is due (inf: none). Cancelled ones ahead of it are
+        dropped, so a cancelled deadline never causes a wake-up."""
+        timers = self._timers
+        while timers and timers[0].callback is None:
+            heapq.heappop(timers)
+            self._cancelled_timers -= 1
+        return timers[0].when if timers else math.inf
 
     def _run_due_timers(self, now: float) -> None:
         timers = self._timers
@@ -324,13 +332,13 @@ class Reactor:
                 if queue or self._ready:
                     timeout = 0.0
                 else:
-                    while timers and timers[0].callback is None:
-                        heapq.heappop(timers)
-                        self._cancelled_timers -= 1
-                    timeout = max(0.0, timers[0].when - now()) if timers else -1
+                    deadline = self._next_deadline()
+                    timeout = -1 if deadline == math.inf else max(0.0, deadline - now())
                 turn(timeout)
-                if timers and timers[0].when <= now():
-                    self._run_due_timers(now())
+                if timers:
+                    t = now()
+                    if timers[0].when <= t:
+                        self._run_due_timers(t)
                 if queue or self._epoll.closed:
                     return
         finally:
