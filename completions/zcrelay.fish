@@ -41,6 +41,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Se
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-splice -d 'Copy through user space instead of splicing (for comparison, odd kernels)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-nodelay -d 'Leave Nagle\'s algorithm on (TCP_NODELAY is set on both sides by default)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'Listen backlog'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s w -l workers -x -d 'Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'Only warnings and errors on stderr (no per-connection lines)'

@@ -104,12 +104,18 @@ class Forwarder:
     and a captured connection take a task each (`_handle`).
     """
 
-    def __init__(self, config: ForwardConfig) -> None:
+    def __init__(self, config: ForwardConfig, *, listeners: list[socket.socket] | None = None,
+                 worker: tuple[int, int] = (1, 1)) -> None:
+        """`listeners`: one bound socket per rule, already listening (zcrelay.workers), instead
+        of binding in `serve`. `worker`: (K, N) for worker K of N, which numbers its
+        connections K, K+N, K+2N... so numbers (and capture file names) stay unique."""
         self.config = config
+        self._given = listeners
         self.totals = Totals()
         pool = PipePool(size=config.pipe_size, max_idle=config.max_idle_pipes, on_notice=log.warning)
         self.engine = Engine(pool=pool, splice=config.splice)
-        self._numbers = 0
+        self._numbers = worker[0] - worker[1]
+        self._step = worker[1]
         self._links: set[_Link] = set()
         # Links still connecting, oldest first. One connect timeout for all, so their deadlines
         # come in this order, and one timer (_sweep) serves them all instead of a timer each.
@@ -127,7 +133,9 @@ class Forwarder:
         reactor = self.engine.reactor()  # its epoll fd belongs to the start-up, not to a connection
         socks = []
         try:
-            for rule in self.config.rules:
+            if self._given is not None:
+                socks, self._given = list(self._given), None  # ours to close from here on
+            for rule in self.config.rules[len(socks):]:
                 socks.append(await net.open_listener(rule.listen, self.config.backlog))
             bound = [Bound(rule, net.local_name(sock)) for rule, sock in zip(self.config.rules, socks)]
             async with trio.open_nursery() as nursery:
@@ -155,7 +163,7 @@ class Forwarder:
             self.engine.close()
 
     def _accepted(self, client: socket.socket, peer: object, listener: "_Listener") -> None:
-        self._numbers += 1
+        self._numbers += self._step
         conn = Connection(self._numbers, listener.index, peer, listener.rule.target, trio.current_time())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn=%d rule=%d accepted from %s", conn.number, listener.index, conn.peer)

@@ -60,14 +60,53 @@ async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket
     import trio
 
     if address.is_unix:
-        return await _open_unix_listener(address, backlog)
+        return trio.socket.from_stdlib_socket(_bind_unix(address, backlog))
     family, sockaddr = await _listen_sockaddr(address)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    return trio.socket.from_stdlib_socket(_bind(address, family, sockaddr, backlog))
+
+
+def bind_listeners(address: Address, count: int, backlog: int = BACKLOG) -> list[socket.socket]:
+    """`count` listening stdlib sockets for `address`, for as many processes (zcrelay.workers),
+    without trio (a name resolves blocking); raises BindError, having closed what it opened.
+
+    A TCP address gets `count` sockets bound with SO_REUSEPORT, so the kernel spreads new
+    connections over them; the first picks the port when 0 was asked. A Unix path cannot be
+    bound twice: the one socket comes back `count` times, its accept queue shared."""
+    if address.is_unix:
+        return [_bind_unix(address, backlog)] * count
+    if address.host:
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise _unresolvable(address, exc) from None
+        family, sockaddr = infos[0][0], infos[0][4]
+    else:
+        family, sockaddr = _any_sockaddr(address)
+    socks: list[socket.socket] = []
     try:
+        for _ in range(count):
+            socks.append(_bind(address, family, sockaddr, backlog, reuse_port=True))
+            sockaddr = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])  # the real port
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind(address: Address, family: int, sockaddr: tuple, backlog: int, *,
+          reuse_port: bool = False) -> socket.socket:
+    """A non-blocking TCP listener; bind(2) does not block, so this is fine in a trio run."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and not address.host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        await sock.bind(sockaddr)
+        sock.bind(sockaddr)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -77,18 +116,26 @@ async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket
 
 async def _listen_sockaddr(address: Address) -> tuple[int, tuple]:
     if not address.host:
-        # Every interface: dual-stack when the host has IPv6, IPv4 otherwise.
-        return (socket.AF_INET6, ("::", address.port)) if socket.has_ipv6 and _ipv6_works() \
-            else (socket.AF_INET, ("0.0.0.0", address.port))
+        return _any_sockaddr(address)
     import trio
 
     try:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                               flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(address, errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {exc.strerror}") from None
+        raise _unresolvable(address, exc) from None
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
+
+
+def _any_sockaddr(address: Address) -> tuple[int, tuple]:
+    """Every interface: dual-stack when the host has IPv6, IPv4 otherwise."""
+    return (socket.AF_INET6, ("::", address.port)) if socket.has_ipv6 and _ipv6_works() \
+        else (socket.AF_INET, ("0.0.0.0", address.port))
+
+
+def _unresolvable(address: Address, exc: socket.gaierror) -> BindError:
+    return BindError(address, errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {exc.strerror}")
 
 
 def _ipv6_works() -> bool:
@@ -100,15 +147,14 @@ def _ipv6_works() -> bool:
         return False
 
 
-async def _open_unix_listener(address: Address, backlog: int) -> trio.socket.SocketType:
-    import trio
-
+def _bind_unix(address: Address, backlog: int) -> socket.socket:
     path = address.sockaddr_path
     if not path.startswith("\0"):
         _remove_stale_socket(address)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        sock.setblocking(False)
+        sock.bind(path)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()

@@ -72,6 +72,12 @@ async def wait_writable(fd: int) -> None:
         await _trio().lowlevel.wait_writable(fd)
 
 
+async def wait_for_eof(fd: int) -> None:
+    """Until the pipe `fd` reads EOF: its write end was closed, or its writer died. How a
+    worker hears its parent say stop (zcrelay.cli.workers); nobody writes to that pipe."""
+    await wait_readable(fd)
+
+
 async def checkpoint() -> None:
     if not _BLOCKING.get():
         await _trio().lowlevel.checkpoint()

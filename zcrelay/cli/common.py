@@ -110,20 +110,35 @@ def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = Tru
                                           run_sync_soon_not_threadsafe=host.call_soon,
                                           done_callback=host.done)
             return host.loop().unwrap() or ExitCode.OK
-    except BaseException as exc:  # the CLI boundary: everything becomes a code and a line
-        if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
-            raise
-        code, message = exit_code_for(exc)
-        if code == ExitCode.INTERRUPTED:
-            return code
-        return error(message, code)
+    except BaseException as exc:
+        return failed(exc)
 
 
-async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]) -> None:
+def failed(exc: BaseException) -> ExitCode:
+    """The CLI boundary: every failure becomes a code and one line (SystemExit passes)."""
+    if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
+        raise exc
+    code, message = exit_code_for(exc)
+    if code == ExitCode.INTERRUPTED:
+        return code
+    return error(message, code)
+
+
+async def serve_until_signal(start: Callable, on_ready: Callable[[object], None], *,
+                             stop_fd: int | None = None) -> None:
     """Run the task `start` (which reports readiness with task_status.started(value)), call
-    `on_ready(value)`, and cancel it at the first SIGINT or SIGTERM."""
+    `on_ready(value)`, and cancel it at the first SIGINT or SIGTERM; or, given `stop_fd`
+    (a worker's end of zcrelay.workers' stop pipe), once that fd reads EOF."""
     import trio
 
+    if stop_fd is not None:
+        from zcrelay.waits import wait_for_eof
+
+        async with trio.open_nursery() as nursery:
+            on_ready(await nursery.start(start))
+            await wait_for_eof(stop_fd)
+            nursery.cancel_scope.cancel()
+        return
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             value = await nursery.start(start)

@@ -378,12 +378,22 @@ COMMAND_NOTES = {
 With LISTEN and TARGET, forwards one listener; **--rule** adds more LISTEN=TARGET pairs, each
 with its own listener, and **--config** reads options and rules from a TOML file. The keys of
 the file are the long option names without the leading dashes (pipe-size, max-conns,
-max-idle-pipes, connect-timeout, idle-timeout, linger, backlog), the booleans splice and
+max-idle-pipes, connect-timeout, idle-timeout, linger, backlog, workers), the booleans splice and
 nodelay, and [[rule]] tables with listen and target strings. An unknown key is an error. Options
 on the command line win over the file.
 
 For each listener zcrelay prints "listening on ADDRESS -> TARGET" on standard error once it
 accepts connections; port 0 picks a free port and the line shows which.
+
+**--workers** N serves with N processes, for loads one CPU cannot carry (many small
+requests). The first process binds every listener (a TCP listener N times with SO_REUSEPORT,
+so the kernel spreads new connections over the workers; a Unix listener once, shared), forks
+the workers and then only waits. Worker K numbers its connections K, K+N, K+2N..., so numbers
+and capture file names stay unique. Limits such as **--max-conns** apply to each worker. A
+SIGINT or SIGTERM to the first process stops every worker, and it prints one summary for all of
+them; the workers ignore those signals themselves and also stop if the first process dies. A
+worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
+worker's status, or 1 if it was killed by a signal.
 """,
 }
 

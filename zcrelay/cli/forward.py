@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import address, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import address, failed, parse_size, run, say, serve_until_signal, setup_logging
 from zcrelay.exitcodes import ExitCode
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.stats import Totals
@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 # Keys a config file may set; each is the option of the same name with dashes.
 CONFIG_KEYS = {"pipe-size", "max-conns", "max-idle-pipes", "connect-timeout", "idle-timeout",
-               "linger", "splice", "nodelay", "backlog", "rule"}
+               "linger", "splice", "nodelay", "backlog", "workers", "rule"}
 
 
 def _rule(text: str) -> Rule:
@@ -85,6 +85,7 @@ def forward(
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison, odd kernels)."),
     no_nodelay: bool = typer.Option(False, "--no-nodelay", help="Leave Nagle's algorithm on (TCP_NODELAY is set on both sides by default)."),
     backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  [default: 4096]", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  [default: 1]", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (no per-connection lines)."),
@@ -114,27 +115,46 @@ def forward(
     )
     if settings.pipe_size < 4096:
         raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
+    count = int(_pick(workers, data, "workers", 1))
+    if count < 1:
+        raise typer.BadParameter(f"{count} is not a number of workers (1 or more)", param_hint="--workers")
     setup_logging(verbose, quiet)
-    return run_forwarder(settings)
+    return run_forwarder(settings, workers=count)
 
 
-def run_forwarder(settings: ForwardConfig, note: str = "") -> ExitCode:
-    """Serve `settings` until SIGINT/SIGTERM: a "listening on" line per rule (with `note`),
-    then the summary line; returns the exit code."""
-    forwarder = Forwarder(settings)
+def run_forwarder(settings: ForwardConfig, note: str = "", workers: int = 1) -> ExitCode:
+    """Serve `settings` until SIGINT/SIGTERM, in this process or in `workers` forked ones: a
+    "listening on" line per rule (with `note`), then the summary line; returns the exit code."""
 
     def ready(bound) -> None:
         for item in bound:
             say(f"listening on {item.address} -> {item.rule.target}{note}")
 
+    if workers > 1:
+        from zcrelay.cli import workers as pool
+
+        totals = Totals()
+        try:
+            code = pool.serve(settings, workers, totals, ready, _work)
+        except BaseException as exc:
+            code = failed(exc)
+    else:
+        code, totals = _work(settings, None, (1, 1), None, ready)
+    if code == ExitCode.OK:
+        say(summary(totals))
+    return code
+
+
+def _work(settings: ForwardConfig, listeners: list | None, worker: tuple[int, int], stop_fd: int | None,
+          ready=lambda bound: None) -> tuple[ExitCode, Totals]:
+    """Serve in this process until a signal, or, in a worker, until `stop_fd` reads EOF."""
+    forwarder = Forwarder(settings, listeners=listeners, worker=worker)
+
     async def main() -> None:
-        await serve_until_signal(forwarder.serve, ready)
+        await serve_until_signal(forwarder.serve, ready, stop_fd=stop_fd)
 
     # The reactor moves the bytes: let it own the loop, unless captures (tasks) do the work.
-    code = run(main, hosted=settings.capture_dir is None)
-    if code == ExitCode.OK:
-        say(summary(forwarder.totals))
-    return code
+    return run(main, hosted=settings.capture_dir is None), forwarder.totals
 
 
 def capture_directory(path: str | None) -> str | None:

@@ -1,0 +1,151 @@
+"""`zcrelay forward --workers N`: N forked processes serve the same listeners, stop together,
+and report one summary. Subprocesses, real sockets, both copy paths."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+
+import trio
+
+from tests import traffic
+from tests.conftest import run_zcrelay
+from tests.test_forward import MiB, conn_lines, path_args, serve_traffic
+
+SUMMARY = re.compile(r"stopped: (\d+) connections, up (\d+) bytes, down (\d+) bytes, ([\d.]+)% spliced, (\d+) fallbacks")
+
+
+def workers_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def wait_gone(pids: list[int], timeout: float = 20) -> None:
+    """Block (in poll on pidfds, no sleeps) until every process in `pids` has exited."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            assert poller.poll(timeout * 1000), f"process {pid} is still running"
+        finally:
+            os.close(fd)
+
+
+def finish(relay, sig: int | None = None) -> tuple[int, str]:
+    """Signal the parent alone (not its group, as a terminal would), and collect its end."""
+    if sig is not None:
+        os.kill(relay.proc.pid, sig)
+    _, rest = relay.proc.communicate(timeout=30)
+    relay.stderr_lines.extend(rest.splitlines())
+    return relay.proc.returncode, "\n".join(relay.stderr_lines)
+
+
+async def test_workers_share_connections_and_every_byte_arrives(zcrelay, path):
+    """48 connections, 2 MiB each way, through 2 workers: hashes match both ways, both workers
+    served some (worker K numbers its connections K, K+2, ...), one summary adds them up."""
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "--workers", "2", *path_args(path))
+        assert len(workers_of(relay.proc.pid)) == 2
+        results = await traffic.run_clients(("127.0.0.1", relay.port), 48, 2 * MiB, 2 * MiB)
+        await traffic.check(results, server)
+        nursery.cancel_scope.cancel()
+    relay.wait_for_lines(" close=", 48)
+    code, err = finish(relay, signal.SIGTERM)
+    assert code == 0, err
+    numbers = sorted(int(m.group(1)) for m in conn_lines(err))
+    assert len(numbers) == 48 and len(set(numbers)) == 48
+    assert {n % 2 for n in numbers} == {0, 1}, numbers  # both workers (all on one: p = 2**-47)
+    [summary] = [m for m in map(SUMMARY.search, err.splitlines()) if m]
+    assert int(summary.group(1)) == 48
+    assert int(summary.group(2)) == 48 * (2 * MiB + traffic.HEADER.size)
+    assert int(summary.group(3)) == 48 * 2 * MiB
+    if path == "splice":
+        assert summary.group(4) == "100.00" and summary.group(5) == "0"
+    else:
+        assert summary.group(4) == "0.00" and int(summary.group(5)) == 96
+    assert err.count("listening on") == 1 and "Traceback" not in err
+
+
+async def test_sigint_to_the_parent_alone_stops_every_worker(zcrelay):
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "3")
+    children = workers_of(relay.proc.pid)
+    assert len(children) == 3
+    code, err = finish(relay, signal.SIGINT)
+    assert code == 0, err
+    assert "stopped: 0 connections" in err and err.count("stopped:") == 1
+    wait_gone(children)
+
+
+async def test_workers_stop_when_their_parent_is_killed(zcrelay):
+    """The stop pipe reads EOF when the parent dies, however it dies: no orphaned workers."""
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2")
+    children = workers_of(relay.proc.pid)
+    finish(relay, signal.SIGKILL)
+    wait_gone(children)
+
+
+async def test_a_worker_that_dies_stops_the_others_with_an_error(zcrelay):
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2")
+    first, second = workers_of(relay.proc.pid)
+    os.kill(first, signal.SIGKILL)
+    code, err = finish(relay)
+    assert code == 1, err
+    assert f"worker 1 (pid {first}) was killed by signal 9; stopping the others" in err
+    assert "Traceback" not in err and "stopped:" not in err
+    wait_gone([second])
+
+
+async def test_workers_share_a_unix_listener(zcrelay, tmp_path, path):
+    sock_path = tmp_path / "relay.sock"
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", f"unix:{sock_path}", f"127.0.0.1:{server.port}", "--workers", "2",
+                        *path_args(path))
+        results = await traffic.run_clients(str(sock_path), 8, MiB, 3 * MiB, family=socket.AF_UNIX)
+        await traffic.check(results, server)
+        nursery.cancel_scope.cancel()
+    relay.wait_for_lines(" close=", 8)
+    code, err = finish(relay, signal.SIGTERM)
+    assert code == 0, err
+    assert "stopped: 8 connections" in err
+
+
+def test_port_in_use_with_workers_is_one_line_and_its_exit_code():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_zcrelay("forward", f"127.0.0.1:{taken.getsockname()[1]}", "127.0.0.1:9", "--workers", "2")
+    err = done.stderr.decode()
+    assert done.returncode == 3, err
+    assert "address already in use" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_worker_counts_are_usage_errors(tmp_path):
+    config = tmp_path / "zero.toml"
+    config.write_text("workers = 0\n")
+    for argv in (["--workers", "0"], ["--workers", "many"], ["--config", str(config)]):
+        done = run_zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", *argv)
+        err = done.stderr.decode()
+        assert done.returncode == 2, (argv, err)
+        assert "Traceback" not in err and "workers" in err, (argv, err)
+
+
+def test_a_refused_pipe_size_is_reported_once_not_once_per_worker(zcrelay):
+    """Without CAP_SYS_RESOURCE a pipe above pipe-max-size is refused: the parent asks once,
+    reports the clamp once, and the workers ask for what was granted."""
+    limit = int(open("/proc/sys/fs/pipe-max-size").read())
+    big = f"{4 * limit // 1024}K"
+    prefix = ["setpriv", "--bounding-set", "-sys_resource", "--"] if os.geteuid() == 0 else []
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--pipe-size", big, "--workers", "3", prefix=prefix)
+    code, err = finish(relay, signal.SIGTERM)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "pipe size" in line]
+    assert len(notes) == 1 and f"using {limit}" in notes[0], err

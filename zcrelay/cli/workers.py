@@ -1,0 +1,195 @@
+"""`zcrelay forward --workers N`: N processes serving the same listeners.
+
+The parent binds every rule's listener (`net.bind_listeners`: for TCP one SO_REUSEPORT socket
+per worker, so the kernel spreads new connections over the workers without waking them all;
+a Unix socket is shared), prints the "listening on" lines, then forks the workers. It forks
+before any thread or trio run exists in it, and afterwards only waits.
+
+It says stop by closing the write end of a pipe that every worker watches. A worker sees that
+EOF whether the parent closed it on SIGINT/SIGTERM or died, so no worker outlives its parent,
+and no signal can reach a worker between its handlers (workers ignore SIGINT and SIGTERM: a
+Ctrl-C on the terminal reaches the parent, which stops them all). Each worker writes its totals
+as JSON on its own report pipe before it exits; the parent prints one summary line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from zcrelay import net
+from zcrelay.cli.common import log
+from zcrelay.exitcodes import ExitCode
+from zcrelay.forward import Bound, ForwardConfig
+from zcrelay.pipes import PipePool
+from zcrelay.stats import Totals
+
+
+@dataclass
+class Worker:
+    index: int
+    pid: int
+    report: int  # read end of its report pipe
+    status: int | None = None  # os.waitstatus_to_exitcode: an exit code, or -signal
+
+
+def bind_all(settings: ForwardConfig, count: int) -> list[list]:
+    """For each rule, `count` listening sockets (one per worker); raises BindError, having
+    closed every socket already bound."""
+    bound: list[list] = []
+    try:
+        for rule in settings.rules:
+            bound.append(net.bind_listeners(rule.listen, count, settings.backlog))
+    except BaseException:
+        close_all(bound)
+        raise
+    return bound
+
+
+def close_all(bound: list[list]) -> None:
+    for socks in bound:
+        for sock in socks:
+            sock.close()
+
+
+def probe_pipe_size(settings: ForwardConfig) -> ForwardConfig:
+    """Ask for one pipe in the parent, so a size the kernel refuses is reported once, not once
+    per worker; the workers then ask for what the kernel granted."""
+    if not settings.splice:
+        return settings
+    pool = PipePool(size=settings.pipe_size, max_idle=1, on_notice=log.warning)
+    try:
+        pool.put(pool.get())
+    finally:
+        pool.close()
+    return replace(settings, pipe_size=pool.granted or settings.pipe_size)
+
+
+def serve(settings: ForwardConfig, count: int, totals: Totals,
+          on_ready: Callable[[list[Bound]], None],
+          work: Callable[[ForwardConfig, list, tuple[int, int], int], tuple[ExitCode, Totals]]) -> ExitCode:
+    """Bind, run `work(settings, sockets, (K, N), stop_fd)` in N forked workers, call
+    `on_ready`, serve until SIGINT/SIGTERM, add the workers' totals to `totals`; return the
+    exit code."""
+    settings = probe_pipe_size(settings)
+    bound = bind_all(settings, count)
+    names = [Bound(rule, net.local_name(socks[0])) for rule, socks in zip(settings.rules, bound)]
+    stop_r, stop_w = os.pipe()
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stop_w, stopping
+        stopping = True
+        if stop_w >= 0:
+            os.close(stop_w)
+            stop_w = -1
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    workers: list[Worker] = []
+    try:
+        for index in range(1, count + 1):
+            report_r, report_w = os.pipe()
+            sys.stderr.flush()  # nothing buffered may be written twice
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the parent's code
+                code = ExitCode.FAILURE
+                try:
+                    for sig in previous:
+                        signal.signal(sig, signal.SIG_IGN)
+                    os.close(stop_w)
+                    os.close(report_r)
+                    for other in workers:
+                        os.close(other.report)
+                    socks = [s[index - 1] for s in bound]
+                    for s in bound:  # a Unix socket is the same object in every slot
+                        for sock in s:
+                            if all(sock is not mine for mine in socks):
+                                sock.close()
+                    code, mine = work(settings, socks, (index, count), stop_r)
+                    os.write(report_w, json.dumps(_as_dict(mine)).encode())
+                finally:
+                    sys.stderr.flush()
+                    os._exit(code)
+            os.close(report_w)
+            workers.append(Worker(index, pid, report_r))
+        close_all(bound)  # the workers hold them now
+        os.close(stop_r)
+        on_ready(names)  # every worker exists (connections queue in the backlog until accepted)
+        code = _wait(workers, stop, lambda: stopping, totals)
+    finally:
+        if not workers:
+            close_all(bound)
+        stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for worker in workers:
+            if worker.status is None:  # only if the wait itself failed
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+            os.close(worker.report)
+    return code
+
+
+def _wait(workers: list[Worker], stop: Callable[[], None], stopping: Callable[[], bool],
+          totals: Totals) -> ExitCode:
+    """Reap every worker; the first that ends before it was told to stops the others, and
+    its failure is the exit code."""
+    code = ExitCode.OK
+    by_pid = {w.pid: w for w in workers}
+    while any(w.status is None for w in workers):
+        pid, status = os.waitpid(-1, 0)  # a signal runs `stop` and the wait resumes (PEP 475)
+        worker = by_pid.get(pid)
+        if worker is None:
+            continue
+        worker.status = os.waitstatus_to_exitcode(status)
+        report = _read_report(worker.report)
+        if report is not None:
+            _add(totals, report)
+        if worker.status != 0 or report is None:
+            if code == ExitCode.OK:
+                code = ExitCode(worker.status) if worker.status in _CODES else ExitCode.FAILURE
+            if worker.status < 0:
+                log.error("worker %d (pid %d) was killed by signal %d; stopping the others",
+                          worker.index, worker.pid, -worker.status)
+            elif not stopping():
+                log.error("worker %d (pid %d) exited with code %d; stopping the others",
+                          worker.index, worker.pid, worker.status)
+            stop()
+        elif not stopping():
+            log.error("worker %d (pid %d) stopped on its own; stopping the others", worker.index, worker.pid)
+            code = ExitCode.FAILURE
+            stop()
+    return code
+
+
+_CODES = {int(c) for c in ExitCode}
+
+
+def _read_report(fd: int) -> dict | None:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks)) if chunks else None
+    except ValueError:
+        return None
+
+
+def _as_dict(totals: Totals) -> dict:
+    return {"connections": totals.connections, "up": totals.up, "down": totals.down,
+            "spliced": totals.spliced, "copied": totals.copied,
+            "fallbacks": dict(totals.fallbacks), "closes": dict(totals.closes)}
+
+
+def _add(totals: Totals, report: dict) -> None:
+    totals.connections += report["connections"]
+    totals.up += report["up"]
+    totals.down += report["down"]
+    totals.spliced += report["spliced"]
+    totals.copied += report["copied"]
+    totals.fallbacks.update(report["fallbacks"])
+    totals.closes.update(report["closes"])
