@@ -109,6 +109,8 @@ RELAYS: tuple[Relay, ...] = (
     Relay("zcrelay", "zcrelay forward", (), fb.launch_zcrelay),
     Relay("zcrelay-nosplice", "zcrelay forward --no-splice", (),
           lambda l: fb.launch_zcrelay(l, "--no-splice")),
+    Relay("zcrelay-w2", "zcrelay forward --workers 2", (),
+          lambda l: fb.launch_zcrelay(l, "--workers", "2")),
     Relay("socat", "socat", ("socat",), fb.launch_socat),
     Relay("socat-b64k", "socat -b 65536", ("socat",),
           lambda l: fb.launch_socat(l, "-b", "65536")),
@@ -412,13 +414,19 @@ def parse_strace(text: str) -> dict[str, int]:
 
 
 def traced(pid: int, out: Path, body: Callable[[], tuple[float, int]]) -> tuple[dict, float]:
-    """Run ``body`` with ``strace -c -f -p pid`` attached; (counts, amount)."""
+    """Run ``body`` with ``strace -c -f`` attached to ``pid`` and its children (the workers
+    of ``--workers``, which exist before the trace starts); (counts, amount)."""
     log = out.with_suffix(".log")
-    proc = fb.spawn(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)], log)
+    pids = [pid, *child_pids(pid)]
+    argv = ["strace", "-c", "-f", "-o", str(out)] + [a for p in pids for a in ("-p", str(p))]
+    proc = fb.spawn(argv, log)
     try:
         def attached() -> bool:
-            status = Path(f"/proc/{pid}/status").read_text()
-            return re.search(r"TracerPid:\s+(\d+)", status).group(1) != "0"
+            for p in pids:
+                status = Path(f"/proc/{p}/status").read_text()
+                if re.search(r"TracerPid:\s+(\d+)", status).group(1) == "0":
+                    return False
+            return True
         fb.wait_until(attached, proc, "strace", log)
         time.sleep(0.3)  # let -f reach every thread
         _, amount = body()
