@@ -123,18 +123,20 @@ def sidecars(directory: Path) -> dict[int, dict]:
     return out
 
 
-@pytest.mark.parametrize("command", ["tee", "forward"])
+@pytest.mark.parametrize("command", ["tee", "forward", "workers"])
 def test_32_connections_captured_whole(zcrelay, tmp_path, command):
     """Must-show 2: 32 concurrent connections, random data both ways (half of them
     half-closed: the target answers only after the client's EOF); each direction's file has
-    the SHA-256 of what crossed the relay in that direction."""
+    the SHA-256 of what crossed the relay in that direction. "workers": forward --workers 2,
+    whose workers number connections apart, so no file name is taken twice."""
     target = Target()
     cap = tmp_path / "cap"
     cap.mkdir()
     if command == "tee":
         relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
     else:
-        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
+        workers = ["--workers", "2"] if command == "workers" else []
+        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap), *workers)
     sizes = [((i * 131071) % (3 << 20) + 1, (i * 65537) % (2 << 20), i % 2 == 1) for i in range(CONNECTIONS)]
     results = run_clients(relay.port, sizes)
     relay.wait_for_lines(" close=", CONNECTIONS)

@@ -121,16 +121,14 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
         on_ready(names)  # every worker exists (connections queue in the backlog until accepted)
         code = _wait(workers, stop, lambda: stopping, totals)
     finally:
-        if not workers:
-            close_all(bound)
+        close_all(bound)  # again, if a fork failed half-way (closing twice is harmless)
         stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for worker in workers:
-            if worker.status is None:  # only if the wait itself failed
-                os.kill(worker.pid, signal.SIGKILL)
+            if worker.status is None:  # a fork or the wait failed: the closed pipe stops it
                 os.waitpid(worker.pid, 0)
             os.close(worker.report)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code
 
 
