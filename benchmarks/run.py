@@ -159,6 +159,7 @@ class Run:
     cpu: Optional[float] = None        # relay CPU seconds (process tree)
     error: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    round: int = 0                     # which interleaved round (pairs runs for ratios)
 
     @property
     def cpu_cost(self) -> Optional[float]:
@@ -586,6 +587,7 @@ def run_suite(args, relays: list[Relay], workloads: list[Workload],
             for wl in usable:
                 for inst in instances:
                     run = measure(inst, wl, env)
+                    run.round = rnd
                     res.runs.append(run)
                     progress(describe(run, f"[{rnd + 1}/{args.repeat}]"))
         if do_strace:
@@ -712,9 +714,16 @@ class Target:
     value: Optional[float]
     target: str
     met: Optional[bool]
+    paired: Optional[float] = None  # the median of the same ratio taken round by round
 
 
-def targets(cells: dict[tuple[str, str], Cell]) -> list[Target]:
+HAPROXIES = ("haproxy-splice", "haproxy-nosplice")
+
+
+def targets(cells: dict[tuple[str, str], Cell], runs: Sequence[Run] = ()) -> list[Target]:
+    """The issue's targets, each a ratio of medians. Beside it, the median of the ratios
+    taken within each round: runs of one round are minutes apart at most, so a machine that
+    slows down or speeds up during the run moves both sides of those ratios together."""
     def val(relay, wl, attr="value"):
         c = cells.get((relay, wl))
         return getattr(c, attr) if c else None
@@ -723,29 +732,51 @@ def targets(cells: dict[tuple[str, str], Cell]) -> list[Target]:
         return a / b if a is not None and b else None
 
     def best_haproxy(wl):
-        vals = [v for v in (val("haproxy-splice", wl), val("haproxy-nosplice", wl)) if v]
+        vals = [v for v in (val(h, wl) for h in HAPROXIES) if v]
         return max(vals) if vals else None
+
+    def per_round(wl: str, attr: str) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for run in runs:
+            v = run.cpu_cost if attr == "cost" else run.value
+            if run.workload == wl and run.value is not None and v is not None:
+                out.setdefault(run.round, {})[run.relay] = v
+        return out
+
+    def paired(wl: str, other: str, attr: str = "value") -> Optional[float]:
+        ratios = []
+        for by_relay in per_round(wl, attr).values():
+            if other == "best-haproxy":
+                b = max((by_relay[h] for h in HAPROXIES if h in by_relay), default=None)
+            else:
+                b = by_relay.get(other)
+            if "zcrelay" in by_relay and b:
+                ratios.append(by_relay["zcrelay"] / b)
+        return statistics.median(ratios) if ratios else None
 
     out = []
 
-    def add(label, value, op, bound):
+    def add(label, value, op, bound, pair=None):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        out.append(Target(label, value, f"{op} {bound:g}", met))
+        out.append(Target(label, value, f"{op} {bound:g}", met, pair))
 
     for wl, d in (("iperf1-fwd", "c->s"), ("iperf1-rev", "s->c")):
         zc = val("zcrelay", wl)
         add(f"single stream {d}: zcrelay / haproxy-splice throughput",
-            r(zc, val("haproxy-splice", wl)), ">=", 1.05)
-        add(f"single stream {d}: zcrelay / socat throughput", r(zc, val("socat", wl)), ">=", 2.0)
+            r(zc, val("haproxy-splice", wl)), ">=", 1.05, paired(wl, "haproxy-splice"))
+        add(f"single stream {d}: zcrelay / socat throughput", r(zc, val("socat", wl)), ">=", 2.0,
+            paired(wl, "socat"))
         add(f"single stream {d}: zcrelay / trio-relay throughput",
-            r(zc, val("trio-relay", wl)), ">=", 1.5)
+            r(zc, val("trio-relay", wl)), ">=", 1.5, paired(wl, "trio-relay"))
         add(f"single stream {d}: zcrelay / haproxy-splice CPU-s per GB",
-            r(val("zcrelay", wl, "cost"), val("haproxy-splice", wl, "cost")), "<=", 1.0)
+            r(val("zcrelay", wl, "cost"), val("haproxy-splice", wl, "cost")), "<=", 1.0,
+            paired(wl, "haproxy-splice", "cost"))
     for wl, name, hb, sb in (("http-keepalive", "keep-alive", 0.9, 1.2),
                               ("http-close", "Connection: close", 0.5, 2.0)):
         zc = val("zcrelay", wl)
-        add(f"{name} req/s: zcrelay / best HAProxy", r(zc, best_haproxy(wl)), ">=", hb)
-        add(f"{name} req/s: zcrelay / socat", r(zc, val("socat", wl)), ">=", sb)
+        add(f"{name} req/s: zcrelay / best HAProxy", r(zc, best_haproxy(wl)), ">=", hb,
+            paired(wl, "best-haproxy"))
+        add(f"{name} req/s: zcrelay / socat", r(zc, val("socat", wl)), ">=", sb, paired(wl, "socat"))
     return out
 
 
@@ -927,9 +958,9 @@ def git_rev() -> str:
 
 
 def render_targets(tg: list[Target]) -> str:
-    return md_table(["target", "measured", "wanted", "verdict"],
-                    [[t.label, fmt(t.value), t.target, f"**{verdict(t)}**"] for t in tg],
-                    "lrrl")
+    return md_table(["target", "measured", "round by round", "wanted", "verdict"],
+                    [[t.label, fmt(t.value), fmt(t.paired), t.target, f"**{verdict(t)}**"] for t in tg],
+                    "lrrrl")
 
 
 def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[str]) -> str:
@@ -957,7 +988,9 @@ def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[
         render_targets(tg),
         "",
         "\"best HAProxy\" is the faster of the two HAProxy rows for that workload; "
-        "\"socat\" is socat with its default 8 KiB buffer.",
+        "\"socat\" is socat with its default 8 KiB buffer. \"measured\" is the ratio of the "
+        "medians, on which the verdict rests; \"round by round\" is the median of the same "
+        "ratio taken within each round, where both sides ran minutes apart at most.",
         "",
     ]
     for title, table in tables(res, cells):
@@ -995,7 +1028,8 @@ def render_text(res: Results, cells, tg: list[Target]) -> str:
     for title, table in tables(res, cells):
         parts += [title, table, ""]
     parts += ["Targets:"]
-    parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (want {t.target})" for t in tg]
+    parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (round by round {fmt(t.paired)}; "
+              f"want {t.target})" for t in tg]
     if res.skipped:
         parts += ["", "Skipped:"] + [f"  {s}" for s in res.skipped]
     return "\n".join(parts)
@@ -1097,7 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130
     cells = summarise(res)
-    tg = targets(cells)
+    tg = targets(cells, res.runs)
     print(render_text(res, cells, tg))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
