@@ -149,3 +149,18 @@ def test_a_refused_pipe_size_is_reported_once_not_once_per_worker(zcrelay):
     assert code == 0, err
     notes = [line for line in err.splitlines() if "pipe size" in line]
     assert len(notes) == 1 and f"using {limit}" in notes[0], err
+
+
+async def test_a_second_signal_does_not_wait_for_the_workers(zcrelay):
+    """A worker that cannot finish (stopped here with SIGSTOP) holds up the first SIGINT; the
+    second kills the workers and exits 130 at once, as a second Ctrl-C ends a single process."""
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2")
+    first, second = workers_of(relay.proc.pid)
+    os.kill(first, signal.SIGSTOP)
+    os.kill(relay.proc.pid, signal.SIGINT)
+    wait_gone([second])  # the other worker did stop at the first signal; the parent waits on
+    assert relay.proc.poll() is None
+    code, err = finish(relay, signal.SIGINT)
+    assert code == 130, err
+    assert "Traceback" not in err and "stopped:" not in err
+    wait_gone([first])

@@ -391,7 +391,8 @@ so the kernel spreads new connections over the workers; a Unix listener once, sh
 the workers and then only waits. Worker K numbers its connections K, K+N, K+2N..., so numbers
 and capture file names stay unique. Limits such as **--max-conns** apply to each worker. A
 SIGINT or SIGTERM to the first process stops every worker, and it prints one summary for all of
-them; the workers ignore those signals themselves and also stop if the first process dies. A
+them; a second one kills the workers at once and exits with status 130. The workers ignore
+those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
 worker's status, or 1 if it was killed by a signal.
 """,

@@ -14,6 +14,7 @@ as JSON on its own report pipe before it exits; the parent prints one summary li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -79,17 +80,26 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
     bound = bind_all(settings, count)
     names = [Bound(rule, net.local_name(socks[0])) for rule, socks in zip(settings.rules, bound)]
     stop_r, stop_w = os.pipe()
-    stopping = False
+    state = _State()
+    workers: list[Worker] = []
 
-    def stop(*_) -> None:
-        nonlocal stop_w, stopping
-        stopping = True
+    def stop() -> None:
+        nonlocal stop_w
+        state.stopping = True
         if stop_w >= 0:
             os.close(stop_w)
             stop_w = -1
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    workers: list[Worker] = []
+    def on_signal(*_) -> None:
+        state.signals += 1
+        if state.signals > 1:  # asked twice: do not wait for the workers to finish
+            for worker in workers:
+                if worker.status is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+        stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for index in range(1, count + 1):
             report_r, report_w = os.pipe()
@@ -119,7 +129,7 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
         close_all(bound)  # the workers hold them now
         os.close(stop_r)
         on_ready(names)  # every worker exists (connections queue in the backlog until accepted)
-        code = _wait(workers, stop, lambda: stopping, totals)
+        code = _wait(workers, stop, state, totals)
     finally:
         close_all(bound)  # again, if a fork failed half-way (closing twice is harmless)
         stop()
@@ -132,18 +142,27 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
     return code
 
 
-def _wait(workers: list[Worker], stop: Callable[[], None], stopping: Callable[[], bool],
-          totals: Totals) -> ExitCode:
+@dataclass
+class _State:
+    stopping: bool = False  # the workers were told to stop
+    signals: int = 0  # SIGINT/SIGTERM received; the second kills the workers
+
+
+def _wait(workers: list[Worker], stop: Callable[[], None], state: _State, totals: Totals) -> ExitCode:
     """Reap every worker; the first that ends before it was told to stops the others, and
-    its failure is the exit code."""
+    its failure is the exit code. After a second signal: INTERRUPTED, as a second Ctrl-C
+    gives a single process."""
     code = ExitCode.OK
     by_pid = {w.pid: w for w in workers}
     while any(w.status is None for w in workers):
-        pid, status = os.waitpid(-1, 0)  # a signal runs `stop` and the wait resumes (PEP 475)
+        pid, status = os.waitpid(-1, 0)  # a signal runs its handler and the wait resumes (PEP 475)
         worker = by_pid.get(pid)
         if worker is None:
             continue
         worker.status = os.waitstatus_to_exitcode(status)
+        if state.signals > 1:
+            code = ExitCode.INTERRUPTED
+            continue
         report = _read_report(worker.report)
         if report is not None:
             _add(totals, report)
@@ -153,11 +172,11 @@ def _wait(workers: list[Worker], stop: Callable[[], None], stopping: Callable[[]
             if worker.status < 0:
                 log.error("worker %d (pid %d) was killed by signal %d; stopping the others",
                           worker.index, worker.pid, -worker.status)
-            elif not stopping():
+            elif not state.stopping:
                 log.error("worker %d (pid %d) exited with code %d; stopping the others",
                           worker.index, worker.pid, worker.status)
             stop()
-        elif not stopping():
+        elif not state.stopping:
             log.error("worker %d (pid %d) stopped on its own; stopping the others", worker.index, worker.pid)
             code = ExitCode.FAILURE
             stop()
