@@ -2,14 +2,15 @@
 
 The parent binds every rule's listener (`net.bind_listeners`: for TCP one SO_REUSEPORT socket
 per worker, so the kernel spreads new connections over the workers without waking them all;
-a Unix socket is shared), prints the "listening on" lines, then forks the workers. It forks
-before any thread or trio run exists in it, and afterwards only waits.
+a Unix socket is shared), forks the workers, prints the "listening on" lines and then only
+waits. It forks before any thread or trio run exists in it.
 
 It says stop by closing the write end of a pipe that every worker watches. A worker sees that
 EOF whether the parent closed it on SIGINT/SIGTERM or died, so no worker outlives its parent,
 and no signal can reach a worker between its handlers (workers ignore SIGINT and SIGTERM: a
-Ctrl-C on the terminal reaches the parent, which stops them all). Each worker writes its totals
-as JSON on its own report pipe before it exits; the parent prints one summary line.
+Ctrl-C on the terminal reaches the parent, which stops them all; a second one kills them).
+Each worker writes its totals as JSON on its own report pipe before it exits; the parent
+prints one summary line.
 """
 
 from __future__ import annotations
