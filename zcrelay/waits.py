@@ -72,9 +72,9 @@ async def wait_writable(fd: int) -> None:
         await _trio().lowlevel.wait_writable(fd)
 
 
-async def wait_for_eof(fd: int) -> None:
-    """Until the pipe `fd` reads EOF: its write end was closed, or its writer died. How a
-    worker hears its parent say stop (zcrelay.cli.workers); nobody writes to that pipe."""
+async def until_readable(fd: int) -> None:
+    """Until `fd` is readable, nothing read. How a worker hears its parent say stop
+    (zcrelay.cli.workers): a byte in the stop pipe, or EOF once the parent is gone."""
     await wait_readable(fd)
 
 

@@ -128,15 +128,15 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
                              stop_fd: int | None = None) -> None:
     """Run the task `start` (which reports readiness with task_status.started(value)), call
     `on_ready(value)`, and cancel it at the first SIGINT or SIGTERM; or, given `stop_fd`
-    (a worker's end of zcrelay.workers' stop pipe), once that fd reads EOF."""
+    (a worker's end of zcrelay.cli.workers' stop pipe), once that fd is readable."""
     import trio
 
     if stop_fd is not None:
-        from zcrelay.waits import wait_for_eof
+        from zcrelay.waits import until_readable
 
         async with trio.open_nursery() as nursery:
             on_ready(await nursery.start(start))
-            await wait_for_eof(stop_fd)
+            await until_readable(stop_fd)
             nursery.cancel_scope.cancel()
         return
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

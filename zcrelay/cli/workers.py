@@ -5,9 +5,10 @@ per worker, so the kernel spreads new connections over the workers without wakin
 a Unix socket is shared), forks the workers, prints the "listening on" lines and then only
 waits. It forks before any thread or trio run exists in it.
 
-It says stop by closing the write end of a pipe that every worker watches. A worker sees that
-EOF whether the parent closed it on SIGINT/SIGTERM or died, so no worker outlives its parent,
-and no signal can reach a worker between its handlers (workers ignore SIGINT and SIGTERM: a
+It says stop with a byte in a pipe that every worker watches (nobody reads it, so it stays
+readable for all), then closes its end. A worker also sees that pipe readable (EOF) if the
+parent dies, so no worker outlives its parent, and no signal can reach a worker between its
+handlers (workers ignore SIGINT and SIGTERM: a
 Ctrl-C on the terminal reaches the parent, which stops them all; a second one kills them).
 Each worker writes its totals as JSON on its own report pipe before it exits; the parent
 prints one summary line.
@@ -88,6 +89,10 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
         nonlocal stop_w
         state.stopping = True
         if stop_w >= 0:
+            # A byte, not only the close: a worker that has not yet closed its inherited copy
+            # of this end (stopped right after the fork, say) would keep EOF from the others.
+            with contextlib.suppress(OSError):
+                os.write(stop_w, b"x")
             os.close(stop_w)
             stop_w = -1
 
