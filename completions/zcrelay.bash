@@ -93,19 +93,20 @@ _zcrelay() {
                 --connect-timeout) return ;;
                 --idle-timeout) return ;;
                 --linger) return ;;
+                --resolve-ttl) return ;;
                 --backlog) return ;;
                 -w|--workers) return ;;
                 --capture-dir) _zcrelay_paths dir; return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --no-splice --no-nodelay --backlog --workers -w --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --resolve-ttl --no-splice --no-nodelay --backlog --workers -w --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    -r|--rule|-c|--config|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--backlog|-w|--workers|--capture-dir) ((i++)) ;;
+                    -r|--rule|-c|--config|--pipe-size|--max-conns|--max-idle-pipes|--connect-timeout|--idle-timeout|--linger|--resolve-ttl|--backlog|-w|--workers|--capture-dir) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from zcrelay import mover, waits
 from zcrelay.addresses import Address, format_sockname
@@ -184,15 +184,16 @@ def _remove_stale_socket(address: Address) -> None:
     raise BindError(address, errno.EADDRINUSE)
 
 
-async def connect(address: Address, timeout: float | None) -> trio.socket.SocketType:
+async def connect(address: Address, timeout: float | None,
+                  on_resolved: Callable[[list], None] | None = None) -> trio.socket.SocketType:
     """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
 
     `timeout` bounds the whole attempt (resolution included, except without trio: see
     zcrelay.waits, where getaddrinfo blocks). A trio socket in a trio run, else a non-blocking
-    stdlib socket.
+    stdlib socket. `on_resolved` gets the (family, sockaddr) list a name resolved to.
     """
     with waits.move_on_after(timeout if timeout else float("inf")):
-        return await _connect(address)
+        return await _connect(address, on_resolved)
     raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
 
 
@@ -222,7 +223,7 @@ def stream_socket(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
 
-async def _connect(address: Address) -> trio.socket.SocketType:
+async def _connect(address: Address, on_resolved: Callable[[list], None] | None) -> trio.socket.SocketType:
     targets = literal_targets(address)
     if targets is None:
         try:
@@ -230,6 +231,8 @@ async def _connect(address: Address) -> trio.socket.SocketType:
         except socket.gaierror as exc:
             raise ConnectError(address, "resolve", f"cannot resolve {address.host!r}: {exc.strerror}") from None
         targets = [(info[0], info[4]) for info in infos]
+        if on_resolved is not None:
+            on_resolved(targets)
     last: OSError | None = None
     for family, sockaddr in targets:
         try:

@@ -378,12 +378,18 @@ COMMAND_NOTES = {
 With LISTEN and TARGET, forwards one listener; **--rule** adds more LISTEN=TARGET pairs, each
 with its own listener, and **--config** reads options and rules from a TOML file. The keys of
 the file are the long option names without the leading dashes (pipe-size, max-conns,
-max-idle-pipes, connect-timeout, idle-timeout, linger, backlog, workers), the booleans splice and
-nodelay, and [[rule]] tables with listen and target strings. An unknown key is an error. Options
+max-idle-pipes, connect-timeout, idle-timeout, linger, resolve-ttl, backlog, workers), the
+booleans splice and nodelay, and [[rule]] tables with listen and target strings. An unknown key is an error. Options
 on the command line win over the file.
 
 For each listener zcrelay prints "listening on ADDRESS -> TARGET" on standard error once it
 accepts connections; port 0 picks a free port and the line shows which.
+
+A TARGET given by name is resolved when a connection needs it, and the addresses found serve
+the connections of the next **--resolve-ttl** seconds (5 by default; 0 resolves for every
+connection). Such a connection costs a quarter to a third of the CPU of one that resolves. A connection
+that is refused, times out or finds no route drops the addresses, so the next one resolves
+again. Each address is tried in turn, IPv4 and IPv6 alike.
 
 **--workers** N serves with N processes, for loads one CPU cannot carry (many small
 requests). The first process binds every listener (a TCP listener N times with SO_REUSEPORT,

@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 # Keys a config file may set; each is the option of the same name with dashes.
 CONFIG_KEYS = {"pipe-size", "max-conns", "max-idle-pipes", "connect-timeout", "idle-timeout",
-               "linger", "splice", "nodelay", "backlog", "workers", "rule"}
+               "linger", "resolve-ttl", "splice", "nodelay", "backlog", "workers", "rule"}
 
 
 def _rule(text: str) -> Rule:
@@ -82,6 +82,7 @@ def forward(
     connect_timeout: Optional[float] = typer.Option(None, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the target (0: none).  [default: 10]", show_default=False),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=0, metavar="SECONDS", help="Close a connection after this many seconds without a byte (0: never).  [default: 0]", show_default=False),
     linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may live (0: no limit).  [default: 60]", show_default=False),
+    resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  [default: 5]", show_default=False),
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison, odd kernels)."),
     no_nodelay: bool = typer.Option(False, "--no-nodelay", help="Leave Nagle's algorithm on (TCP_NODELAY is set on both sides by default)."),
     backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  [default: 4096]", show_default=False),
@@ -112,7 +113,11 @@ def forward(
         nodelay=not no_nodelay and bool(data.get("nodelay", True)),
         backlog=int(_pick(backlog, data, "backlog", 4096)),
         capture_dir=capture_directory(capture_dir),
+        resolve_ttl=float(_pick(resolve_ttl, data, "resolve-ttl", 5.0)),
     )
+    if settings.resolve_ttl < 0:
+        raise typer.BadParameter(f"{settings.resolve_ttl:g} is not a number of seconds (0 or more)",
+                                 param_hint="--resolve-ttl")
     if settings.pipe_size < 4096:
         raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
     count = int(_pick(workers, data, "workers", 1))
@@ -147,7 +152,7 @@ def run_forwarder(settings: ForwardConfig, note: str = "", workers: int = 1) -> 
 
 def _work(settings: ForwardConfig, listeners: list | None, worker: tuple[int, int], stop_fd: int | None,
           ready=lambda bound: None) -> tuple[ExitCode, Totals]:
-    """Serve in this process until a signal, or, in a worker, until `stop_fd` reads EOF."""
+    """Serve in this process until a signal, or, in a worker, until `stop_fd` is readable."""
     forwarder = Forwarder(settings, listeners=listeners, worker=worker)
 
     async def main() -> None:
