@@ -102,15 +102,16 @@ class Forwarder:
     """Runs the rules of one ForwardConfig. `totals` stays readable after cancellation.
 
     Accepting runs in the engine's reactor (a callback per listener, no task). A connection to
-    a literal address (IP or Unix path) without capture is connected and relayed by the
-    reactor too (`_Link`), so it costs no task, nursery or cancel scope: that machinery was
-    most of a short connection's cost. A target given by name (resolved on every connection)
-    and a captured connection take a task each (`_handle`).
+    a literal address (IP or Unix path), or to a name resolved recently, without capture is
+    connected and relayed by the reactor too (`_Link`), so it costs no task, nursery or cancel scope: that machinery was
+    most of a short connection's cost. A connection whose target name must be resolved (at
+    most once per --resolve-ttl, see _Listener) and a captured connection take a task each
+    (`_handle`).
     """
 
     def __init__(self, config: ForwardConfig, *, listeners: list[socket.socket] | None = None,
                  worker: tuple[int, int] = (1, 1)) -> None:
-        """`listeners`: one bound socket per rule, already listening (zcrelay.workers), instead
+        """`listeners`: one bound socket per rule, already listening (zcrelay.cli.workers), instead
         of binding in `serve`. `worker`: (K, N) for worker K of N, which numbers its
         connections K, K+N, K+2N... so numbers (and capture file names) stay unique."""
         self.config = config

@@ -66,7 +66,7 @@ async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket
 
 
 def bind_listeners(address: Address, count: int, backlog: int = BACKLOG) -> list[socket.socket]:
-    """`count` listening stdlib sockets for `address`, for as many processes (zcrelay.workers),
+    """`count` listening stdlib sockets for `address`, for as many processes (zcrelay.cli.workers),
     without trio (a name resolves blocking); raises BindError, having closed what it opened.
 
     A TCP address gets `count` sockets bound with SO_REUSEPORT, so the kernel spreads new
