@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 
@@ -60,6 +60,20 @@ class Totals:
             if flow.fallback:
                 self.fallbacks[flow.fallback] += 1
         self.closes[close] += 1
+
+    def record(self) -> dict:
+        """Every field, as JSON takes it (zcrelay.cli.workers sends a worker's totals so)."""
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v
+                for f in fields(self)}
+
+    def merge(self, record: dict) -> None:
+        """Add another relay's `record()` to these totals."""
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, Counter):
+                mine.update(record[f.name])
+            else:
+                setattr(self, f.name, mine + record[f.name])
 
     @property
     def spliced_ratio(self) -> float:

@@ -126,7 +126,7 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
                             if all(sock is not mine for mine in socks):
                                 sock.close()
                     code, mine = work(settings, socks, (index, count), stop_r)
-                    os.write(report_w, json.dumps(_as_dict(mine)).encode())
+                    os.write(report_w, json.dumps(mine.record()).encode())
                 finally:
                     sys.stderr.flush()
                     os._exit(code)
@@ -171,7 +171,7 @@ def _wait(workers: list[Worker], stop: Callable[[], None], state: _State, totals
             continue
         report = _read_report(worker.report)
         if report is not None:
-            _add(totals, report)
+            totals.merge(report)
         if worker.status != 0 or report is None:
             if code == ExitCode.OK:
                 code = ExitCode(worker.status) if worker.status in _CODES else ExitCode.FAILURE
@@ -200,19 +200,3 @@ def _read_report(fd: int) -> dict | None:
         return json.loads(b"".join(chunks)) if chunks else None
     except ValueError:
         return None
-
-
-def _as_dict(totals: Totals) -> dict:
-    return {"connections": totals.connections, "up": totals.up, "down": totals.down,
-            "spliced": totals.spliced, "copied": totals.copied,
-            "fallbacks": dict(totals.fallbacks), "closes": dict(totals.closes)}
-
-
-def _add(totals: Totals, report: dict) -> None:
-    totals.connections += report["connections"]
-    totals.up += report["up"]
-    totals.down += report["down"]
-    totals.spliced += report["spliced"]
-    totals.copied += report["copied"]
-    totals.fallbacks.update(report["fallbacks"])
-    totals.closes.update(report["closes"])
