@@ -3,6 +3,7 @@ stderr, and parsers for option values. Only the CLI prints, exits or starts trio
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -131,18 +132,17 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
     (a worker's end of zcrelay.cli.workers' stop pipe), once that fd is readable."""
     import trio
 
-    if stop_fd is not None:
-        from zcrelay.waits import until_readable
+    from zcrelay.waits import until_readable
 
+    # The receiver is open before `start` runs, so a signal during start-up is not lost.
+    receiver = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if stop_fd is None \
+        else contextlib.nullcontext()
+    with receiver as signals:
         async with trio.open_nursery() as nursery:
             on_ready(await nursery.start(start))
-            await until_readable(stop_fd)
-            nursery.cancel_scope.cancel()
-        return
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            value = await nursery.start(start)
-            on_ready(value)
-            async for _ in signals:
-                break
+            if signals is None:
+                await until_readable(stop_fd)
+            else:
+                async for _ in signals:
+                    break
             nursery.cancel_scope.cancel()
