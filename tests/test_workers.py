@@ -4,7 +4,6 @@ and report one summary. Subprocesses, real sockets, both copy paths."""
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import socket
@@ -13,10 +12,7 @@ import trio
 
 from tests import traffic
 from tests.conftest import run_zcrelay
-from tests.test_forward import MiB, conn_lines, path_args, serve_traffic
-
-SUMMARY = re.compile(r"stopped: (\d+) connections, up (\d+) bytes, down (\d+) bytes, ([\d.]+)% spliced, (\d+) fallbacks")
-
+from tests.test_forward import MiB, check_summary, conn_lines, path_args, serve_traffic
 
 def workers_of(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -63,14 +59,7 @@ async def test_workers_share_connections_and_every_byte_arrives(zcrelay, path):
     numbers = sorted(int(m.group(1)) for m in conn_lines(err))
     assert len(numbers) == 48 and len(set(numbers)) == 48
     assert {n % 2 for n in numbers} == {0, 1}, numbers  # both workers (all on one: p = 2**-47)
-    [summary] = [m for m in map(SUMMARY.search, err.splitlines()) if m]
-    assert int(summary.group(1)) == 48
-    assert int(summary.group(2)) == 48 * (2 * MiB + traffic.HEADER.size)
-    assert int(summary.group(3)) == 48 * 2 * MiB
-    if path == "splice":
-        assert summary.group(4) == "100.00" and summary.group(5) == "0"
-    else:
-        assert summary.group(4) == "0.00" and int(summary.group(5)) == 96
+    check_summary(err, 48, 2 * MiB, 2 * MiB, path)
     assert err.count("listening on") == 1 and "Traceback" not in err
 
 
