@@ -302,3 +302,67 @@ async def test_source_is_not_heard_while_the_destination_is_full_and_nothing_is_
             server.shutdown(socket.SHUT_WR)
             await done.wait()
     assert up.bytes == len(sent)
+
+
+async def _tcp_pairs():
+    """(client, a), (b, server) as loopback TCP connections: the re-arm after a small drain
+    rests on how TCP sockets report readiness, so it is tested on them."""
+    pairs = []
+    for _ in range(2):
+        with trio.socket.socket() as listener:
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            near = trio.socket.socket()
+            await near.connect(listener.getsockname())
+            far, _ = await listener.accept()
+            pairs.append((near, far))
+    return pairs[0], pairs[1]
+
+
+async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, path):
+    """A one-page pipe holds one slot, so most drains stop with bytes still queued on the
+    socket. Each such drain is small: the stream re-arms instead of draining to EAGAIN, and
+    the re-arm must report the bytes left behind, or the transfer stalls."""
+    rearms = []
+    real_rearm = Reactor._rearm
+
+    def counting_rearm(self, s):
+        rearms.append(s.src)
+        real_rearm(self, s)
+
+    monkeypatch.setattr(Reactor, "_rearm", counting_rearm)
+    engine = Engine(pool=PipePool(size=4096), splice=path == "splice")
+    up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    end, up, down = await _exchange(*await _tcp_pairs(), up_data, down_data, engine)
+    assert end.reason == "eof"
+    if path == "splice":
+        assert engine.pool.granted == 4096
+        assert up.spliced == len(up_data) and down.spliced == len(down_data)
+        assert len(rearms) >= (len(up_data) + len(down_data)) // 4096 // 2
+    else:
+        assert up.copied == len(up_data) and not rearms
+
+
+async def test_bytes_and_eof_that_arrived_together_are_both_relayed(path):
+    """Each side sends a short message and shuts down before the relay starts: one wake-up
+    brings the bytes and the FIN. The stream delivers the bytes and re-arms; the FIN must
+    still end it (the re-arm polls the socket), so each side gets the message and then EOF."""
+    engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
+    (client, a), (b, server) = await _tcp_pairs()
+    up_data, down_data = os.urandom(100), os.urandom(300)
+    for sock, data in ((client, up_data), (server, down_data)):
+        await sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            got = {}
+
+            async def read(sock, key):
+                got[key] = await traffic.recv_all(sock, random.Random(4))
+
+            nursery.start_soon(read, client, "client")
+            nursery.start_soon(read, server, "server")
+            end = await relay(a, b, engine, Flow(), Flow(), linger=10)
+    assert end.reason == "eof"
+    assert got["server"] == (len(up_data), traffic.digest(up_data))
+    assert got["client"] == (len(down_data), traffic.digest(down_data))

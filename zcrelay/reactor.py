@@ -14,7 +14,10 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
   or an empty one, so EAGAIN on the drain means "source empty" and on the pump "destination
   full" (`held` counts the bytes in the pipe). After a bulk drain the stream drains again
   into the same pipe before pumping; EAGAIN there is ambiguous and is never waited on: the
-  stream pumps, and waits only on an unambiguous EAGAIN;
+  stream pumps, and waits only on an unambiguous EAGAIN. After a small drain (a request, a
+  reply) has been delivered the stream waits without draining again, since that drain would
+  almost always meet EAGAIN: it re-arms the source instead (`_rearm`, an epoll_ctl that polls
+  the fd, so nothing already there is missed);
 - an idle stream holds no pipe and no buffer; a pipe that still holds bytes is destroyed;
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
@@ -421,6 +424,19 @@ class Reactor:
                 self._masks[fd] = mask = mask | _WANT_IN
                 self._epoll.modify(fd, mask)
 
+    def _rearm(self, s: Stream) -> None:
+        """Wait for `s.src` without first draining it to EAGAIN. Used after a small drain was
+        delivered: the drain that would follow almost always meets EAGAIN, and that costs a
+        syscall and a Python exception per message (a third of the splices on request/response
+        traffic). epoll_ctl MOD polls the fd and queues an event if it is ready now, so bytes or
+        an EOF that are already there (a drain cut short by a full pipe, a FIN that came with
+        the data) wake the stream on the next turn, and later arrivals raise new edges: no
+        wake-up is lost."""
+        fd = s.src
+        self._readers[fd] = s
+        self._masks[fd] = mask = self._masks[fd] | _WANT_IN
+        self._epoll.modify(fd, mask)
+
     def _hear(self, fd: int, events: int) -> None:
         """Ask `fd` for `events` again (a stream now waits for them)."""
         mask = self._masks.get(fd)
@@ -453,6 +469,7 @@ class Reactor:
         pipe = s.pipe
         held = s.held
         budget = YIELD_EVERY
+        rearm = False  # the last drain was small: once it is delivered, re-arm instead of draining
         try:
             while True:
                 if held:
@@ -477,6 +494,15 @@ class Reactor:
                         raise RuntimeError(f"{pipe!r} was emptied behind the reactor's back")
                     held -= m
                     add(m)
+                    if rearm and not held:
+                        # A small drain, all delivered: wait for the source without the
+                        # drain that would only meet EAGAIN (see _rearm).
+                        s.pipe = None
+                        pipe.held = 0
+                        self.pool.put(pipe)
+                        pipe = None
+                        self._rearm(s)
+                        return
                     continue
                 if s.deferred is not None:  # every byte read before it has been delivered
                     raise translate(s.deferred, SOURCE, "splice") from s.deferred
@@ -528,6 +554,8 @@ class Reactor:
                             break  # EOF: the next drain, once the pipe is empty, sees it again
                         held += n
                         budget -= n
+                else:
+                    rearm = src in self._masks
                 pipe.held = held
         finally:
             s.held = held
