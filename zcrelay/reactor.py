@@ -334,6 +334,8 @@ class Reactor:
             while True:
                 if queue or self._ready:
                     timeout = 0.0
+                elif not timers:
+                    timeout = -1
                 else:
                     deadline = self._next_deadline()
                     timeout = -1 if deadline == math.inf else max(0.0, deadline - now())
@@ -374,22 +376,19 @@ class Reactor:
                     # Not on every event that reports EPOLLOUT beside EPOLLIN, which would
                     # cost a short connection an epoll_ctl for each of its sockets.
                     self._deafen(fd, select.EPOLLOUT)
-        step = self._step
+        step_splice = self._step_splice
         for s in batch:
             if not s.done:
-                step(s)
+                try:
+                    if s.mode is SPLICE:
+                        step_splice(s)
+                    else:
+                        self._step_copy(s)
+                except Exception as exc:  # a StreamError, or a bug: it ends this stream only
+                    if s.done:
+                        raise  # on_end itself raised: a bug in the caller, not a stream to end
+                    self._end(s, exc)
         return bool(batch)
-
-    def _step(self, s: Stream) -> None:
-        try:
-            if s.mode is SPLICE:
-                self._step_splice(s)
-            else:
-                self._step_copy(s)
-        except Exception as exc:  # a StreamError, or a bug: it ends this stream, not the reactor
-            if s.done:
-                raise  # on_end itself raised: a bug in the caller, not a stream to end again
-            self._end(s, exc)
 
     def _end(self, s: Stream, error: BaseException | None) -> None:
         s.done = True
@@ -434,7 +433,12 @@ class Reactor:
         wake-up is lost."""
         fd = s.src
         self._readers[fd] = s
-        self._masks[fd] = mask = self._masks[fd] | _WANT_IN
+        mask = self._masks[fd] | _WANT_IN
+        if fd not in self._writers:
+            # Nobody waits to write to it: asking for EPOLLOUT would only report it writable
+            # on the next turn, and cost a wake-up and a second epoll_ctl to deafen it.
+            mask &= ~_WANT_OUT
+        self._masks[fd] = mask
         self._epoll.modify(fd, mask)
 
     def _hear(self, fd: int, events: int) -> None:
@@ -465,7 +469,8 @@ class Reactor:
         splice = syscalls.splice_unchecked
         flags = syscalls.SPLICE_F_NONBLOCK
         src, dst = s.src, s.dst
-        add = s.flow.add_spliced
+        flow = s.flow
+        on_bytes = flow.on_bytes  # Flow.add_spliced, inlined
         pipe = s.pipe
         held = s.held
         budget = YIELD_EVERY
@@ -493,7 +498,9 @@ class Reactor:
                     if m == 0:  # held says bytes are there: a zero means someone else took them
                         raise RuntimeError(f"{pipe!r} was emptied behind the reactor's back")
                     held -= m
-                    add(m)
+                    flow.spliced += m
+                    if on_bytes is not None:
+                        on_bytes(m)
                     if rearm and not held:
                         # A small drain, all delivered: wait for the source without the
                         # drain that would only meet EAGAIN (see _rearm).
