@@ -366,3 +366,44 @@ async def test_bytes_and_eof_that_arrived_together_are_both_relayed(path):
     assert end.reason == "eof"
     assert got["server"] == (len(up_data), traffic.digest(up_data))
     assert got["client"] == (len(down_data), traffic.digest(down_data))
+
+
+async def test_no_pipe_before_the_first_byte_falls_back_to_copy(monkeypatch, path):
+    """The pool cannot make a pipe (fd exhaustion): a stream that has moved nothing yet copies
+    instead, and says why; nothing is lost."""
+    engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
+
+    def no_pipe():
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(engine.pool, "get", no_pipe)
+    up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    end, up, down = await _exchange(*await _tcp_pairs(), up_data, down_data, engine)
+    assert end.reason == "eof"
+    assert (up.copied, down.copied) == (len(up_data), len(down_data)) and up.spliced == 0
+    if path == "splice":
+        assert up.fallback == down.fallback == "splice refused on pipe (EMFILE)"
+        assert engine.fallbacks == {up.fallback: 2}
+
+
+async def test_no_pipe_after_bytes_moved_ends_the_relay_with_the_reason():
+    """Once bytes have moved, a stream no longer falls back (the brief: only before the first
+    byte): no pipe ends the relay, and its end says why."""
+    engine = Engine(pool=PipePool(size=4096, max_idle=0))
+    real_get = engine.pool.get
+    calls = []
+
+    def second_fails():
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_get()
+
+    engine.pool.get = second_fails
+    (client, a), (b, server) = await _tcp_pairs()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic.flood, client)
+            end = await relay(a, b, engine, Flow(), Flow(), linger=10)
+            nursery.cancel_scope.cancel()
+    assert end.reason == "out-of-fds" and "EMFILE" in end.detail, end

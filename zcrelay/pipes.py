@@ -76,6 +76,11 @@ class PipePool:
     granted: int | None = None  # size of the last pipe the kernel gave
     _idle: list[Pipe] = field(default_factory=list)
     _noticed: set[str] = field(default_factory=set)
+    _keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
+
+    def __post_init__(self) -> None:
+        if self.size:
+            self._keep_from = min(self.size, self.limits.max_size)
 
     def get(self) -> Pipe:
         """An empty pipe: a pooled one, or a new one (OSError such as EMFILE propagates)."""
@@ -91,12 +96,13 @@ class PipePool:
 
     def put(self, pipe: Pipe) -> None:
         """Take back a pipe. One that holds bytes, or one too many, is closed."""
-        if pipe.closed:
+        # Called once per message on request/response traffic: kept to plain attribute tests.
+        if pipe.r < 0:  # closed
             return
         if pipe.held:
             self.stats.destroyed_dirty += 1
             pipe.close()
-        elif len(self._idle) < self.max_idle and (not self.size or pipe.size >= min(self.size, self.limits.max_size)):
+        elif len(self._idle) < self.max_idle and pipe.size >= self._keep_from:
             self._idle.append(pipe)
         else:
             pipe.close()

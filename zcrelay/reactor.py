@@ -517,9 +517,11 @@ class Reactor:
                     self._ready.append(s)
                     return
                 if pipe is None:
-                    pipe = s.pipe = self._get_pipe(s)
-                    if pipe is None:  # no pipe before the first byte: copy instead
-                        return self._step_copy(s)
+                    try:
+                        pipe = s.pipe = self.pool.get()
+                    except OSError as exc:
+                        self._no_pipe(s, exc)  # raises, unless no byte has moved yet
+                        return self._step_copy(s)  # no pipe before the first byte: copy instead
                 try:
                     n = splice(src, pipe.w, self.max_chunk, None, None, flags)
                 except BlockingIOError:
@@ -569,16 +571,13 @@ class Reactor:
             if s.pipe is not None:
                 s.pipe.held = held
 
-    def _get_pipe(self, s: Stream) -> Pipe | None:
-        try:
-            return self.pool.get()
-        except OSError as exc:
-            if s.flow.bytes == 0:
-                s.mode = COPY
-                self._fall_back(s.flow, SpliceRefused(exc.errno or 0, "pipe").reason)
-                s.pipe = None
-                return None
+    def _no_pipe(self, s: Stream, exc: OSError) -> None:
+        """The pool could not give `s` a pipe (EMFILE, ENFILE...): before the first byte the
+        stream falls back to copying; after it, the stream ends."""
+        if s.flow.bytes:
             raise OutOfResources("pipe", exc.errno or 0, "pipe2") from exc
+        s.mode = COPY
+        self._fall_back(s.flow, SpliceRefused(exc.errno or 0, "pipe").reason)
 
     # -- copy mode: src → user space → dst -----------------------------------------------------
 
