@@ -343,25 +343,32 @@ async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, pat
         assert up.copied == len(up_data) and not rearms
 
 
-async def test_bytes_and_eof_that_arrived_together_are_both_relayed(path):
-    """Each side sends a short message and shuts down before the relay starts: one wake-up
-    brings the bytes and the FIN. The stream delivers the bytes and re-arms; the FIN must
-    still end it (the re-arm polls the socket), so each side gets the message and then EOF."""
-    engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
+@pytest.mark.parametrize("pipe_size", [1 << 20, 4096])
+async def test_bytes_and_eof_that_arrived_together_are_both_relayed(path, pipe_size):
+    """The client sends a short message and shuts down before the relay starts: one wake-up
+    brings the bytes and the FIN. The stream delivers the bytes and must still see the FIN,
+    with nothing else happening on that socket: the server answers only after EOF. With a
+    1 MiB pipe the message is fewer bytes than the pipe has slots (the wait without re-arm is
+    considered, and the hang-up must rule it out); with one page it is not (the re-arm)."""
+    engine = Engine(pool=PipePool(size=pipe_size), splice=path == "splice")
     (client, a), (b, server) = await _tcp_pairs()
     up_data, down_data = os.urandom(100), os.urandom(300)
-    for sock, data in ((client, up_data), (server, down_data)):
-        await sock.send(data)
-        sock.shutdown(socket.SHUT_WR)
+    await client.send(up_data)
+    client.shutdown(socket.SHUT_WR)
+    got = {}
+
+    async def serve():
+        got["server"] = await traffic.recv_all(server, random.Random(4))
+        await server.send(down_data)
+        server.shutdown(socket.SHUT_WR)
+
+    async def read():
+        got["client"] = await traffic.recv_all(client, random.Random(5))
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            got = {}
-
-            async def read(sock, key):
-                got[key] = await traffic.recv_all(sock, random.Random(4))
-
-            nursery.start_soon(read, client, "client")
-            nursery.start_soon(read, server, "server")
+            nursery.start_soon(serve)
+            nursery.start_soon(read)
             end = await relay(a, b, engine, Flow(), Flow(), linger=10)
     assert end.reason == "eof"
     assert got["server"] == (len(up_data), traffic.digest(up_data))
@@ -407,3 +414,26 @@ async def test_no_pipe_after_bytes_moved_ends_the_relay_with_the_reason():
             end = await relay(a, b, engine, Flow(), Flow(), linger=10)
             nursery.cancel_scope.cancel()
     assert end.reason == "out-of-fds" and "EMFILE" in end.detail, end
+
+
+async def test_small_messages_wait_without_a_re_arm(monkeypatch):
+    """Ping-pong of 100-byte messages on 1 MiB pipes (256 slots): each drain takes fewer bytes
+    than the pipe has slots, after a wake-up without a hang-up, so the stream waits at once,
+    with neither a drain to EAGAIN nor an epoll_ctl; every message arrives intact."""
+    rearms = []
+    real_rearm = Reactor._rearm
+    monkeypatch.setattr(Reactor, "_rearm", lambda self, s: (rearms.append(s.src), real_rearm(self, s)))
+    engine = Engine(pool=PipePool(size=1 << 20))
+    (client, a), (b, server) = await _tcp_pairs()
+    rng = random.Random(6)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(a, b, engine, Flow(), Flow(), linger=10))
+            for _ in range(50):
+                message = rng.randbytes(100)
+                await client.send(message)
+                assert await traffic.recv_exactly(server, 100) == message
+                await server.send(message[::-1])
+                assert await traffic.recv_exactly(client, 100) == message[::-1]
+            nursery.cancel_scope.cancel()
+    assert len(rearms) <= 2, rearms

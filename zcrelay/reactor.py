@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import mmap
 import os
 import select
 from collections import Counter
@@ -62,7 +63,9 @@ _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLE
 _WANT_IN = select.EPOLLIN | select.EPOLLRDHUP  # EPOLLHUP and EPOLLERR come whatever the mask
 _WANT_OUT = select.EPOLLOUT
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
 _MAX_EVENTS = 1024
+PAGE_SIZE = mmap.PAGESIZE  # a pipe holds size // PAGE_SIZE buffers (slots)
 _TURNS = 8  # batches stepped per wake-up at most
 # A drain at least this large marks a bulk transfer: drain again before pumping (see _step_splice).
 # Smaller ones (requests, replies, interactive traffic) are pumped at once, in 3 splices a burst.
@@ -74,7 +77,7 @@ SPLICE, COPY = "splice", "copy"
 class Stream:
     """One direction, src → dst, and where it stands. Read-only outside the reactor."""
 
-    __slots__ = ("src", "dst", "flow", "on_end", "mode", "pipe", "held", "pending", "done", "deferred")
+    __slots__ = ("src", "dst", "flow", "on_end", "mode", "pipe", "held", "pending", "done", "deferred", "woke")
 
     def __init__(self, src: int, dst: int, flow: Flow, on_end: Callable[["Stream", BaseException | None], None],
                  mode: str) -> None:
@@ -88,6 +91,7 @@ class Stream:
         self.pending: memoryview | None = None  # copy mode: read, not yet written
         self.done = False
         self.deferred: OSError | None = None  # a source error met while the pipe held bytes
+        self.woke = 0  # the epoll events that woke it from a wait on its source (0: not that)
 
     def __repr__(self) -> str:
         return f"Stream({self.src}->{self.dst}, {self.mode}, held={self.held}, done={self.done})"
@@ -366,6 +370,7 @@ class Reactor:
             if events & _READABLE:
                 s = readers.pop(fd, None)
                 if s is not None:
+                    s.woke = events
                     batch.append(s)
             if events & _WRITABLE:
                 s = writers.pop(fd, None)
@@ -475,6 +480,9 @@ class Reactor:
         held = s.held
         budget = YIELD_EVERY
         rearm = False  # the last drain was small: once it is delivered, re-arm instead of draining
+        quiet = False  # ... and it took everything that had woken the stream: wait, no re-arm
+        woke = s.woke
+        s.woke = 0
         try:
             while True:
                 if held:
@@ -508,7 +516,10 @@ class Reactor:
                         pipe.held = 0
                         self.pool.put(pipe)
                         pipe = None
-                        self._rearm(s)
+                        if quiet:
+                            self._readers[src] = s
+                        else:
+                            self._rearm(s)
                         return
                     continue
                 if s.deferred is not None:  # every byte read before it has been delivered
@@ -565,6 +576,12 @@ class Reactor:
                         budget -= n
                 else:
                     rearm = src in self._masks
+                    # Fewer bytes than the pipe has slots (each slot holds at least one byte):
+                    # the pipe did not fill, so the drain stopped because the socket had no
+                    # more. Woken with no hang-up, nothing is left behind that would not raise
+                    # a new edge: the stream can wait as it is (see _rearm).
+                    quiet = woke and not woke & _HANGUPS and n < pipe.size // PAGE_SIZE
+                woke = 0
                 pipe.held = held
         finally:
             s.held = held
