@@ -52,7 +52,6 @@ class Pipe:
 @dataclass
 class PoolStats:
     created: int = 0
-    reused: int = 0
     destroyed_dirty: int = 0  # destroyed because they still held bytes
 
 
@@ -74,19 +73,20 @@ class PipePool:
     limits: syscalls.PipeLimits = field(default_factory=syscalls.read_pipe_limits)
     stats: PoolStats = field(default_factory=PoolStats)
     granted: int | None = None  # size of the last pipe the kernel gave
-    _idle: list[Pipe] = field(default_factory=list)
+    # Empty pipes ready to be handed out. zcrelay.reactor takes and returns pipes here directly,
+    # by the same rules as get/put (see Reactor._take_pipe), because it does so once per message.
+    spare: list[Pipe] = field(default_factory=list, repr=False)
     _noticed: set[str] = field(default_factory=set)
-    _keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
+    keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
 
     def __post_init__(self) -> None:
         if self.size:
-            self._keep_from = min(self.size, self.limits.max_size)
+            self.keep_from = min(self.size, self.limits.max_size)
 
     def get(self) -> Pipe:
         """An empty pipe: a pooled one, or a new one (OSError such as EMFILE propagates)."""
-        if self._idle:
-            self.stats.reused += 1
-            return self._idle.pop()
+        if self.spare:
+            return self.spare.pop()
         pipe = Pipe.open(self.size, self.limits)
         self.stats.created += 1
         self.granted = pipe.size
@@ -102,18 +102,18 @@ class PipePool:
         if pipe.held:
             self.stats.destroyed_dirty += 1
             pipe.close()
-        elif len(self._idle) < self.max_idle and pipe.size >= self._keep_from:
-            self._idle.append(pipe)
+        elif len(self.spare) < self.max_idle and pipe.size >= self.keep_from:
+            self.spare.append(pipe)
         else:
             pipe.close()
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        return len(self.spare)
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        while self.spare:
+            self.spare.pop().close()
 
     def _notice_shortfall(self, granted: int) -> None:
         assert self.size is not None

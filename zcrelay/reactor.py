@@ -123,6 +123,7 @@ class Reactor:
     def __init__(self, pool: PipePool, *, splice: bool = True, max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE,
                  copy_bufsize: int = COPY_BUFSIZE, fallbacks: Counter | None = None) -> None:
         self.pool = pool
+        self._spare = pool.spare  # the pool's empty pipes, taken and returned inline per message
         self.splice = splice
         self.max_chunk = min(max_chunk, syscalls.MAX_SPLICE_AT_ONCE)
         self.fallbacks = fallbacks if fallbacks is not None else Counter()
@@ -514,7 +515,7 @@ class Reactor:
                         # drain that would only meet EAGAIN (see _rearm).
                         s.pipe = None
                         pipe.held = 0
-                        self.pool.put(pipe)
+                        self._put_empty(pipe)
                         pipe = None
                         if quiet:
                             self._readers[src] = s
@@ -528,18 +529,21 @@ class Reactor:
                     self._ready.append(s)
                     return
                 if pipe is None:
-                    try:
-                        pipe = s.pipe = self.pool.get()
-                    except OSError as exc:
-                        self._no_pipe(s, exc)  # raises, unless no byte has moved yet
-                        return self._step_copy(s)  # no pipe before the first byte: copy instead
+                    if self._spare:
+                        pipe = s.pipe = self._spare.pop()  # PipePool.get, its common case inline
+                    else:
+                        try:
+                            pipe = s.pipe = self.pool.get()
+                        except OSError as exc:
+                            self._no_pipe(s, exc)  # raises, unless no byte has moved yet
+                            return self._step_copy(s)  # no pipe before the first byte: copy
                 try:
                     n = splice(src, pipe.w, self.max_chunk, None, None, flags)
                 except BlockingIOError:
                     # The pipe is empty, so the source is: an idle stream holds no pipe.
                     s.pipe = None
                     pipe.held = 0
-                    self.pool.put(pipe)
+                    self._put_empty(pipe)
                     pipe = None
                     self._wait(self._readers, src, s)
                     return
@@ -587,6 +591,14 @@ class Reactor:
             s.held = held
             if s.pipe is not None:
                 s.pipe.held = held
+
+    def _put_empty(self, pipe: Pipe) -> None:
+        """PipePool.put for a pipe known to be open and empty, its common case inline."""
+        spare = self._spare
+        if len(spare) < self.pool.max_idle and pipe.size >= self.pool.keep_from:
+            spare.append(pipe)
+        else:
+            self.pool.put(pipe)
 
     def _no_pipe(self, s: Stream, exc: OSError) -> None:
         """The pool could not give `s` a pipe (EMFILE, ENFILE...): before the first byte the
