@@ -437,3 +437,46 @@ async def test_small_messages_wait_without_a_re_arm(monkeypatch):
                 assert await traffic.recv_exactly(client, 100) == message[::-1]
             nursery.cancel_scope.cancel()
     assert len(rearms) <= 2, rearms
+
+
+async def test_a_handed_over_socket_is_not_registered_twice_and_a_closed_one_is_forgotten():
+    """watch → unwatch(keep=True) → start: the socket is already in the epoll set, so start
+    registers nothing (a second register fails with EEXIST, a syscall and an exception per
+    connection). A socket unwatched with keep=True and then closed (the connection ended
+    before its streams started) must not leave that mark on the fd number: a new socket
+    that gets the number is registered and relays."""
+    engine = Engine(pool=PipePool(size=65536))
+    reactor = engine.reactor()
+    registered = []
+
+    class CountingEpoll:
+        def __init__(self, epoll):
+            self._epoll = epoll
+
+        def register(self, fd, mask):
+            registered.append(fd)
+            return self._epoll.register(fd, mask)
+
+        def __getattr__(self, name):
+            return getattr(self._epoll, name)
+
+    reactor._epoll = CountingEpoll(reactor._epoll)
+    (client, a), (b, server) = await _tcp_pairs()
+    reactor.watch(b.fileno(), lambda events: None)
+    reactor.unwatch(b.fileno(), keep=True)
+    registered.clear()
+    up_data, down_data = os.urandom(MiB), os.urandom(MiB)
+    await _exchange((client, a), (b, server), up_data, down_data, engine)
+    assert registered == [a.fileno()]
+
+    doomed = trio.socket.socket()
+    number = doomed.fileno()
+    reactor.watch(number, lambda events: None)
+    reactor.unwatch(number, keep=True)
+    reactor.unwatch(number, closing=True)  # the connection ended first (forward's _finish)
+    doomed.close()
+    (client, first), (b, server) = await _tcp_pairs()
+    os.dup2(first.fileno(), number)  # the number comes back as a relayed socket
+    first.close()
+    a = trio.socket.from_stdlib_socket(socket.socket(fileno=number))
+    await _exchange((client, a), (b, server), up_data, down_data, engine)

@@ -504,7 +504,7 @@ class _Link:
         if self.pair is not None:
             self.pair.close()
         if self.target is not None:
-            self.reactor.unwatch(self.target.fileno(), keep=True)  # close drops it from epoll
+            self.reactor.unwatch(self.target.fileno(), closing=True)
             self.target.close()
         self.client.close()
         self.forwarder._links.discard(self)

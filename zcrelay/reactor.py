@@ -135,6 +135,7 @@ class Reactor:
         self._scratch = bytearray(copy_bufsize)  # copy mode reads here; leftovers are copied out
         self._watchers: dict[int, tuple[Callable[[int], None], int]] = {}  # fd → (callback, turn)
         self._masks: dict[int, int] = {}  # fd → the events it is registered for
+        self._handed: set[int] = set()  # fds unwatched with keep=True: registered, not yet started
         self._turns = 0  # counts _turn calls: an event polled before a watch is not for it
         self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
         self._cancelled_timers = 0
@@ -157,6 +158,10 @@ class Reactor:
             streams.append(Stream(src, dst, flow, on_end, mode))
         known = set()  # already in the epoll set (a socket handed over by `unwatch(keep=True)`)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
+            if fd in self._handed:  # no register that would only fail with EEXIST
+                self._handed.discard(fd)
+                known.add(fd)
+                continue
             try:
                 self._epoll.register(fd, _MASK)
                 self._masks[fd] = _MASK
@@ -188,6 +193,7 @@ class Reactor:
             s.pending = None
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
+            self._handed.discard(fd)
             self._masks.pop(fd, None)
             if not closing:
                 self._unregister(fd)
@@ -205,13 +211,19 @@ class Reactor:
             pass
         self._masks[fd] = _MASK
 
-    def unwatch(self, fd: int, *, keep: bool = False) -> None:
+    def unwatch(self, fd: int, *, keep: bool = False, closing: bool = False) -> None:
         """Forget `fd`'s callback. With `keep` it stays in the epoll set, for `start` to take
-        over (a connected socket becoming a stream); otherwise call before closing it."""
+        over (a connected socket becoming a stream); otherwise call before closing it. With
+        `closing` the caller closes it right after, which drops it from the epoll set: no
+        epoll_ctl (as `stop(closing=True)`)."""
         self._watchers.pop(fd, None)
-        if not keep:
+        self._handed.discard(fd)
+        if keep:
+            self._handed.add(fd)
+        else:
             self._masks.pop(fd, None)
-            self._unregister(fd)
+            if not closing:
+                self._unregister(fd)
 
     def _unregister(self, fd: int) -> None:
         try:
