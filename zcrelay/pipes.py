@@ -74,7 +74,8 @@ class PipePool:
     stats: PoolStats = field(default_factory=PoolStats)
     granted: int | None = None  # size of the last pipe the kernel gave
     # Empty pipes ready to be handed out. zcrelay.reactor takes and returns pipes here directly,
-    # by the same rules as get/put (see Reactor._take_pipe), because it does so once per message.
+    # by the same rules as get/put (Reactor._step_splice, Reactor._put_empty), because it does
+    # so once per message.
     spare: list[Pipe] = field(default_factory=list, repr=False)
     _noticed: set[str] = field(default_factory=set)
     keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled

@@ -17,7 +17,9 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
   stream pumps, and waits only on an unambiguous EAGAIN. After a small drain (a request, a
   reply) has been delivered the stream waits without draining again, since that drain would
   almost always meet EAGAIN: it re-arms the source instead (`_rearm`, an epoll_ctl that polls
-  the fd, so nothing already there is missed);
+  the fd, so nothing already there is missed). When the drain took fewer bytes than the pipe
+  has slots after a wake-up without a hang-up, the socket had nothing more and every later
+  arrival raises a new edge: the stream waits with no syscall at all;
 - an idle stream holds no pipe and no buffer; a pipe that still holds bytes is destroyed;
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
