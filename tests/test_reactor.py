@@ -480,3 +480,40 @@ async def test_a_handed_over_socket_is_not_registered_twice_and_a_closed_one_is_
     first.close()
     a = trio.socket.from_stdlib_socket(socket.socket(fileno=number))
     await _exchange((client, a), (b, server), up_data, down_data, engine)
+
+
+@pytest.mark.parametrize("then", ["eof", "more"])
+async def test_tcp_urgent_data_is_relayed_in_order(path, then):
+    """A client sends "abc", an urgent byte (MSG_OOB) and "def". splice stops at the urgent
+    mark and never passes it: it answers EAGAIN there (the stream would stall: "more"), or 0
+    once the FIN is in (the rest would be cut off as EOF: "eof"). Both paths deliver every
+    byte in order, the urgent one inline, and count it."""
+    engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
+    (client, a), (b, server) = await _tcp_pairs()
+    got = bytearray()
+    expected = b"abc!def" + (b"ghi" if then == "more" else b"")
+
+    async def send():
+        await client.send(b"abc")
+        got.extend(await traffic.recv_exactly(server, 3))  # the mark comes after these
+        await client.send(b"!", socket.MSG_OOB)
+        await client.send(b"def")
+        if then == "more":
+            got.extend(await traffic.recv_exactly(server, 4))  # "!def", past the mark
+            await client.send(b"ghi")
+        client.shutdown(socket.SHUT_WR)
+        got.extend(await traffic.recv_exactly(server, len(expected) - len(got)))
+        assert await server.recv(10) == b""  # then EOF
+        server.shutdown(socket.SHUT_WR)
+
+    up = Flow()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            end = await relay(a, b, engine, up, Flow(), linger=10)
+    assert end.reason == "eof"
+    assert bytes(got) == expected
+    assert up.bytes == len(expected)
+    if path == "splice":
+        assert up.copied == 1 and up.spliced == len(expected) - 1
+        assert engine.fallbacks[reactor_mod.URGENT_BYTE] == 1

@@ -24,7 +24,8 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
   (then the bytes already drained are written out first, so nothing is lost or reordered),
-  counted in `Flow.copied` and `fallbacks`.
+  counted in `Flow.copied` and `fallbacks`; and for a TCP urgent byte, which splice cannot
+  pass (`_pass_urgent_byte`): one byte, read inline, in its place in the stream.
 
 Readiness is edge-triggered (EPOLLET): a stream waits only after EAGAIN, and epoll reports
 every new arrival after that, so no wake-up is lost. Spurious wake-ups cost one EAGAIN.
@@ -43,11 +44,14 @@ system task, so a wake-up for bytes never pays for them. Callbacks must not rais
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import heapq
 import math
 import mmap
 import os
 import select
+import socket
 from collections import Counter
 from typing import Callable
 
@@ -60,13 +64,16 @@ from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, YIELD_EVERY
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
-_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_WANT_IN = select.EPOLLIN | select.EPOLLRDHUP  # EPOLLHUP and EPOLLERR come whatever the mask
+# EPOLLPRI: TCP urgent data, which splice cannot move (see _pass_urgent_byte).
+_MASK = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READABLE = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WANT_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP  # EPOLLHUP, EPOLLERR come anyway
 _WANT_OUT = select.EPOLLOUT
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
 _MAX_EVENTS = 1024
+_SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
+URGENT_BYTE = "urgent byte copied (TCP MSG_OOB)"  # the reason counted in Reactor.fallbacks
 PAGE_SIZE = mmap.PAGESIZE  # a pipe holds size // PAGE_SIZE buffers (slots)
 _TURNS = 8  # batches stepped per wake-up at most
 # A drain at least this large marks a bulk transfer: drain again before pumping (see _step_splice).
@@ -138,6 +145,7 @@ class Reactor:
         self._watchers: dict[int, tuple[Callable[[int], None], int]] = {}  # fd → (callback, turn)
         self._masks: dict[int, int] = {}  # fd → the events it is registered for
         self._handed: set[int] = set()  # fds unwatched with keep=True: registered, not yet started
+        self._no_mark: set[int] = set()  # source fds with no urgent mark (not TCP sockets)
         self._turns = 0  # counts _turn calls: an event polled before a watch is not for it
         self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
         self._cancelled_timers = 0
@@ -158,6 +166,8 @@ class Reactor:
                 mode = COPY
                 self._fall_back(flow, "splice disabled")
             streams.append(Stream(src, dst, flow, on_end, mode))
+            if mode is COPY:
+                _urgent_inline(src)
         known = set()  # already in the epoll set (a socket handed over by `unwatch(keep=True)`)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             if fd in self._handed:  # no register that would only fail with EEXIST
@@ -196,6 +206,7 @@ class Reactor:
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
             self._handed.discard(fd)
+            self._no_mark.discard(fd)
             self._masks.pop(fd, None)
             if not closing:
                 self._unregister(fd)
@@ -498,6 +509,9 @@ class Reactor:
         quiet = False  # ... and it took everything that had woken the stream: wait, no re-arm
         woke = s.woke
         s.woke = 0
+        # An urgent mark may stop a drain only if no read event vouched for its absence (one
+        # that reports no EPOLLPRI: a mark that comes later raises a new edge).
+        urgent = not woke or woke & select.EPOLLPRI
         try:
             while True:
                 if held:
@@ -515,7 +529,7 @@ class Reactor:
                             s.pipe = None
                             self.pool.put(pipe)
                             self._fall_back(s.flow, SpliceRefused(exc.errno, DESTINATION).reason)
-                            s.mode = COPY
+                            self._to_copy(s)
                             return self._step_copy(s)
                         raise translate(exc, DESTINATION, "splice") from exc
                     if m == 0:  # held says bytes are there: a zero means someone else took them
@@ -554,6 +568,9 @@ class Reactor:
                 try:
                     n = splice(src, pipe.w, self.max_chunk, None, None, flags)
                 except BlockingIOError:
+                    if urgent and self._pass_urgent_byte(s, pipe):
+                        held = 1
+                        continue
                     # The pipe is empty, so the source is: an idle stream holds no pipe.
                     s.pipe = None
                     pipe.held = 0
@@ -567,10 +584,13 @@ class Reactor:
                         pipe.held = 0
                         self.pool.put(pipe)
                         self._fall_back(s.flow, SpliceRefused(exc.errno, SOURCE).reason)
-                        s.mode = COPY
+                        self._to_copy(s)
                         return self._step_copy(s)
                     raise translate(exc, SOURCE, "splice") from exc
                 if n == 0:
+                    if self._pass_urgent_byte(s, pipe):
+                        held = 1
+                        continue
                     s.held = pipe.held = 0
                     self._end(s, None)
                     return
@@ -614,12 +634,43 @@ class Reactor:
         else:
             self.pool.put(pipe)
 
+    def _pass_urgent_byte(self, s: Stream, pipe: Pipe) -> bool:
+        """A TCP source stopped at an urgent mark (MSG_OOB): splice stops there, answering
+        EAGAIN, or 0 once a FIN has come, and would never pass it, so the rest of the stream
+        would be stalled or cut off as if at EOF. The byte is read inline (SO_OOBINLINE, set
+        here) and written into the stream's empty pipe, in order, as one copied byte, counted
+        as a fallback; splice goes on after it. True if a byte was passed."""
+        if s.src in self._no_mark:
+            return False
+        try:
+            if not int.from_bytes(fcntl.ioctl(s.src, _SIOCATMARK, bytes(4)), "little"):
+                return False
+            _urgent_inline(s.src)
+            byte = os.read(s.src, 1)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP):
+                self._no_mark.add(s.src)  # not a TCP socket: no urgent data, ask no more
+                return False
+            raise translate(exc, SOURCE, "recv") from exc
+        if not byte:
+            return False
+        os.write(pipe.w, byte)  # one byte into an empty pipe: never blocks
+        pipe.held = 1
+        s.flow.copied += 1
+        s.flow.spliced -= 1  # the pump counts the byte as spliced when it moves it on
+        self._fall_back(s.flow, URGENT_BYTE)
+        return True
+
+    def _to_copy(self, s: Stream) -> None:
+        s.mode = COPY
+        _urgent_inline(s.src)
+
     def _no_pipe(self, s: Stream, exc: OSError) -> None:
         """The pool could not give `s` a pipe (EMFILE, ENFILE...): before the first byte the
         stream falls back to copying; after it, the stream ends."""
         if s.flow.bytes:
             raise OutOfResources("pipe", exc.errno or 0, "pipe2") from exc
-        s.mode = COPY
+        self._to_copy(s)
         self._fall_back(s.flow, SpliceRefused(exc.errno or 0, "pipe").reason)
 
     # -- copy mode: src → user space → dst -----------------------------------------------------
@@ -668,6 +719,21 @@ class Reactor:
                 add(m)
             if m < n:
                 s.pending = memoryview(bytes(memoryview(scratch)[m:n]))
+
+
+def _urgent_inline(fd: int) -> None:
+    """SO_OOBINLINE on a TCP source: its urgent bytes stay in the stream, where read(2) finds
+    them, instead of being skipped (copy mode) or left behind the mark (splice mode). Nothing
+    for other fds."""
+    try:
+        sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+    except OSError:
+        return  # not a socket
+    try:
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    finally:
+        sock.detach()
 
 
 def _read_exactly(fd: int, n: int) -> bytes:

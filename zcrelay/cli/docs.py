@@ -354,6 +354,9 @@ before any byte has moved, and zcrelay falls back to an ordinary read and write 
 stream only. It never falls back after the first byte, so no data is lost or duplicated. Every
 fallback is counted with its reason and reported in the summary printed at exit, together with
 the share of bytes that were spliced. **--no-splice** forces the copy path, for comparison.
+One exception moves mid-stream: a TCP urgent byte (MSG_OOB), which splice cannot pass. It is
+read inline and relayed in its place in the stream as one copied byte, counted as a fallback
+("urgent byte copied"); its out-of-band flag is not passed on.
 
 Pipes are grown to **--pipe-size** (1 MiB by default) with F_SETPIPE_SZ; the kernel caps
 this at /proc/sys/fs/pipe-max-size and rations the pages an unprivileged user may use in grown
