@@ -73,16 +73,15 @@ class PipePool:
     limits: syscalls.PipeLimits = field(default_factory=syscalls.read_pipe_limits)
     stats: PoolStats = field(default_factory=PoolStats)
     granted: int | None = None  # size of the last pipe the kernel gave
-    # Empty pipes ready to be handed out. zcrelay.reactor takes and returns pipes here directly,
-    # by the same rules as get/put (Reactor._step_splice, Reactor._put_empty), because it does
-    # so once per message.
+    # Empty pipes ready to be handed out. zcrelay.reactor pops from here itself (get's common
+    # case, once per message); pipes come back through put, which alone decides what is kept.
     spare: list[Pipe] = field(default_factory=list, repr=False)
     _noticed: set[str] = field(default_factory=set)
-    keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
+    _keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
 
     def __post_init__(self) -> None:
         if self.size:
-            self.keep_from = min(self.size, self.limits.max_size)
+            self._keep_from = min(self.size, self.limits.max_size)
 
     def get(self) -> Pipe:
         """An empty pipe: a pooled one, or a new one (OSError such as EMFILE propagates)."""
@@ -103,7 +102,7 @@ class PipePool:
         if pipe.held:
             self.stats.destroyed_dirty += 1
             pipe.close()
-        elif len(self.spare) < self.max_idle and pipe.size >= self.keep_from:
+        elif len(self.spare) < self.max_idle and pipe.size >= self._keep_from:
             self.spare.append(pipe)
         else:
             pipe.close()

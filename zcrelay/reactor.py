@@ -132,7 +132,7 @@ class Reactor:
     def __init__(self, pool: PipePool, *, splice: bool = True, max_chunk: int = syscalls.MAX_SPLICE_AT_ONCE,
                  copy_bufsize: int = COPY_BUFSIZE, fallbacks: Counter | None = None) -> None:
         self.pool = pool
-        self._spare = pool.spare  # the pool's empty pipes, taken and returned inline per message
+        self._spare = pool.spare  # the pool's empty pipes: PipePool.get's common case, inline
         self.splice = splice
         self.max_chunk = min(max_chunk, syscalls.MAX_SPLICE_AT_ONCE)
         self.fallbacks = fallbacks if fallbacks is not None else Counter()
@@ -543,7 +543,7 @@ class Reactor:
                         # drain that would only meet EAGAIN (see _rearm).
                         s.pipe = None
                         pipe.held = 0
-                        self._put_empty(pipe)
+                        self.pool.put(pipe)
                         pipe = None
                         if quiet:
                             self._readers[src] = s
@@ -574,7 +574,7 @@ class Reactor:
                     # The pipe is empty, so the source is: an idle stream holds no pipe.
                     s.pipe = None
                     pipe.held = 0
-                    self._put_empty(pipe)
+                    self.pool.put(pipe)
                     pipe = None
                     self._wait(self._readers, src, s)
                     return
@@ -625,14 +625,6 @@ class Reactor:
             s.held = held
             if s.pipe is not None:
                 s.pipe.held = held
-
-    def _put_empty(self, pipe: Pipe) -> None:
-        """PipePool.put for a pipe known to be open and empty, its common case inline."""
-        spare = self._spare
-        if len(spare) < self.pool.max_idle and pipe.size >= self.pool.keep_from:
-            spare.append(pipe)
-        else:
-            self.pool.put(pipe)
 
     def _pass_urgent_byte(self, s: Stream, pipe: Pipe) -> bool:
         """A TCP source stopped at an urgent mark (MSG_OOB): splice stops there, answering

@@ -8,8 +8,8 @@ waits. It forks before any thread or trio run exists in it.
 It says stop with a byte in a pipe that every worker watches (nobody reads it, so it stays
 readable for all), then closes its end. A worker also sees that pipe readable (EOF) if the
 parent dies, so no worker outlives its parent, and no signal can reach a worker between its
-handlers (workers ignore SIGINT and SIGTERM: a
-Ctrl-C on the terminal reaches the parent, which stops them all; a second one kills them).
+handlers (workers ignore SIGINT and SIGTERM: a Ctrl-C on the terminal reaches the parent,
+which stops them all; a second one kills them).
 Each worker writes its totals as JSON on its own report pipe before it exits; the parent
 prints one summary line.
 """
