@@ -71,6 +71,7 @@ _WANT_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP  # EPOLLHUP, EPO
 _WANT_OUT = select.EPOLLOUT
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
+_FIN_IN = select.EPOLLRDHUP | select.EPOLLHUP  # the peer's FIN has come (or the socket is closed)
 _MAX_EVENTS = 1024
 _SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
 URGENT_BYTE = "urgent byte copied (TCP MSG_OOB)"  # the reason counted in Reactor.fallbacks
@@ -144,7 +145,8 @@ class Reactor:
         self._scratch = bytearray(copy_bufsize)  # copy mode reads here; leftovers are copied out
         self._watchers: dict[int, tuple[Callable[[int], None], int]] = {}  # fd → (callback, turn)
         self._masks: dict[int, int] = {}  # fd → the events it is registered for
-        self._handed: set[int] = set()  # fds unwatched with keep=True: registered, not yet started
+        # fds unwatched with keep=True: registered, not yet started → the events last seen on them
+        self._handed: dict[int, int] = {}
         self._no_mark: set[int] = set()  # source fds with no urgent mark (not TCP sockets)
         self._turns = 0  # counts _turn calls: an event polled before a watch is not for it
         self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
@@ -168,11 +170,10 @@ class Reactor:
             streams.append(Stream(src, dst, flow, on_end, mode))
             if mode is COPY:
                 _urgent_inline(src)
-        known = set()  # already in the epoll set (a socket handed over by `unwatch(keep=True)`)
+        known: dict[int, int] = {}  # in the epoll set already → the events last seen on it (0: unknown)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             if fd in self._handed:  # no register that would only fail with EEXIST
-                self._handed.discard(fd)
-                known.add(fd)
+                known[fd] = self._handed.pop(fd)
                 continue
             try:
                 self._epoll.register(fd, _MASK)
@@ -180,14 +181,18 @@ class Reactor:
             except PermissionError:  # a regular file is always ready
                 self._unpollable.add(fd)
             except FileExistsError:
-                known.add(fd)
+                known[fd] = 0
         for s in streams:
-            if s.src in self._unpollable or s.src in known:
+            seen = known.get(s.src)
+            if s.src in self._unpollable or seen == 0 or (seen and seen & _READABLE):
                 # No fresh registration will report what is already there: step it once.
                 self._ready.append(s)
                 self._wake()
             else:
-                self._readers[s.src] = s  # registration reports data already there
+                # Registered now, which reports data already there; or handed over by a watch
+                # whose last events (this turn's) said nothing was there to read, so every
+                # arrival since raises a new edge: wait, without a drain that meets EAGAIN.
+                self._readers[s.src] = s
         return streams
 
     def stop(self, streams: list[Stream], *, closing: bool = False) -> None:
@@ -205,7 +210,7 @@ class Reactor:
             s.pending = None
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
-            self._handed.discard(fd)
+            self._handed.pop(fd, None)
             self._no_mark.discard(fd)
             self._masks.pop(fd, None)
             if not closing:
@@ -224,15 +229,17 @@ class Reactor:
             pass
         self._masks[fd] = _MASK
 
-    def unwatch(self, fd: int, *, keep: bool = False, closing: bool = False) -> None:
+    def unwatch(self, fd: int, *, keep: bool = False, seen: int = 0, closing: bool = False) -> None:
         """Forget `fd`'s callback. With `keep` it stays in the epoll set, for `start` to take
-        over (a connected socket becoming a stream); otherwise call before closing it. With
-        `closing` the caller closes it right after, which drops it from the epoll set: no
-        epoll_ctl (as `stop(closing=True)`)."""
+        over (a connected socket becoming a stream); otherwise call before closing it. `seen`:
+        the events the callback is being called with, when `start` follows within that call;
+        a stream then waits for its source without first draining it to EAGAIN if they
+        report nothing to read. With `closing` the caller closes it right after, which drops
+        it from the epoll set: no epoll_ctl (as `stop(closing=True)`)."""
         self._watchers.pop(fd, None)
-        self._handed.discard(fd)
+        self._handed.pop(fd, None)
         if keep:
-            self._handed.add(fd)
+            self._handed[fd] = seen
         else:
             self._masks.pop(fd, None)
             if not closing:
@@ -512,6 +519,10 @@ class Reactor:
         # An urgent mark may stop a drain only if no read event vouched for its absence (one
         # that reports no EPOLLPRI: a mark that comes later raises a new edge).
         urgent = not woke or woke & select.EPOLLPRI
+        # A wake-up that reported the FIN and no mark: whatever is left comes before the FIN,
+        # no mark is among it, and a drain after it never meets EAGAIN. So a zero is EOF, and
+        # after a small drain the stream drains again rather than re-arm.
+        fin = woke & _FIN_IN and not woke & select.EPOLLPRI
         try:
             while True:
                 if held:
@@ -588,7 +599,7 @@ class Reactor:
                         return self._step_copy(s)
                     raise translate(exc, SOURCE, "splice") from exc
                 if n == 0:
-                    if self._pass_urgent_byte(s, pipe):
+                    if not fin and self._pass_urgent_byte(s, pipe):
                         held = 1
                         continue
                     s.held = pipe.held = 0
@@ -613,7 +624,7 @@ class Reactor:
                         held += n
                         budget -= n
                 else:
-                    rearm = src in self._masks
+                    rearm = not fin and src in self._masks
                     # Fewer bytes than the pipe has slots (each slot holds at least one byte):
                     # the pipe did not fill, so the drain stopped because the socket had no
                     # more. Woken with no hang-up, nothing is left behind that would not raise
