@@ -947,12 +947,16 @@ def versions() -> list[tuple[str, str]]:
 
 
 def git_rev() -> str:
+    """The commit measured, "-dirty" if the code differs from it. This run's own outputs
+    (RESULTS.md and the plot, written before this is asked) do not count as changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, timeout=10)
-        branch = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--abbrev-ref", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        return f"{done.stdout.strip()} (branch {branch.stdout.strip()}, working tree)"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/RESULTS.md", ":(exclude)benchmarks/results.png")
+        rev = git("describe", "--always") + ("-dirty" if changed else "")
+        return f"{rev} (branch {git('rev-parse', '--abbrev-ref', 'HEAD')}, working tree)"
     except (OSError, subprocess.TimeoutExpired):
         return "?"
 
