@@ -72,6 +72,7 @@ _WANT_OUT = select.EPOLLOUT
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
 _FIN_IN = select.EPOLLRDHUP | select.EPOLLHUP  # the peer's FIN has come (or the socket is closed)
+_PRI = select.EPOLLPRI
 _MAX_EVENTS = 1024
 _SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
 URGENT_BYTE = "urgent byte copied (TCP MSG_OOB)"  # the reason counted in Reactor.fallbacks
@@ -514,15 +515,17 @@ class Reactor:
         budget = YIELD_EVERY
         rearm = False  # the last drain was small: once it is delivered, re-arm instead of draining
         quiet = False  # ... and it took everything that had woken the stream: wait, no re-arm
+        # What the wake-up reported, which vouches for the whole step (tested only where used):
+        # - no EPOLLPRI: no urgent mark was there, and one that comes later raises a new edge;
+        #   so EAGAIN is not a mark (`_pass_urgent_byte` is asked only if `not woke or woke &
+        #   _PRI`);
+        # - the FIN and no mark (`woke & _FIN_IN and not woke & _PRI`): all that is left comes
+        #   before the FIN and holds no mark, and a drain never meets EAGAIN. So a zero is
+        #   EOF, and after a small drain the stream drains again rather than re-arm;
+        # - no hang-up of any kind (_HANGUPS): a drain that emptied the socket can wait with
+        #   no syscall, as every later arrival, FIN or mark raises a new edge.
         woke = s.woke
         s.woke = 0
-        # An urgent mark may stop a drain only if no read event vouched for its absence (one
-        # that reports no EPOLLPRI: a mark that comes later raises a new edge).
-        urgent = not woke or woke & select.EPOLLPRI
-        # A wake-up that reported the FIN and no mark: whatever is left comes before the FIN,
-        # no mark is among it, and a drain after it never meets EAGAIN. So a zero is EOF, and
-        # after a small drain the stream drains again rather than re-arm.
-        fin = woke & _FIN_IN and not woke & select.EPOLLPRI
         try:
             while True:
                 if held:
@@ -579,7 +582,7 @@ class Reactor:
                 try:
                     n = splice(src, pipe.w, self.max_chunk, None, None, flags)
                 except BlockingIOError:
-                    if urgent and self._pass_urgent_byte(s, pipe):
+                    if (not woke or woke & _PRI) and self._pass_urgent_byte(s, pipe):
                         held = 1
                         continue
                     # The pipe is empty, so the source is: an idle stream holds no pipe.
@@ -599,7 +602,7 @@ class Reactor:
                         return self._step_copy(s)
                     raise translate(exc, SOURCE, "splice") from exc
                 if n == 0:
-                    if not fin and self._pass_urgent_byte(s, pipe):
+                    if (not woke & _FIN_IN or woke & _PRI) and self._pass_urgent_byte(s, pipe):
                         held = 1
                         continue
                     s.held = pipe.held = 0
@@ -624,13 +627,12 @@ class Reactor:
                         held += n
                         budget -= n
                 else:
-                    rearm = not fin and src in self._masks
+                    rearm = src in self._masks and (not woke & _FIN_IN or woke & _PRI)
                     # Fewer bytes than the pipe has slots (each slot holds at least one byte):
                     # the pipe did not fill, so the drain stopped because the socket had no
                     # more. Woken with no hang-up, nothing is left behind that would not raise
                     # a new edge: the stream can wait as it is (see _rearm).
                     quiet = woke and not woke & _HANGUPS and n < pipe.size // PAGE_SIZE
-                woke = 0
                 pipe.held = held
         finally:
             s.held = held
