@@ -13,6 +13,7 @@ import socket
 import pytest
 import trio
 
+from zcrelay import addresses, net
 from zcrelay import reactor as reactor_mod
 from zcrelay import syscalls
 from zcrelay.pipes import PipePool
@@ -643,3 +644,69 @@ async def test_short_connections_ask_for_no_urgent_mark_and_re_arm_nothing(monke
         for sock in (client, a, b, server):
             sock.close()
     assert asked == [] and rearms == []
+
+
+def test_a_second_urgent_byte_at_the_first_ones_mark_loses_nothing_on_an_inline_socket():
+    """The narrowest case of TCP urgent data: the stream stands at an urgent mark, woken
+    without EPOLLPRI (the byte came after the wake-up), when a second urgent byte arrives. On a
+    socket without SO_OOBINLINE the kernel then drops the first (tcp_check_urg), so the
+    sockets zcrelay opens carry it from the start (net.urgent_inline). Turns are taken by
+    hand so that each urgent byte arrives between a poll and the step it wakes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    net.urgent_inline(listener)  # inherited, as by forward's accepted sockets
+    with listener:
+        client = socket.create_connection(listener.getsockname())
+        a, _ = listener.accept()
+        b = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert a.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+    for sock in (a, b):
+        sock.setblocking(False)
+    reactor = Reactor(PipePool(size=65536))
+    up, ends = Flow(), []
+    reactor.start([(a.fileno(), b.fileno(), up)], lambda stream, error: ends.append(error))
+    injected = [lambda: client.send(b"1", socket.MSG_OOB), lambda: client.send(b"2", socket.MSG_OOB)]
+    real_poll = reactor._epoll.poll
+
+    def poll_then_inject(timeout, most):
+        events = real_poll(timeout, most)
+        if events and injected:
+            injected.pop(0)()  # after the poll, before the step it wakes
+        return events
+
+    reactor._epoll = type("Epoll", (), {"poll": staticmethod(poll_then_inject),
+                                        "__getattr__": lambda self, name: getattr(real_poll.__self__, name)})()
+    client.send(b"a")
+    for _ in range(20):
+        reactor._turn(1)
+        if up.bytes == 3:
+            break
+    client.shutdown(socket.SHUT_WR)
+    for _ in range(20):
+        if ends:
+            break
+        reactor._turn(1)
+    b.shutdown(socket.SHUT_WR)
+    received = b""
+    while chunk := server.recv(100):
+        received += chunk
+    assert received == b"a12" and ends == [None]
+    assert up.copied == 1  # the second is passed at its mark; the first became stream data
+    reactor.close()
+    for sock in (client, a, b, server):
+        sock.close()
+
+
+async def test_sockets_zcrelay_opens_keep_urgent_bytes_inline():
+    """Listeners (and so every socket they accept) and connecting sockets: SO_OOBINLINE."""
+    listener = await net.open_listener(addresses.parse("127.0.0.1:0", listen=True))
+    outgoing = net.stream_socket(socket.AF_INET)
+    with listener, outgoing:
+        assert outgoing.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+        assert outgoing.connect_ex(listener.getsockname()) in (0, errno.EINPROGRESS)
+        accepted, _ = await listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)

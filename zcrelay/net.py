@@ -106,6 +106,7 @@ def _bind(address: Address, family: int, sockaddr: tuple, backlog: int, *,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and not address.host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        urgent_inline(sock)  # for every socket it accepts
         sock.bind(sockaddr)
         sock.listen(backlog)
     except OSError as exc:
@@ -219,8 +220,20 @@ def connect_error(address: Address, err: int) -> ConnectError:
 
 
 def stream_socket(family: int) -> socket.socket:
-    """A non-blocking, close-on-exec stream socket (stdlib), for connect_ex."""
-    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    """A non-blocking, close-on-exec stream socket (stdlib), for connect_ex; TCP urgent bytes
+    stay in its stream (`urgent_inline`)."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    if family != socket.AF_UNIX:
+        urgent_inline(sock)
+    return sock
+
+
+def urgent_inline(sock: socket.socket) -> None:
+    """SO_OOBINLINE, from the start: a TCP urgent byte stays in the stream, where the relay
+    passes it on in its place. Set later, a second urgent byte that arrives while the reader
+    stands at the first one's mark makes the kernel drop the first (tcp_check_urg). Accepted
+    sockets inherit it from their listener."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
 
 
 async def _connect(address: Address, on_resolved: Callable[[list], None] | None) -> trio.socket.SocketType:

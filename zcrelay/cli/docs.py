@@ -356,9 +356,11 @@ fallback is counted with its reason and reported in the summary printed at exit,
 the share of bytes that were spliced. **--no-splice** forces the copy path, for comparison.
 One exception moves mid-stream: a TCP urgent byte (MSG_OOB), which splice cannot pass. It is
 read inline and relayed in its place in the stream as one copied byte, counted as a fallback
-("urgent byte copied"); its out-of-band flag is not passed on. TCP keeps one urgent mark per
-connection: if a second urgent byte arrives while the relay stands at the first one's mark,
-the kernel drops the first, as it does for any reader without SO_OOBINLINE.
+("urgent byte copied"); its out-of-band flag is not passed on. The sockets zcrelay opens and
+accepts keep urgent bytes inline from the start (SO_OOBINLINE), so two urgent bytes in a row
+both arrive. On a socket it is handed instead (stdin, stdout), TCP's single urgent mark
+applies: a second urgent byte that arrives while the relay stands at the first one's mark
+makes the kernel drop the first, as for any reader without SO_OOBINLINE.
 
 Pipes are grown to **--pipe-size** (1 MiB by default) with F_SETPIPE_SZ; the kernel caps
 this at /proc/sys/fs/pipe-max-size and rations the pages an unprivileged user may use in grown
