@@ -357,3 +357,26 @@ def test_blocking_deadlines_bound_waits_and_sleeps_and_nest():
     assert caught and 0.04 <= elapsed < 2, seen
     assert seen["nested"] == (True, False), seen
     assert seen["roomy"] is False
+
+
+
+@pytest.mark.parametrize("then", ["eof", "more"])
+async def test_splice_stream_passes_a_tcp_urgent_byte_in_its_place(then):
+    """The mover (captures, connect, listen) as the reactor: a TCP urgent byte, which splice
+    never passes (traffic.send_around_an_urgent_byte), is read inline and passed in its
+    place, counted as one copied byte."""
+    (a_in, a_out), (b_in, b_out) = await traffic.tcp_pair(), await traffic.tcp_pair()
+    flow = Flow()
+    got = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic.send_around_an_urgent_byte, a_in, b_out, then, got)
+            await mover.splice_stream(a_out.fileno(), b_in.fileno(), PipePool(size=65536), flow)
+            b_in.shutdown(socket.SHUT_WR)
+        while chunk := await b_out.recv(100):
+            got.extend(chunk)
+    expected = traffic.URGENT_SENT[then]
+    assert bytes(got) == expected
+    assert (flow.spliced, flow.copied, flow.fallback) == (len(expected) - 1, 1, mover.URGENT_BYTE)
+    for sock in (a_in, a_out, b_in, b_out):
+        sock.close()

@@ -7,8 +7,9 @@ arrives: a send of N bytes from the client or the server, at most one TCP urgent
 way (TCP keeps a single urgent mark per socket), a sync (wait until everything sent so far has
 arrived, so that sends do not pile up), and each side's shutdown of its writing half, once.
 The script is run through relay() in process, on both paths and on pipes of one page, 64 KiB
-and 1 MiB, and through `zcrelay forward` in a subprocess, whose target sockets are handed from
-their connect watch to the streams.
+and 1 MiB; through `zcrelay forward` in a subprocess, whose target sockets are handed from
+their connect watch to the streams; and through `zcrelay forward --capture-dir`, whose
+directions run as tasks (zcrelay.mover) and whose capture files must hold what crossed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +28,8 @@ from hypothesis import strategies as st
 from zcrelay.pipes import PipePool
 from zcrelay.relay import Engine, relay
 from zcrelay.stats import Flow
+from tests import traffic
+from tests.test_capture import sidecars
 from tests.test_forward import path_args
 
 SIDES = ("client", "server")
@@ -133,22 +137,11 @@ def assert_delivered(client: Peer, server: Peer) -> None:
         assert receiver.got == sender.sent, f"{way}: bytes differ (same length)"
 
 
-async def _tcp_pair(listener) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
-    near = trio.socket.socket()
-    await near.connect(listener.getsockname())
-    far, _ = await listener.accept()
-    return near, far
-
-
 @PROPERTY_SETTINGS
 @given(script=scripts, pipe_size=st.sampled_from([4096, 65536, 1 << 20]))
 async def test_relay_delivers_every_byte_in_order(path, script, pipe_size):
     engine = Engine(pool=PipePool(size=pipe_size), splice=path == "splice")
-    with trio.socket.socket() as listener:
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        client, a = await _tcp_pair(listener)
-        b, server = await _tcp_pair(listener)
+    (client, a), (b, server) = await traffic.tcp_pair(), await traffic.tcp_pair()
     up, down = Flow(), Flow()
     with client, a, b, server:
         client_peer, server_peer, end = await run_script(
@@ -161,27 +154,40 @@ async def test_relay_delivers_every_byte_in_order(path, script, pipe_size):
     engine.close()
 
 
-@pytest.fixture
-def forwarder(zcrelay, path):
-    """One `zcrelay forward` for every example of a test, in front of a listener of ours."""
+@pytest.fixture(params=["plain", "capture"])
+def forwarder(request, zcrelay, path, tmp_path):
+    """One `zcrelay forward` for every example of a test, in front of a listener of ours;
+    "capture": with --capture-dir (its log lines are read to know when a capture is done)."""
     target = socket.socket()
     target.bind(("127.0.0.1", 0))
     target.listen(64)
-    relay_proc = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{target.getsockname()[1]}", "-q",
-                         *path_args(path))
+    capture = tmp_path if request.param == "capture" else None
+    extra = ["--capture-dir", str(capture)] if capture else ["-q"]
+    relay_proc = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{target.getsockname()[1]}",
+                         *extra, *path_args(path))
     with target:
-        yield relay_proc, target
+        yield relay_proc, target, capture, [0]
 
 
 @PROPERTY_SETTINGS
 @given(script=scripts)
 async def test_forward_delivers_every_byte_in_order(forwarder, script):
-    relay_proc, target = forwarder
+    relay_proc, target, capture, finished = forwarder
     listener = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(target.fileno())))
     with listener:
         client = trio.socket.socket()
         await client.connect(("127.0.0.1", relay_proc.port))
+        port = client.getsockname()[1]
         server, _ = await listener.accept()
     with client, server:
         client_peer, server_peer, _ = await run_script(script, client, server)
     assert_delivered(client_peer, server_peer)
+    if capture is not None:
+        finished[0] += 1  # the relay logs a connection once its capture files are final
+        with trio.fail_after(15):
+            await trio.to_thread.run_sync(relay_proc.wait_for_lines, " close=", finished[0],
+                                          abandon_on_cancel=True)
+        record = sidecars(Path(capture))[port]
+        assert record["complete"] is True, record
+        for direction, sent in (("up", client_peer.sent), ("down", server_peer.sent)):
+            assert (Path(capture) / record[direction]["file"]).read_bytes() == sent, direction

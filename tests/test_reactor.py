@@ -308,16 +308,7 @@ async def test_source_is_not_heard_while_the_destination_is_full_and_nothing_is_
 async def _tcp_pairs():
     """(client, a), (b, server) as loopback TCP connections: the re-arm after a small drain
     rests on how TCP sockets report readiness, so it is tested on them."""
-    pairs = []
-    for _ in range(2):
-        with trio.socket.socket() as listener:
-            await listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            near = trio.socket.socket()
-            await near.connect(listener.getsockname())
-            far, _ = await listener.accept()
-            pairs.append((near, far))
-    return pairs[0], pairs[1]
+    return await traffic.tcp_pair(), await traffic.tcp_pair()
 
 
 async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, path):
@@ -492,17 +483,10 @@ async def test_tcp_urgent_data_is_relayed_in_order(path, then):
     engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
     (client, a), (b, server) = await _tcp_pairs()
     got = bytearray()
-    expected = b"abc!def" + (b"ghi" if then == "more" else b"")
+    expected = traffic.URGENT_SENT[then]
 
     async def send():
-        await client.send(b"abc")
-        got.extend(await traffic.recv_exactly(server, 3))  # the mark comes after these
-        await client.send(b"!", socket.MSG_OOB)
-        await client.send(b"def")
-        if then == "more":
-            got.extend(await traffic.recv_exactly(server, 4))  # "!def", past the mark
-            await client.send(b"ghi")
-        client.shutdown(socket.SHUT_WR)
+        await traffic.send_around_an_urgent_byte(client, server, then, got)
         got.extend(await traffic.recv_exactly(server, len(expected) - len(got)))
         assert await server.recv(10) == b""  # then EOF
         server.shutdown(socket.SHUT_WR)

@@ -57,6 +57,36 @@ async def flood(sock, chunk: int = 65536) -> None:
         await sock.send(data)
 
 
+async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A loopback TCP connection (near, far): what urgent data and readiness need (a
+    socketpair is a Unix socket)."""
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        near = trio.socket.socket()
+        await near.connect(listener.getsockname())
+        far, _ = await listener.accept()
+    return near, far
+
+
+URGENT_SENT = {"eof": b"abc!def", "more": b"abc!defghi"}
+
+
+async def send_around_an_urgent_byte(sender, receiver, then: str, got: bytearray) -> None:
+    """Send "abc", an urgent "!" (MSG_OOB) and "def" through a relay, then shut down; with
+    then="more", "ghi" follows once the receiver has "!def", past the mark. `got` collects
+    what the receiver read meanwhile. splice stops at an urgent mark and never passes it: it
+    answers EAGAIN there (a stall: "more") or 0 once the FIN is in (cut off as EOF: "eof")."""
+    await sender.send(b"abc")
+    got.extend(await recv_exactly(receiver, 3))  # the mark comes after these
+    await sender.send(b"!", socket.MSG_OOB)
+    await sender.send(b"def")
+    if then == "more":
+        got.extend(await recv_exactly(receiver, 4))
+        await sender.send(b"ghi")
+    sender.shutdown(socket.SHUT_WR)
+
+
 async def recv_exactly(sock, n: int) -> bytes:
     buf = b""
     while len(buf) < n:

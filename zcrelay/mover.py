@@ -32,6 +32,10 @@ DESTINATION = "destination"
 # every cycle doubled the cost; at ~1 GB/s, 4 MiB is still a yield every few milliseconds.
 YIELD_EVERY = 4 << 20
 
+# The reason a TCP urgent byte is counted as copied: splice cannot pass it (see
+# syscalls.read_urgent_byte), so it is read and put into the pipe in its place.
+URGENT_BYTE = "urgent byte copied (TCP MSG_OOB)"
+
 # The user-space fallback's buffer. 256 KiB: large enough that the copy path is not limited by
 # syscall count on loopback, small enough to stay in L2 on this machine.
 COPY_BUFSIZE = 256 * 1024
@@ -70,24 +74,41 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     add = flow.add_spliced
     pipe: Pipe | None = None
     moved = False
+    marks = True  # src may stop at a TCP urgent mark (until SIOCATMARK says it cannot)
     unyielded = 0  # bytes moved since this stream last let other tasks run
     try:
         while True:
             if pipe is None:
                 pipe = _get_pipe(pool, moved)
+            urgent = False
             try:
                 n = splice(src, pipe.w, max_chunk, None, None, flags)
             except BlockingIOError:
+                n = -1
+            except OSError as exc:
+                if not moved and exc.errno in syscalls.SPLICE_REFUSED:
+                    raise SpliceRefused(exc.errno, SOURCE) from exc
+                raise translate(exc, SOURCE, "splice") from exc
+            if n <= 0 and marks:
+                # EAGAIN or 0 may be a TCP urgent mark, which splice never passes: the rest of
+                # the stream would stall or be cut off as if at EOF. The byte goes into the
+                # empty pipe, in its place, and is counted as copied.
+                try:
+                    byte = syscalls.read_urgent_byte(src)
+                except OSError as exc:
+                    if exc.errno not in syscalls.NO_URGENT_DATA:
+                        raise translate(exc, SOURCE, "recv") from exc
+                    marks, byte = False, b""
+                if byte:
+                    os.write(pipe.w, byte)  # one byte into an empty pipe: never blocks
+                    n, urgent = 1, True
+            if n < 0:
                 # The pipe is empty, so the source is: give the pipe back while we wait,
                 # an idle stream holds no pipe.
                 pool.put(pipe)
                 pipe = None
                 await wait_readable(src)
                 continue
-            except OSError as exc:
-                if not moved and exc.errno in syscalls.SPLICE_REFUSED:
-                    raise SpliceRefused(exc.errno, SOURCE) from exc
-                raise translate(exc, SOURCE, "splice") from exc
             if n == 0:
                 await checkpoint()
                 return
@@ -117,6 +138,10 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
                 add(m)
             pipe.held = 0
             moved = True
+            if urgent:
+                flow.spliced -= 1
+                flow.copied += 1
+                flow.fallback = flow.fallback or URGENT_BYTE
             if waited:
                 unyielded = 0
             else:

@@ -44,14 +44,11 @@ system task, so a wake-up for bytes never pays for them. Callbacks must not rais
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import heapq
 import math
 import mmap
 import os
 import select
-import socket
 from collections import Counter
 from typing import Callable
 
@@ -60,7 +57,7 @@ from trio.lowlevel import checkpoint, wait_readable
 
 from zcrelay import syscalls
 from zcrelay.errors import OutOfResources, SpliceRefused, StreamError, translate
-from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, YIELD_EVERY
+from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, URGENT_BYTE, YIELD_EVERY
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
@@ -74,8 +71,6 @@ _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLP
 _FIN_IN = select.EPOLLRDHUP | select.EPOLLHUP  # the peer's FIN has come (or the socket is closed)
 _PRI = select.EPOLLPRI
 _MAX_EVENTS = 1024
-_SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
-URGENT_BYTE = "urgent byte copied (TCP MSG_OOB)"  # the reason counted in Reactor.fallbacks
 PAGE_SIZE = mmap.PAGESIZE  # a pipe holds size // PAGE_SIZE buffers (slots)
 _TURNS = 8  # batches stepped per wake-up at most
 # A drain at least this large marks a bulk transfer: drain again before pumping (see _step_splice).
@@ -170,7 +165,7 @@ class Reactor:
                 self._fall_back(flow, "splice disabled")
             streams.append(Stream(src, dst, flow, on_end, mode))
             if mode is COPY:
-                _urgent_inline(src)
+                syscalls.set_urgent_inline(src)
         known: dict[int, int] = {}  # in the epoll set already → the events last seen on it (0: unknown)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             if fd in self._handed:  # no register that would only fail with EEXIST
@@ -648,12 +643,9 @@ class Reactor:
         if s.src in self._no_mark:
             return False
         try:
-            if not int.from_bytes(fcntl.ioctl(s.src, _SIOCATMARK, bytes(4)), "little"):
-                return False
-            _urgent_inline(s.src)
-            byte = os.read(s.src, 1)
+            byte = syscalls.read_urgent_byte(s.src)
         except OSError as exc:
-            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP):
+            if exc.errno in syscalls.NO_URGENT_DATA:
                 self._no_mark.add(s.src)  # not a TCP socket: no urgent data, ask no more
                 return False
             raise translate(exc, SOURCE, "recv") from exc
@@ -668,7 +660,7 @@ class Reactor:
 
     def _to_copy(self, s: Stream) -> None:
         s.mode = COPY
-        _urgent_inline(s.src)
+        syscalls.set_urgent_inline(s.src)
 
     def _no_pipe(self, s: Stream, exc: OSError) -> None:
         """The pool could not give `s` a pipe (EMFILE, ENFILE...): before the first byte the
@@ -724,21 +716,6 @@ class Reactor:
                 add(m)
             if m < n:
                 s.pending = memoryview(bytes(memoryview(scratch)[m:n]))
-
-
-def _urgent_inline(fd: int) -> None:
-    """SO_OOBINLINE on a TCP source: its urgent bytes stay in the stream, where read(2) finds
-    them, instead of being skipped (copy mode) or left behind the mark (splice mode). Nothing
-    for other fds."""
-    try:
-        sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
-    except OSError:
-        return  # not a socket
-    try:
-        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    finally:
-        sock.detach()
 
 
 def _read_exactly(fd: int, n: int) -> bytes:

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
 from dataclasses import dataclass
 
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
@@ -159,3 +160,37 @@ def fionread(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf, True)
     return buf[0]
+
+
+# ---- TCP urgent data (MSG_OOB) -------------------------------------------------------------
+
+_SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
+# What SIOCATMARK answers on an fd that has no urgent data at all (a pipe, a file, a Unix socket).
+NO_URGENT_DATA = frozenset({errno.ENOTTY, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
+
+
+def read_urgent_byte(fd: int) -> bytes:
+    """The TCP urgent byte at `fd`'s read position, read inline; b"" if the socket does not
+    stand at an urgent mark. splice(2) stops at the mark and never passes it: it answers EAGAIN
+    there, or 0 once a FIN has come, so a caller whose drain meets either asks here before it
+    waits or calls it EOF. Sets SO_OOBINLINE, so the byte is read in its place in the stream.
+    OSError with an errno in NO_URGENT_DATA: `fd` can have no urgent data, ask no more."""
+    if not int.from_bytes(fcntl.ioctl(fd, _SIOCATMARK, bytes(4)), "little"):
+        return b""
+    set_urgent_inline(fd)
+    return os.read(fd, 1)
+
+
+def set_urgent_inline(fd: int) -> None:
+    """SO_OOBINLINE on a TCP socket: its urgent bytes stay in the stream, where read(2) and
+    splice(2) find them, instead of being skipped or left behind the mark. Nothing for other
+    fds."""
+    try:
+        sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+    except OSError:
+        return  # not a socket
+    try:
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    finally:
+        sock.detach()
