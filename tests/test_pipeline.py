@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -202,3 +203,44 @@ def test_listen_keep_open_survives_a_client_reset():
             proc.communicate()
     assert proc.returncode == 0, rest
     assert "error" not in rest and "Traceback" not in rest
+
+
+@pytest.mark.parametrize("stdout, then", [("pipe", "eof"), ("pipe", "more"), ("file", "eof")])
+def test_connect_passes_a_tcp_urgent_byte_in_its_place(tmp_path, stdout, then):
+    """A server sends "abc", an urgent "!" (MSG_OOB) and "def". splice stops at the urgent
+    mark and never passes it: EAGAIN there (the output stalled: "more"), or 0 once the FIN
+    is in (the rest was cut off as EOF: "eof"). Through a stdout pipe (one splice, socket to
+    pipe) and into a file (socket, our pipe, file), every byte arrives in order, the urgent
+    one inline and reported."""
+    import select
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    out = open(tmp_path / "out", "wb") if stdout == "file" else subprocess.PIPE
+    proc = subprocess.Popen(zcrelay_argv("connect", f"127.0.0.1:{server.getsockname()[1]}", "-v"),
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, env=zcrelay_env())
+    try:
+        with server:
+            peer, _ = server.accept()
+        with peer:
+            peer.sendall(b"abc")
+            peer.send(b"!", socket.MSG_OOB)
+            peer.sendall(b"def")
+            got = b""
+            if then == "more":  # no FIN yet: the urgent byte and what follows must come anyway
+                while len(got) < 7:
+                    assert select.select([proc.stdout], [], [], 20)[0], f"stalled after {got!r}"
+                    got += os.read(proc.stdout.fileno(), 100)
+            peer.shutdown(socket.SHUT_WR)
+            rest, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    got += (tmp_path / "out").read_bytes() if stdout == "file" else rest
+    assert got == b"abc!def"
+    assert proc.returncode == 0, err
+    assert b"received=7 spliced=6 copied=1" in err and b"urgent byte copied" in err, err

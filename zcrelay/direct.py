@@ -27,7 +27,8 @@ from typing import Protocol
 
 from zcrelay import syscalls
 from zcrelay.errors import PEER_GONE, SpliceRefused, ZcrelayError, translate
-from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, pump
+from zcrelay.mover import (COPY_BUFSIZE, DESTINATION, SOURCE, pump, take_urgent_byte, urgent_byte_copied,
+                           urgent_into_pipe)
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
 from zcrelay.waits import checkpoint, wait_readable, wait_writable
@@ -91,6 +92,7 @@ async def splice_direct(src: int, dst: int, flow: Flow, socket_role: str,
     StreamError subclasses naming the side.
     """
     moved = False
+    marks = socket_role == SOURCE  # a TCP source may stop at an urgent mark (see mover)
     while True:
         try:
             # No SPLICE_F_MORE: like MSG_MORE it corks the last partial segment for up to
@@ -98,15 +100,25 @@ async def splice_direct(src: int, dst: int, flow: Flow, socket_role: str,
             n = syscalls.splice(src, dst, _chunk(syscalls.MAX_SPLICE_AT_ONCE, pacer),
                                 syscalls.SPLICE_F_NONBLOCK)
         except BlockingIOError:
+            n = -1
+        except OSError as exc:
+            if not moved and exc.errno in syscalls.SPLICE_REFUSED:
+                raise SpliceRefused(exc.errno, "pipe") from exc
+            raise translate(exc, _role(exc, socket_role), "splice") from exc
+        if n <= 0 and marks:
+            byte = take_urgent_byte(src)
+            marks = byte is not None
+            if byte:
+                await _write_byte(dst, byte)
+                urgent_byte_copied(flow)
+                moved = True
+                continue
+        if n < 0:
             if _pending(src):
                 await wait_writable(dst)
             else:
                 await wait_readable(src)
             continue
-        except OSError as exc:
-            if not moved and exc.errno in syscalls.SPLICE_REFUSED:
-                raise SpliceRefused(exc.errno, "pipe") from exc
-            raise translate(exc, _role(exc, socket_role), "splice") from exc
         if n == 0:
             await checkpoint()
             return
@@ -116,6 +128,16 @@ async def splice_direct(src: int, dst: int, flow: Flow, socket_role: str,
             await pacer.spent(n)
         else:
             await checkpoint()
+
+
+async def _write_byte(dst: int, byte: bytes) -> None:
+    """One byte into a stdio pipe (blocking, so wait for room first: a pipe that polls
+    writable has a free slot, and one byte always fits in it)."""
+    await wait_writable(dst)
+    try:
+        os.write(dst, byte)
+    except OSError as exc:
+        raise translate(exc, DESTINATION, "write") from exc
 
 
 def _pending(fd: int) -> int:
@@ -151,16 +173,22 @@ async def splice_via_pipe(src: int, dst: int, pipe: Pipe, flow: Flow,
     about: bytes drained but refused by dst are written out through user space first).
     """
     moved = False
+    marks = True  # src may be a TCP socket that stops at an urgent mark (see mover)
     while True:
+        urgent = False
         try:
             n = syscalls.splice(src, pipe.w, _chunk(pipe.size, pacer))
         except BlockingIOError:
-            await _wait_readable(src)
-            continue
+            n = -1
         except OSError as exc:
             if not moved and exc.errno in syscalls.SPLICE_REFUSED:
                 raise SpliceRefused(exc.errno, SOURCE) from exc
             raise translate(exc, SOURCE, "splice") from exc
+        if n <= 0 and marks:  # EAGAIN or 0, or an urgent mark? (see mover.urgent_into_pipe)
+            n, urgent, marks = urgent_into_pipe(src, pipe, n)
+        if n < 0:
+            await _wait_readable(src)
+            continue
         if n == 0:
             await checkpoint()
             return
@@ -176,6 +204,9 @@ async def splice_via_pipe(src: int, dst: int, pipe: Pipe, flow: Flow,
                 raise SpliceRefused(exc.errno, DESTINATION) from exc
             raise translate(exc, DESTINATION, "splice") from exc
         moved = True
+        if urgent:
+            flow.spliced -= 1  # counted by the pump, but it came through user space
+            urgent_byte_copied(flow)
         if pacer is not None:
             await pacer.spent(n)
         elif not waited:

@@ -89,19 +89,8 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
                 if not moved and exc.errno in syscalls.SPLICE_REFUSED:
                     raise SpliceRefused(exc.errno, SOURCE) from exc
                 raise translate(exc, SOURCE, "splice") from exc
-            if n <= 0 and marks:
-                # EAGAIN or 0 may be a TCP urgent mark, which splice never passes: the rest of
-                # the stream would stall or be cut off as if at EOF. The byte goes into the
-                # empty pipe, in its place, and is counted as copied.
-                try:
-                    byte = syscalls.read_urgent_byte(src)
-                except OSError as exc:
-                    if exc.errno not in syscalls.NO_URGENT_DATA:
-                        raise translate(exc, SOURCE, "recv") from exc
-                    marks, byte = False, b""
-                if byte:
-                    os.write(pipe.w, byte)  # one byte into an empty pipe: never blocks
-                    n, urgent = 1, True
+            if n <= 0 and marks:  # EAGAIN or 0, or an urgent mark? (urgent_into_pipe)
+                n, urgent, marks = urgent_into_pipe(src, pipe, n)
             if n < 0:
                 # The pipe is empty, so the source is: give the pipe back while we wait,
                 # an idle stream holds no pipe.
@@ -139,9 +128,8 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
             pipe.held = 0
             moved = True
             if urgent:
-                flow.spliced -= 1
-                flow.copied += 1
-                flow.fallback = flow.fallback or URGENT_BYTE
+                flow.spliced -= 1  # counted by the pump, but it came through user space
+                urgent_byte_copied(flow)
             if waited:
                 unyielded = 0
             else:
@@ -152,6 +140,35 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
     finally:
         if pipe is not None:
             pool.put(pipe)
+
+
+def take_urgent_byte(src: int) -> bytes | None:
+    """The TCP urgent byte `src` stands at, read inline (syscalls.read_urgent_byte); b"" if
+    it stands at none; None if it can have none (a pipe, a file, a Unix socket: ask no more).
+    For a drain that met EAGAIN or 0, which at an urgent mark mean neither "empty" nor EOF."""
+    try:
+        return syscalls.read_urgent_byte(src)
+    except OSError as exc:
+        if exc.errno in syscalls.NO_URGENT_DATA:
+            return None
+        raise translate(exc, SOURCE, "recv") from exc
+
+
+def urgent_into_pipe(src: int, pipe: Pipe, n: int) -> tuple[int, bool, bool]:
+    """After a drain of `src` into the empty `pipe` met EAGAIN (n -1) or 0: that may be a TCP
+    urgent mark, which splice never passes, and the rest of the stream would stall or be cut
+    off as if at EOF. The byte is put into the pipe, in its place. Returns (bytes now in the
+    pipe, whether an urgent byte is among them, whether `src` can have urgent marks at all)."""
+    byte = take_urgent_byte(src)
+    if not byte:
+        return n, False, byte is not None
+    os.write(pipe.w, byte)  # one byte into an empty pipe: never blocks
+    return 1, True, True
+
+
+def urgent_byte_copied(flow: Flow) -> None:
+    flow.copied += 1
+    flow.fallback = flow.fallback or URGENT_BYTE
 
 
 def _get_pipe(pool: PipePool, moved: bool) -> Pipe:
