@@ -104,9 +104,9 @@ class Forwarder:
     Accepting runs in the engine's reactor (a callback per listener, no task). A connection to
     a literal address (IP or Unix path), or to a name resolved recently, without capture is
     connected and relayed by the reactor too (`_Link`), so it costs no task, nursery or cancel
-    scope: that machinery was most of a short connection's cost. A connection whose target name must be resolved (at
-    most once per --resolve-ttl, see _Listener) and a captured connection take a task each
-    (`_handle`).
+    scope: that machinery was most of a short connection's cost. A connection whose target
+    name must be resolved (at most once per --resolve-ttl, see _Listener) and a captured
+    connection take a task each (`_handle`).
     """
 
     def __init__(self, config: ForwardConfig, *, listeners: list[socket.socket] | None = None,

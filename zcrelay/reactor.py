@@ -57,7 +57,7 @@ from trio.lowlevel import checkpoint, wait_readable
 
 from zcrelay import syscalls
 from zcrelay.errors import OutOfResources, SpliceRefused, StreamError, translate
-from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, URGENT_BYTE, YIELD_EVERY
+from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, URGENT_BYTE, YIELD_EVERY, urgent_into_pipe
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
@@ -642,16 +642,11 @@ class Reactor:
         as a fallback; splice goes on after it. True if a byte was passed."""
         if s.src in self._no_mark:
             return False
-        try:
-            byte = syscalls.read_urgent_byte(s.src)
-        except OSError as exc:
-            if exc.errno in syscalls.NO_URGENT_DATA:
-                self._no_mark.add(s.src)  # not a TCP socket: no urgent data, ask no more
-                return False
-            raise translate(exc, SOURCE, "recv") from exc
-        if not byte:
+        _, urgent, marks = urgent_into_pipe(s.src, pipe, 0)
+        if not marks:
+            self._no_mark.add(s.src)  # not a TCP socket: no urgent data, ask no more
+        if not urgent:
             return False
-        os.write(pipe.w, byte)  # one byte into an empty pipe: never blocks
         pipe.held = 1
         s.flow.copied += 1
         s.flow.spliced -= 1  # the pump counts the byte as spliced when it moves it on
