@@ -12,7 +12,7 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a 
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a connect -d 'Connect to ADDR; stdin goes to the socket and the socket to stdout, spliced'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a listen -d 'Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a send -d 'Send FILE (or a span of it) to ADDR, zero-copy'
-complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a serve -d 'Send FILE to every client that connects to --listen, concurrently, zero-copy; one log line per connection'
+complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a serve -d 'Send FILE to every client that connects to --listen, concurrently, zero-copy'
 complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a tee -d 'Copy standard input to standard output and to each FILE with tee(2) and splice(2)'
 
 # bench

@@ -145,6 +145,7 @@ def listen(
     quiet: bool = QUIET,
 ) -> ExitCode:
     """Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced.
+
     Prints "listening on HOST:PORT" on stderr once bound."""
     bind = address(where, listen=True)
     setup_logging(verbose, quiet)
@@ -197,8 +198,9 @@ def serve(
     verbose: int = VERBOSE,
     quiet: bool = QUIET,
 ) -> ExitCode:
-    """Send FILE to every client that connects to --listen, concurrently, zero-copy; one log
-    line per connection. SIGINT or SIGTERM stop it with exit code 0."""
+    """Send FILE to every client that connects to --listen, concurrently, zero-copy.
+
+    One log line per connection. SIGINT or SIGTERM stop it with exit code 0."""
     method = method_value(method)
     bind = address(listen_on, listen=True)
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
