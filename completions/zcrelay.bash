@@ -233,7 +233,7 @@ _zcrelay() {
                 --capture-dir) _zcrelay_paths dir; return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--append -a --output-error -p --pipe-size --listen -l --target -t --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--append -a --output-error -p --pipe-size --listen -l --target -t --capture-dir --no-progress --progress --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?

@@ -105,6 +105,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l pipe-size -x -d 'Gro
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s l -l listen -x -d 'Relay capture mode: listen here (as \'zcrelay forward\')'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s t -l target -x -d 'Relay capture mode: forward each connection here'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Relay capture mode: write each direction of each connection to its own file in DIR (see \'zcrelay forward --capture-dir\')'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s v -l verbose -d 'Say how stdin and the outputs are handled (pipe sizes, fallbacks)'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s q -l quiet -d 'Only warnings and errors on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s h -l help -d 'Show this message and exit'

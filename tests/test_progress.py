@@ -1,10 +1,14 @@
-"""Progress on a terminal, never on stdout; a terminal as stdin falls back to a copy (with -v)."""
+"""Progress on a terminal, never on stdout nor over data on the terminal; a terminal as stdin
+falls back to a copy (with -v)."""
 
 from __future__ import annotations
 
 import os
 import pty
+import socket
 import subprocess
+import sys
+import threading
 import time
 
 from tests.conftest import zcrelay_argv, zcrelay_env
@@ -84,3 +88,81 @@ def test_terminal_stdin_is_copied_and_reported(tmp_path):
     assert sha256_file(tmp_path / "out") == sha256_file(back)
     listener.wait()
     assert (tmp_path / "got").read_bytes() in (b"typed line\n", b"")
+
+
+PACED = ("import os, sys, time\n"
+         "data = open(sys.argv[1], 'rb').read()\n"
+         "for i in range(0, len(data), 1 << 18):\n"
+         "    os.write(1, data[i:i + (1 << 18)])\n"
+         "    time.sleep(0.02)  # pacing, so the display has a run to follow: not a readiness wait\n")
+
+
+def test_tee_shows_progress_on_a_terminal_and_keeps_its_outputs_clean(tmp_path):
+    """A capture is long work: with stderr a terminal and stdout not, `zcrelay tee` shows a
+    progress display there, and stdout and FILE get exactly the input."""
+    data = random_file(tmp_path / "data", SIZE)
+    master, slave = pty.openpty()
+    producer = subprocess.Popen([sys.executable, "-c", PACED, "data"], cwd=tmp_path, stdout=subprocess.PIPE)
+    out = open(tmp_path / "stdout", "wb")
+    proc = subprocess.Popen(zcrelay_argv("tee", "copy"), cwd=tmp_path, env=zcrelay_env(COLUMNS="100"),
+                            stdin=producer.stdout, stdout=out, stderr=slave)
+    producer.stdout.close()
+    os.close(slave)
+    screen = _read_all(master, proc)
+    os.close(master)
+    assert proc.wait(10) == 0 and producer.wait(10) == 0
+    text = screen.decode(errors="replace")
+    assert "tee" in text and "MiB" in text and "━" in text, text[-2000:]
+    assert text.count("\r") + text.count("\x1b[") > 3  # refreshed in place, more than once
+    digest = sha256_file(data)
+    assert sha256_file(tmp_path / "stdout") == digest
+    assert sha256_file(tmp_path / "copy") == digest
+
+
+def _on_one_terminal(argv: list[str], cwd, stdin=None) -> tuple[int, str]:
+    """Run with stdout and stderr (and stdin, unless given) on one terminal; what it shows."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=cwd, env=zcrelay_env(COLUMNS="100"),
+                            stdin=slave if stdin is None else stdin, stdout=slave, stderr=slave)
+    os.close(slave)
+    screen = _read_all(master, proc)
+    os.close(master)
+    return proc.wait(10), screen.decode(errors="replace")
+
+
+def test_no_progress_over_data_on_the_terminal(tmp_path):
+    """`zcrelay connect HOST:PORT` typed in a terminal (netcat's use): a display redrawn over
+    what the peer sends would garble it. With stdin or stdout on the terminal the default is
+    no display; --progress still forces one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"hello from the peer\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    code, text = _on_one_terminal(zcrelay_argv("connect", f"127.0.0.1:{port}"), tmp_path)
+    thread.join(10)
+    server.close()
+    assert code == 0, text
+    assert "hello from the peer" in text
+    assert "━" not in text and "bytes" not in text, text
+
+    random_file(tmp_path / "data", 1 << 20)
+    with open(tmp_path / "data", "rb") as stdin:
+        code, text = _on_one_terminal(zcrelay_argv("tee", "copy"), tmp_path, stdin=stdin)
+    assert code == 0
+    assert "━" not in text and "MiB" not in text
+    assert sha256_file(tmp_path / "copy") == sha256_file(tmp_path / "data")
+
+
+def test_tee_relay_capture_refuses_progress(tmp_path):
+    proc = subprocess.run(zcrelay_argv("tee", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9",
+                                       "--capture-dir", str(tmp_path), "--progress"),
+                          cwd=tmp_path, env=zcrelay_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "--progress is for the pipeline mode" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -96,9 +96,10 @@ def stdout_sink(fd: int, pipe_size: int, outcome: TeeOutcome) -> teeing.Sink:
     return sink
 
 
-async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutcome:
+async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1, flow: Flow | None = None) -> TeeOutcome:
     """Copy `stdin` to `stdout` and every FILE. Raises BrokenPipeExit or OutputErrorExit when
-    the mode says to stop; otherwise returns, with `failed` listing the diagnosed outputs."""
+    the mode says to stop; otherwise returns, with `failed` listing the diagnosed outputs.
+    `flow` (optional) counts the bytes taken from stdin as they go, for a progress display."""
     outcome = TeeOutcome()
     mode = config.output_error
 
@@ -130,9 +131,9 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1) -> TeeOutc
         feed_flow = Flow()
         try:
             if feed is None:  # stdin is the pipe: one loop, no task (runs without trio too)
-                outcome.bytes = (await teeing.tee_pipeline(src, sinks, on_error)).bytes
+                outcome.bytes = (await teeing.tee_pipeline(src, sinks, on_error, flow)).bytes
             else:
-                outcome.bytes = await _tee_fed(stdin, src, feed, feed_flow, sinks, on_error)
+                outcome.bytes = await _tee_fed(stdin, src, feed, feed_flow, sinks, on_error, flow)
         except (BaseExceptionGroup, StreamError) as exc:
             # A nursery wraps what on_error raised; the CLI wants the decision itself.
             leaf = first_error(exc)
@@ -161,13 +162,13 @@ def needs_trio(stdin: int = 0) -> bool:
 
 
 async def _tee_fed(stdin: int, src: int, feed: Pipe, feed_flow: Flow, sinks: list[teeing.Sink],
-                   on_error) -> int:
+                   on_error, flow: Flow | None) -> int:
     """The tee with a task filling our pipe from a stdin that is not a pipe."""
     import trio  # only here: with a pipe on stdin the tee runs without trio (zcrelay.waits)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
-        result = await teeing.tee_pipeline(src, sinks, on_error)
+        result = await teeing.tee_pipeline(src, sinks, on_error, flow)
         nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
     return result.bytes
 

@@ -94,8 +94,9 @@ class TeeResult:
     stopped: str = "eof"  # eof | no-outputs
 
 
-async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeResult:
-    """Copy the pipe `src` to every sink until EOF or until no sink is left.
+async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flow | None = None) -> TeeResult:
+    """Copy the pipe `src` to every sink until EOF or until no sink is left. `flow`, if given,
+    counts each round as it is taken (a progress display reads it from another thread).
 
     Invariant: at the top of each round every private pipe is empty. `src` must be a pipe
     (stdin, or the feed pipe filled by `feed_pipe`). Non-blocking behaviour on `src` and on
@@ -144,6 +145,8 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError) -> TeeRes
                 return result
             result.bytes += n
             result.rounds += 1
+            if flow is not None:
+                flow.add_spliced(n)
             # 2. the same n bytes into every other private pipe
             size = syscalls.pipe_size(src)
             if size > src_size:  # grew since the top of the round: the round may be larger

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from typing import Awaitable, Callable, Optional
 
 import trio
@@ -16,9 +15,9 @@ import typer
 from zcrelay import net
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, PROGRESS, QUIET, RATE,
-                                  TARGET, VERBOSE, Display, method_value, pipe_size_value, rate_value,
-                                  run_mapped, show_progress)
+from zcrelay.cli.progress import PROGRESS, Display, show_progress, stdin_size
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
+                                  method_value, pipe_size_value, rate_value, run_mapped)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file
@@ -62,16 +61,6 @@ async def _with_display(display: Display, work: Callable[[], Awaitable]) -> obje
             raise leaf from leaf.__cause__
 
 
-def _stdin_size() -> Optional[int]:
-    try:
-        st = os.fstat(STDIN)
-        if stat.S_ISREG(st.st_mode):
-            return max(0, st.st_size - os.lseek(STDIN, 0, os.SEEK_CUR))
-    except OSError:
-        pass
-    return None
-
-
 def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], no_shutdown: bool,
                     close_after: Optional[float]):
     config = PipelineConfig(shutdown=not no_shutdown, close_after=close_after, splice=not no_splice,
@@ -88,7 +77,7 @@ def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], 
 
 async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool, peer: str) -> None:
     up, down = Flow(), Flow()
-    display = Display(progress, [("sent", up, _stdin_size()), ("received", down, None)])
+    display = Display(progress, [("sent", up, stdin_size(STDIN)), ("received", down, None)])
     started = trio.current_time()
     try:
         end = await _with_display(display, lambda: run_pipeline(sock, config, up, down, stdin_plan, stdout_plan))
@@ -126,7 +115,7 @@ def connect(
     async def main() -> None:
         sock = await net.connect(where, connect_timeout or None)
         with sock:
-            await _one_connection(sock, config, stdin_plan, stdout_plan, show_progress(progress), str(where))
+            await _one_connection(sock, config, stdin_plan, stdout_plan, show_progress(progress, (STDIN, STDOUT)), str(where))
 
     return run_mapped(main)
 
@@ -153,7 +142,7 @@ def listen(
     if code is not None:
         return code
     config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
-    show = show_progress(progress)
+    show = show_progress(progress, (STDIN, STDOUT))
 
     async def accept_one(listener):
         sock, peer = await listener.accept()

@@ -14,8 +14,9 @@ import typer
 
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, parse_size, setup_logging
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, PROGRESS, QUIET, RATE, TARGET, VERBOSE,
-                                  Display, method_value, pipe_size_value, rate_value, run_mapped, show_progress)
+from zcrelay.cli.progress import PROGRESS, Display, show_progress
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
+                                  method_value, pipe_size_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file, send as send_file, span
 from zcrelay.stats import Flow

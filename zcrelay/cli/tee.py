@@ -12,7 +12,9 @@ import typer
 
 from zcrelay.cli.app import app
 from zcrelay.cli.common import address, error, parse_size, run, setup_logging
+from zcrelay.cli.progress import PROGRESS, Display, show_progress, stdin_size
 from zcrelay.exitcodes import ExitCode
+from zcrelay.stats import Flow
 from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, needs_trio, run_tee
 
 OUTPUT_ERROR_HELP = (
@@ -43,6 +45,7 @@ def tee(
     listen: Optional[str] = typer.Option(None, "--listen", "-l", metavar="LISTEN", help="Relay capture mode: listen here (as 'zcrelay forward').", show_default=False),
     target: Optional[str] = typer.Option(None, "--target", "-t", metavar="TARGET", help="Relay capture mode: forward each connection here.", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Relay capture mode: write each direction of each connection to its own file in DIR (see 'zcrelay forward --capture-dir').", show_default=False),
+    progress: Optional[bool] = PROGRESS,
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Say how stdin and the outputs are handled (pipe sizes, fallbacks)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> ExitCode:
@@ -54,6 +57,9 @@ def tee(
             raise typer.BadParameter("FILE arguments do not go with --listen/--target/--capture-dir")
         if listen is None or target is None or capture_dir is None:
             raise typer.BadParameter("relay capture needs --listen, --target and --capture-dir together")
+        if progress:
+            raise typer.BadParameter("relay capture logs a line per connection; --progress is for "
+                                     "the pipeline mode", param_hint="--progress")
         return _relay_capture(address(listen, listen=True), address(target, listen=False),
                               capture_dir, size)
     mode = "warn-nopipe" if nopipe and output_error is None else (output_error or DEFAULT)
@@ -65,7 +71,7 @@ def tee(
     async def main() -> ExitCode:
         nonlocal broken_pipe
         try:
-            outcome = await run_tee(config)
+            outcome = await run_tee(config, flow=flow)
         except BrokenPipeExit:
             broken_pipe = True
             return ExitCode.OUTPUT_ERROR
@@ -81,7 +87,10 @@ def tee(
 
     # With a pipe on stdin the tee is one loop with nothing to schedule: it runs without trio
     # (zcrelay.waits), which saves trio's import, most of a short run's CPU.
-    code = run(main, with_trio=needs_trio(0))
+    flow = Flow()
+    display = Display(show_progress(progress, (0, 1)), [("tee", flow, stdin_size(0))])
+    with display.ticking():
+        code = run(main, with_trio=needs_trio(0))
     if broken_pipe:
         # As GNU tee without --output-error: die of SIGPIPE, so `set -o pipefail` sees 141.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

@@ -1,5 +1,5 @@
-"""What `connect`, `listen`, `send` and `serve` share: options, the exit codes of their errors
-and the progress display. No trio import here: `send` runs without trio (zcrelay.waits).
+"""What `connect`, `listen`, `send` and `serve` share: options and the exit codes of their
+errors (the progress display is zcrelay.cli.progress). No trio import here: `send` runs without trio (zcrelay.waits).
 
 Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 - stdin or the file unreadable, missing, a directory: INPUT_ERROR (8)
@@ -13,10 +13,7 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 from __future__ import annotations
 
 import logging
-import sys
-import threading
-from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator, Optional
+from typing import Awaitable, Callable, Optional
 
 import typer
 
@@ -26,7 +23,6 @@ from zcrelay.errors import ConnectionLost, InputFailed, OutputClosed, OutputFail
 from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import METHODS, BadRange
-from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
 
@@ -42,7 +38,6 @@ _CODES: list[tuple[type, ExitCode]] = [
 # Options connect, listen, send and serve share.
 VERBOSE = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (the method each direction uses, a summary).")
 QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
-PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal]", show_default=False)
 RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded).", show_default=False)
 NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison).")
 PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
@@ -90,72 +85,3 @@ def pipe_size_value(text: str) -> int:
     if size < 4096:
         raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
     return size
-
-
-def show_progress(option: Optional[bool]) -> bool:
-    return option if option is not None else sys.stderr.isatty()
-
-
-class Display:
-    """The rich progress display on stderr (never stdout): refreshed by a trio task (`refresh`)
-    in a trio run, or by a thread (`ticking`) while a command without trio blocks."""
-
-    def __init__(self, enabled: bool, rows: list[tuple[str, Flow, Optional[int]]]) -> None:
-        self.enabled = enabled
-        self.rows = rows
-        self._progress = None
-        self._ids: list = []
-
-    @contextmanager
-    def shown(self) -> Iterator["Display"]:
-        if not self.enabled:
-            yield self
-            return
-        from rich.console import Console  # imported only when shown: rich costs ~0.1 s to import
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                   TransferSpeedColumn(), TimeRemainingColumn()]
-        self._progress = Progress(*columns, console=Console(file=sys.stderr), auto_refresh=False)
-        with self._progress:
-            self._ids = [self._progress.add_task(label, total=total) for label, _, total in self.rows]
-            try:
-                yield self
-            finally:
-                self.update()
-
-    def update(self) -> None:
-        if self._progress is None:
-            return
-        for task, (_, flow, _) in zip(self._ids, self.rows):
-            self._progress.update(task, completed=flow.bytes)
-        self._progress.refresh()
-
-    async def refresh(self) -> None:
-        import trio
-
-        while True:
-            await trio.sleep(0.1)
-            self.update()
-
-    @contextmanager
-    def ticking(self) -> Iterator["Display"]:
-        """Show the display and refresh it every 0.1 s from a thread (no trio run)."""
-        with self.shown():
-            if not self.enabled:
-                yield self
-                return
-            stop = threading.Event()
-
-            def tick() -> None:
-                while not stop.wait(0.1):
-                    self.update()
-
-            ticker = threading.Thread(target=tick, name="zcrelay progress", daemon=True)
-            ticker.start()
-            try:
-                yield self
-            finally:
-                stop.set()
-                ticker.join()
