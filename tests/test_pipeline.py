@@ -244,3 +244,60 @@ def test_connect_passes_a_tcp_urgent_byte_in_its_place(tmp_path, stdout, then):
     assert got == b"abc!def"
     assert proc.returncode == 0, err
     assert b"received=7 spliced=6 copied=1" in err and b"urgent byte copied" in err, err
+
+
+@pytest.mark.parametrize("stdin", ["file", "pipe"])
+def test_copy_path_never_blocks_one_direction_on_the_other(tmp_path, stdin):
+    """--no-splice copies through user space on stdio that stays blocking. A write into a full
+    stdout pipe must not stop the upload: here stdout is read only once the peer has the whole
+    upload, so a relay that sleeps in that write never finishes (it did, before writes were
+    asked not to block with RWF_NOWAIT)."""
+    import hashlib
+    import threading
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    up = random_file(tmp_path / "up", 4 << 20)
+    down = os.urandom(4 << 20)
+    server = socket.create_server(("127.0.0.1", 0))
+    got_up = hashlib.sha256()
+    upload_done = threading.Event()
+
+    def peer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            sender = threading.Thread(target=conn.sendall, args=(down,))
+            sender.start()
+            while chunk := conn.recv(1 << 20):
+                got_up.update(chunk)
+            upload_done.set()
+            sender.join(60)
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    if stdin == "file":
+        source = os.open(up, os.O_RDONLY | os.O_CLOEXEC)
+    else:  # a blocking pipe, fed by a thread of ours
+        source, feed = os.pipe2(os.O_CLOEXEC)
+
+        def fill() -> None:
+            with open(feed, "wb") as f:
+                f.write(up.read_bytes())
+
+        threading.Thread(target=fill, daemon=True).start()
+    proc = subprocess.Popen(zcrelay_argv("connect", f"127.0.0.1:{server.getsockname()[1]}", "--no-splice"),
+                            stdin=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=zcrelay_env())
+    os.close(source)
+    try:
+        # stdout (a 64 KiB pipe) is not read until the peer has the whole upload.
+        finished = upload_done.wait(20)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.close()
+    assert finished, "the upload stalled behind a blocked write to stdout"
+    assert got_up.hexdigest() == sha256_file(up)
+    assert hashlib.sha256(out).digest() == hashlib.sha256(down).digest()
+    assert proc.returncode == 0, err

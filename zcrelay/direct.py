@@ -8,8 +8,9 @@ fds. It moves bytes
   (`send_file_sendfile`), noticing a file that shrinks;
 - through one pipe from any source to any destination (`splice_via_pipe`): regular-file stdio,
   using and advancing the file position like cat does;
-- through user space when nothing else works (`copy_waiting`), waiting for readiness *before*
-  each read or write, because inherited stdio is blocking and must stay so.
+- through user space when nothing else works (`copy_waiting`), asking each read and write of
+  a pipe or a socket not to block (RWF_NOWAIT), and waiting for readiness before each call on
+  anything else, because inherited stdio is blocking and must stay so.
 
 Inherited stdio is never switched to O_NONBLOCK (that would change the shell's shared open file
 description, trio issues 174 and 1707): SPLICE_F_NONBLOCK covers the pipe side of a splice, and
@@ -279,40 +280,82 @@ async def send_file_sendfile(file_fd: int, sock: int, offset: int, length: int, 
 
 async def copy_waiting(src: int, dst: int, flow: Flow, pacer: Pacer | None = None,
                        bufsize: int = COPY_BUFSIZE) -> None:
-    """Move bytes src → user space → dst until EOF: the fallback for a terminal, a device or an
-    fd that refused splice. Waits for readiness before each read, so a *blocking* inherited fd
-    never blocks the event loop (a terminal, or a pipe another process also reads from, may
-    still stall one read: the price of not touching O_NONBLOCK)."""
+    """Move bytes src → user space → dst until EOF: the fallback for a terminal, a device, an fd
+    that refused splice, or --no-splice. The event loop never sleeps in a read or a write,
+    though inherited stdio stays blocking: a pipe or a socket is asked per call not to block
+    (RWF_NOWAIT, tried first, waited on at EAGAIN); anything else (a terminal, a device) is
+    waited on before each call, so only a terminal, or a pipe another process also reads,
+    may still stall one read."""
     buf = bytearray(_chunk(bufsize, pacer))
     view = memoryview(buf)
+    reader = _Side(src)
+    writer = _Side(dst)
     while True:
-        await _wait_readable(src)
-        try:
-            n = os.readv(src, [buf])
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise translate(exc, SOURCE, "read") from exc
+        n = await reader.read(buf)
         if n == 0:
             await checkpoint()
             return
-        await write_waiting(dst, view[:n], flow)
+        waited = await writer.write(view[:n], flow)
         if pacer is not None:
             await pacer.spent(n)
+        elif not waited:
+            await checkpoint()
 
 
 async def write_waiting(dst: int, data: memoryview, flow: Flow) -> None:
-    """Write all of `data` to `dst` (blocking or not), waiting for room before each write."""
-    sent = 0
-    while sent < len(data):
-        await _wait_writable(dst)
-        try:
-            sent += os.write(dst, data[sent:])
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise translate(exc, DESTINATION, "write") from exc
-    flow.add_copied(len(data))
+    """Write all of `data` to `dst` (blocking or not) without the event loop sleeping in a
+    write (see copy_waiting)."""
+    if not await _Side(dst).write(data, flow):
+        await checkpoint()
+
+
+class _Side:
+    """One fd of a user-space copy: read or written with RWF_NOWAIT when it is a pipe or a
+    socket (try, wait on EAGAIN), else after waiting for readiness."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.nowait = syscalls.can_ask_nowait(fd)
+
+    async def read(self, buf: bytearray) -> int:
+        while True:
+            if not self.nowait:
+                await _wait_readable(self.fd)
+            try:
+                return syscalls.read_nowait(self.fd, buf) if self.nowait else os.readv(self.fd, [buf])
+            except BlockingIOError:
+                if self.nowait:
+                    await _wait_readable(self.fd)
+            except OSError as exc:
+                if self.nowait and exc.errno in syscalls.NOWAIT_REFUSED:
+                    self.nowait = False  # an older kernel: wait first, then a plain read
+                    continue
+                raise translate(exc, SOURCE, "read") from exc
+
+    async def write(self, data: memoryview, flow: Flow) -> bool:
+        """Write all of `data`; return whether it waited (a checkpoint was taken)."""
+        sent = 0
+        waited = False
+        while sent < len(data):
+            if not self.nowait:
+                await _wait_writable(self.fd)
+                waited = True
+            try:
+                if self.nowait:
+                    sent += syscalls.write_nowait(self.fd, data[sent:])
+                else:
+                    sent += os.write(self.fd, data[sent:])
+            except BlockingIOError:
+                if self.nowait:
+                    await _wait_writable(self.fd)
+                    waited = True
+            except OSError as exc:
+                if self.nowait and exc.errno in syscalls.NOWAIT_REFUSED:
+                    self.nowait = False
+                    continue
+                raise translate(exc, DESTINATION, "write") from exc
+        flow.add_copied(len(data))
+        return waited
 
 
 async def drain_discard(sock: int, limit: int = 1 << 20) -> int:

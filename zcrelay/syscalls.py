@@ -162,6 +162,40 @@ def fionread(fd: int) -> int:
     return buf[0]
 
 
+# ---- user-space copies that never block, on fds left blocking -------------------------------
+
+# A per-call "do not block" (preadv2/pwritev2 with RWF_NOWAIT) is how the copy path reads and
+# writes inherited stdio without setting O_NONBLOCK on the shell's shared open file
+# description. Pipes and sockets honour it (EAGAIN instead of sleeping, a partial write into a
+# pipe with some room); a terminal refuses it (EOPNOTSUPP), as does a kernel older than 4.14
+# (EOPNOTSUPP, or EINVAL for the offset -1 before 4.6). A regular file is never asked: it may
+# answer EAGAIN for a page not in the cache, which no poll would ever end.
+NOWAIT_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def can_ask_nowait(fd: int) -> bool:
+    """Whether `fd` is a pipe or a socket, whose reads and writes take RWF_NOWAIT."""
+    import stat
+
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def read_nowait(fd: int, buf: bytearray | memoryview) -> int:
+    """Read into `buf` what is there now: BlockingIOError rather than sleep, even on a
+    blocking fd; 0 at EOF."""
+    return os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+
+
+def write_nowait(fd: int, data: bytes | memoryview) -> int:
+    """Write as much of `data` as fits now: BlockingIOError rather than sleep, even on a
+    blocking fd."""
+    return os.pwritev(fd, [data], -1, os.RWF_NOWAIT)
+
+
 # ---- TCP urgent data (MSG_OOB) -------------------------------------------------------------
 
 _SIOCATMARK = 0x8905  # linux/sockios.h: is the socket's read position at the urgent mark?
