@@ -1,0 +1,118 @@
+"""Property-based tests (hypothesis) of `connect`/`listen`'s engine (zcrelay.pipeline and
+zcrelay.direct): stdin reaches the peer and the peer reaches stdout, byte for byte, in order,
+whatever the writes, the pipe sizes and the kinds of stdio.
+
+stdin is a pipe (spliced straight to the socket) or a regular file (spliced through a pipe of
+ours, from its current position); stdout is a pipe or a regular file; both ways run at once,
+each side shutting down its writing half when done; `splice=False` is the copy path. On the
+splice path no byte may be copied. `run_pipeline` runs in process under trio, on a real
+loopback TCP connection; the far ends of the stdio pipes are threads doing blocking I/O, as
+other processes would (test_pipeline checks that a blocked stdout does not stop stdin).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import socket
+import threading
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zcrelay.pipeline import PipelineConfig, plan, run_pipeline
+from zcrelay.stats import Flow
+from tests import traffic
+from tests.test_tee_properties import PIPE_SIZES, _payload
+
+SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+writes = st.lists(st.integers(min_value=1, max_value=400_000), min_size=0, max_size=10)
+
+
+def _write_all(fd: int, data: bytes, sizes: list[int]) -> None:
+    view = memoryview(data)
+    with open(fd, "wb", buffering=0) as f:
+        for size in sizes:
+            chunk, view = view[:size], view[size:]
+            f.write(chunk)  # a raw blocking write: all of it
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    while chunk := os.read(fd, 1 << 20):
+        into += chunk
+
+
+@SETTINGS
+@given(up_sizes=writes, down_sizes=writes, seed=st.integers(0, 2**32),
+       stdin_kind=st.sampled_from(("pipe", "file")), stdout_kind=st.sampled_from(("pipe", "file")),
+       stdin_pipe=st.sampled_from(PIPE_SIZES), pipe_size=st.sampled_from(PIPE_SIZES),
+       splice=st.booleans(), skip=st.integers(0, 3000))
+def test_both_directions_arrive_whole(tmp_path_factory, up_sizes, down_sizes, seed, stdin_kind,
+                                      stdout_kind, stdin_pipe, pipe_size, splice, skip):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    up_data, down_data = _payload(up_sizes, seed), _payload(down_sizes, seed + 1)
+    config = PipelineConfig(splice=splice, pipe_size=pipe_size)
+    up, down = Flow(), Flow()
+    far_got, stdout_got = bytearray(), bytearray()
+    if stdin_kind == "file":
+        (tmp / "in").write_bytes(os.urandom(skip) + up_data)
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        near, far = await traffic.tcp_pair()
+        with near, far:
+            async with trio.open_nursery() as nursery:
+                # The other ends of stdio pipes are threads, as they would be other processes.
+                if stdin_kind == "pipe":
+                    stdin, feed = os.pipe2(os.O_CLOEXEC)
+                    fcntl.fcntl(feed, fcntl.F_SETPIPE_SZ, stdin_pipe)
+                    threads.append(threading.Thread(target=_write_all, args=(feed, up_data, up_sizes)))
+                else:
+                    stdin = os.open(tmp / "in", os.O_RDONLY | os.O_CLOEXEC)
+                    os.lseek(stdin, skip, os.SEEK_SET)  # read from where the shell left it
+                if stdout_kind == "pipe":
+                    drain, stdout = os.pipe2(os.O_CLOEXEC)
+                    threads.append(threading.Thread(target=_read_all, args=(drain, stdout_got)))
+                else:
+                    stdout = os.open(tmp / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+                async def peer_sends() -> None:
+                    await traffic.send_chunks(far, down_data, rng)
+                    far.shutdown(socket.SHUT_WR)
+
+                async def peer_receives() -> None:
+                    while data := await far.recv(1 << 20):
+                        far_got.extend(data)
+
+                nursery.start_soon(peer_sends)
+                nursery.start_soon(peer_receives)
+                for thread in threads:
+                    thread.start()
+                try:
+                    with trio.fail_after(60):
+                        end = await run_pipeline(near, config, up, down, plan(stdin, False, splice),
+                                                 plan(stdout, True, splice), stdin, stdout)
+                finally:
+                    os.close(stdin)
+                    os.close(stdout)  # the reader of a stdout pipe sees EOF
+                    for thread in threads:
+                        await trio.to_thread.run_sync(thread.join, 60)
+                assert end.reason == "eof"
+            if stdout_kind == "pipe":
+                os.close(drain)
+
+    threads: list[threading.Thread] = []
+    trio.run(main)
+    assert not any(thread.is_alive() for thread in threads)
+    assert bytes(far_got) == up_data
+    if stdout_kind == "file":
+        stdout_got[:] = (tmp / "out").read_bytes()
+    assert bytes(stdout_got) == down_data
+    assert (up.bytes, down.bytes) == (len(up_data), len(down_data))
+    if splice:
+        assert up.copied == down.copied == 0 and not up.fallback and not down.fallback
+    else:
+        assert up.spliced == down.spliced == 0
