@@ -283,9 +283,9 @@ async def copy_waiting(src: int, dst: int, flow: Flow, pacer: Pacer | None = Non
     """Move bytes src → user space → dst until EOF: the fallback for a terminal, a device, an fd
     that refused splice, or --no-splice. The event loop never sleeps in a read or a write,
     though inherited stdio stays blocking: a pipe or a socket is asked per call not to block
-    (RWF_NOWAIT, tried first, waited on at EAGAIN); anything else (a terminal, a device) is
-    waited on before each call, so only a terminal, or a pipe another process also reads,
-    may still stall one read."""
+    (RWF_NOWAIT, tried first, waited on at EAGAIN), so a pipe that another process also reads
+    from cannot stall it either; anything else (a terminal, a device) is waited on before each
+    call, and only a terminal that another process also reads may still stall one read."""
     buf = bytearray(_chunk(bufsize, pacer))
     view = memoryview(buf)
     reader = _Side(src)
