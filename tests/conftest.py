@@ -133,6 +133,21 @@ def zcrelay():
             running.proc.communicate()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs mounted for the test, to fill (ENOSPC). Needs root: skipped without it
+    only outside CI."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the ENOSPC tests need root in CI")
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture(params=["splice", "copy"])
 def path(request) -> str:
     """Run a relay test on both the splice path and the user-space fallback path."""

@@ -179,24 +179,6 @@ def test_capture_refuses_existing_file_names(tmp_path):
     assert victim.read_text() == "keep"
 
 
-def _can_mount() -> bool:
-    return os.geteuid() == 0
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs mounted for the test (root; skipped only outside CI when not root)."""
-    if not _can_mount():
-        if os.environ.get("CI"):
-            pytest.fail("the ENOSPC test needs root in CI")
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_stops_capture_not_relay(zcrelay, small_tmpfs):
     """Must-show 3: a capture that fills its file system stops with a clear log line and is
     marked incomplete; the relayed bytes still arrive intact, both ways."""

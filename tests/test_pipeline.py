@@ -301,3 +301,35 @@ def test_copy_path_never_blocks_one_direction_on_the_other(tmp_path, stdin):
     assert got_up.hexdigest() == sha256_file(up)
     assert hashlib.sha256(out).digest() == hashlib.sha256(down).digest()
     assert proc.returncode == 0, err
+
+
+def test_connect_stdout_on_a_full_disk(tmp_path, small_tmpfs):
+    """stdout is a file on a full file system: one line, exit 9 (OUTPUT_ERROR), and the file
+    holds a prefix of what the peer sent."""
+    import threading
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    data = os.urandom(6_000_000)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def peer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                conn.sendall(data)
+            except OSError:
+                pass  # the relay may close before taking it all
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    with open(small_tmpfs / "out", "wb") as out:
+        proc = subprocess.run(zcrelay_argv("connect", f"127.0.0.1:{server.getsockname()[1]}"),
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+                              env=zcrelay_env(), timeout=60)
+    server.close()
+    thread.join(10)
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.decode().splitlines() == ["zcrelay: error: writing stdout: No space left on device"]
+    kept = (small_tmpfs / "out").read_bytes()
+    assert 0 < len(kept) < len(data) and data.startswith(kept)

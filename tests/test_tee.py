@@ -127,6 +127,35 @@ def test_unwritable_file_is_reported_and_others_continue(tmp_path):
     assert (tmp_path / "stdout").read_bytes() == data
 
 
+def _tee_into_a_full_output(tmp_path, full: str, files: str) -> None:
+    """6 MB through `zcrelay tee FILES | cat`: `full` runs out of space part-way. It alone is
+    dropped, with one line naming it and ENOSPC; stdout and the other file get everything,
+    the exit status is 9 (OUTPUT_ERROR), and what `full` holds is a prefix of the input."""
+    data = os.urandom(6_000_000)
+    r = bash(f"{ZC} {files} | cat > {tmp_path}/stdout; echo ${{PIPESTATUS[0]}}", input=data)
+    assert r.stdout.split()[-1] == b"9", r.stderr
+    assert r.stderr.decode().splitlines() == [f"zcrelay: {full}: No space left on device"]
+    assert (tmp_path / "ok").read_bytes() == data
+    assert (tmp_path / "stdout").read_bytes() == data
+    if os.path.isfile(full):
+        kept = open(full, "rb").read()
+        assert 0 < len(kept) < len(data) and data.startswith(kept)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_full_disk_drops_that_file_only(tmp_path, small_tmpfs, where):
+    """A file on a full file system (a 2 MiB tmpfs). "last": it is the round's consumer (the
+    source is spliced into it); "first": it gets its own private pipe."""
+    full = f"{small_tmpfs}/full"
+    files = f"{full} {tmp_path}/ok" if where == "first" else f"{tmp_path}/ok {full}"
+    _tee_into_a_full_output(tmp_path, full, files)
+
+
+def test_dev_full_is_reported_and_others_continue(tmp_path):
+    """/dev/full refuses splice (copied, as a fallback) and every write (ENOSPC)."""
+    _tee_into_a_full_output(tmp_path, "/dev/full", f"/dev/full {tmp_path}/ok")
+
+
 def test_stdin_regular_file_and_stdout_append_file(tmp_path):
     """stdin a regular file (spliced into a pipe first) and stdout a file opened with >>
     (O_APPEND: splice refuses it, so that output is copied), both reported with -v."""
