@@ -116,3 +116,48 @@ def test_both_directions_arrive_whole(tmp_path_factory, up_sizes, down_sizes, se
         assert up.copied == down.copied == 0 and not up.fallback and not down.fallback
     else:
         assert up.spliced == down.spliced == 0
+
+
+def test_copy_falls_back_to_waiting_first_where_rwf_nowait_is_refused(monkeypatch):
+    """A kernel (or fd) that refuses RWF_NOWAIT (EOPNOTSUPP) makes the copy wait for
+    readiness before each plain read and write instead; the bytes still all arrive, in order."""
+    import errno
+
+    from zcrelay import direct, syscalls
+
+    asked = {"read": 0, "write": 0}
+
+    def refuse(kind):
+        def call(*args):
+            asked[kind] += 1
+            if asked[kind] > 1:  # asked again after a refusal: fail rather than spin
+                raise AssertionError(f"RWF_NOWAIT {kind} asked again after EOPNOTSUPP")
+            raise OSError(errno.EOPNOTSUPP, "RWF_NOWAIT refused")
+        return call
+
+    monkeypatch.setattr(syscalls, "read_nowait", refuse("read"))
+    monkeypatch.setattr(syscalls, "write_nowait", refuse("write"))
+    data = _payload([3_000_000], 7)
+    src, feed = os.pipe2(os.O_CLOEXEC)
+    drain, dst = os.pipe2(os.O_CLOEXEC)
+    got = bytearray()
+    threads = [threading.Thread(target=_write_all, args=(feed, data, [len(data)])),
+               threading.Thread(target=_read_all, args=(drain, got))]
+    for thread in threads:
+        thread.start()
+    flow = Flow()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await direct.copy_waiting(src, dst, flow)
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(src)
+        os.close(dst)
+        for thread in threads:
+            thread.join(60)
+        os.close(drain)
+    assert bytes(got) == data and flow.copied == len(data)
+    assert asked == {"read": 1, "write": 1}  # asked once each, then never again
