@@ -1,0 +1,71 @@
+"""Property-based tests (hypothesis) of `send`'s engine (zcrelay.files.transfer): bytes
+[offset, offset + length) of the file reach the peer exactly, by splice or by sendfile, and the
+file's own position is never moved, whatever the file size, the span, the pipe size and the
+rate limit.
+
+`transfer` runs in process with blocking waits (zcrelay.waits), as `zcrelay send` runs it, on a
+real loopback TCP connection whose far end is a thread reading to EOF and then closing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zcrelay import waits
+from zcrelay.files import SendConfig, span, transfer
+from zcrelay.stats import Flow
+from tests.test_tee_properties import PIPE_SIZES, _payload
+
+SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@st.composite
+def spans(draw):
+    size = draw(st.integers(0, 3_000_000))
+    offset = draw(st.integers(0, size))
+    length = draw(st.one_of(st.none(), st.integers(0, size - offset)))
+    return size, offset, length
+
+
+@SETTINGS
+@given(case=spans(), seed=st.integers(0, 2**32), method=st.sampled_from(("splice", "sendfile")),
+       pipe_size=st.sampled_from(PIPE_SIZES), rate=st.sampled_from((None, 64 << 20)),
+       position=st.integers(0, 5000))
+def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_size, rate, position):
+    size, offset, length = case
+    data = _payload([size], seed)
+    path = tmp_path_factory.mktemp("send") / "file"
+    path.write_bytes(data)
+    offset, length = span(size, offset, length)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    os.lseek(fd, position, os.SEEK_SET)  # someone's position in a shared fd: left alone
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = bytearray()
+
+    def peer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(1 << 20):
+                got.extend(chunk)
+
+    thread = threading.Thread(target=peer)
+    thread.start()
+    flow = Flow()
+    config = SendConfig(method=method, pipe_size=pipe_size, rate_limit=rate, linger=30)
+    try:
+        with socket.create_connection(listener.getsockname()) as sock:
+            waits.run_blocking(transfer, fd, sock, offset, length, flow, config)
+        thread.join(60)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == position
+    finally:
+        os.close(fd)
+        listener.close()
+    assert not thread.is_alive()
+    assert bytes(got) == data[offset:offset + length]
+    assert flow.bytes == flow.spliced == length and flow.copied == 0 and flow.end == "eof"
