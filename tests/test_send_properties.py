@@ -4,14 +4,15 @@ file's own position is never moved, whatever the file size, the span, the pipe s
 rate limit.
 
 `transfer` runs in process with blocking waits (zcrelay.waits), as `zcrelay send` runs it, on a
-real loopback TCP connection whose far end is a thread reading to EOF and then closing.
+real loopback TCP connection whose far end is a thread reading to EOF and then closing
+(pipeline_helpers.Sink).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
-import threading
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from zcrelay import waits
 from zcrelay.files import SendConfig, span, transfer
 from zcrelay.stats import Flow
+from tests.pipeline_helpers import Sink
 from tests.test_tee_properties import PIPE_SIZES, _payload
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
@@ -45,27 +47,16 @@ def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_siz
     offset, length = span(size, offset, length)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     os.lseek(fd, position, os.SEEK_SET)  # someone's position in a shared fd: left alone
-    listener = socket.create_server(("127.0.0.1", 0))
-    got = bytearray()
-
-    def peer() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while chunk := conn.recv(1 << 20):
-                got.extend(chunk)
-
-    thread = threading.Thread(target=peer)
-    thread.start()
+    sink = Sink()  # a thread: reads to EOF, hashing, then closes
     flow = Flow()
     config = SendConfig(method=method, pipe_size=pipe_size, rate_limit=rate, linger=30)
     try:
-        with socket.create_connection(listener.getsockname()) as sock:
+        with socket.create_connection(("127.0.0.1", sink.port)) as sock:
             waits.run_blocking(transfer, fd, sock, offset, length, flow, config)
-        thread.join(60)
+        sink.join(60)
         assert os.lseek(fd, 0, os.SEEK_CUR) == position
     finally:
         os.close(fd)
-        listener.close()
-    assert not thread.is_alive()
-    assert bytes(got) == data[offset:offset + length]
+    assert sink.size == length
+    assert sink.sha.digest() == hashlib.sha256(data[offset:offset + length]).digest()
     assert flow.bytes == flow.spliced == length and flow.copied == 0 and flow.end == "eof"
