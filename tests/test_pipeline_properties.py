@@ -19,41 +19,27 @@ import socket
 import threading
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from zcrelay.pipeline import PipelineConfig, plan, run_pipeline
 from zcrelay.stats import Flow
 from tests import traffic
-from tests.test_tee_properties import PIPE_SIZES, _payload
+from tests.test_properties import PROPERTY_SETTINGS
 
-SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 writes = st.lists(st.integers(min_value=1, max_value=400_000), min_size=0, max_size=10)
 
 
-def _write_all(fd: int, data: bytes, sizes: list[int]) -> None:
-    view = memoryview(data)
-    with open(fd, "wb", buffering=0) as f:
-        for size in sizes:
-            chunk, view = view[:size], view[size:]
-            f.write(chunk)  # a raw blocking write: all of it
-
-
-def _read_all(fd: int, into: bytearray) -> None:
-    while chunk := os.read(fd, 1 << 20):
-        into += chunk
-
-
-@SETTINGS
+@PROPERTY_SETTINGS
 @given(up_sizes=writes, down_sizes=writes, seed=st.integers(0, 2**32),
        stdin_kind=st.sampled_from(("pipe", "file")), stdout_kind=st.sampled_from(("pipe", "file")),
-       stdin_pipe=st.sampled_from(PIPE_SIZES), pipe_size=st.sampled_from(PIPE_SIZES),
+       stdin_pipe=st.sampled_from(traffic.PIPE_SIZES), pipe_size=st.sampled_from(traffic.PIPE_SIZES),
        splice=st.booleans(), skip=st.integers(0, 3000))
 def test_both_directions_arrive_whole(tmp_path_factory, up_sizes, down_sizes, seed, stdin_kind,
                                       stdout_kind, stdin_pipe, pipe_size, splice, skip):
     tmp = tmp_path_factory.mktemp("pipeline")
-    up_data, down_data = _payload(up_sizes, seed), _payload(down_sizes, seed + 1)
+    up_data = traffic.payload(seed, "up", sum(up_sizes))
+    down_data = traffic.payload(seed, "down", sum(down_sizes))
     config = PipelineConfig(splice=splice, pipe_size=pipe_size)
     up, down = Flow(), Flow()
     far_got, stdout_got = bytearray(), bytearray()
@@ -69,13 +55,13 @@ def test_both_directions_arrive_whole(tmp_path_factory, up_sizes, down_sizes, se
                 if stdin_kind == "pipe":
                     stdin, feed = os.pipe2(os.O_CLOEXEC)
                     fcntl.fcntl(feed, fcntl.F_SETPIPE_SZ, stdin_pipe)
-                    threads.append(threading.Thread(target=_write_all, args=(feed, up_data, up_sizes)))
+                    threads.append(threading.Thread(target=traffic.write_pieces, args=(feed, up_data, up_sizes)))
                 else:
                     stdin = os.open(tmp / "in", os.O_RDONLY | os.O_CLOEXEC)
                     os.lseek(stdin, skip, os.SEEK_SET)  # read from where the shell left it
                 if stdout_kind == "pipe":
                     drain, stdout = os.pipe2(os.O_CLOEXEC)
-                    threads.append(threading.Thread(target=_read_all, args=(drain, stdout_got)))
+                    threads.append(threading.Thread(target=traffic.read_to_eof, args=(drain, stdout_got)))
                 else:
                     stdout = os.open(tmp / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
@@ -137,12 +123,12 @@ def test_copy_falls_back_to_waiting_first_where_rwf_nowait_is_refused(monkeypatc
 
     monkeypatch.setattr(syscalls, "read_nowait", refuse("read"))
     monkeypatch.setattr(syscalls, "write_nowait", refuse("write"))
-    data = _payload([3_000_000], 7)
+    data = traffic.payload(7, "up", 3_000_000)
     src, feed = os.pipe2(os.O_CLOEXEC)
     drain, dst = os.pipe2(os.O_CLOEXEC)
     got = bytearray()
-    threads = [threading.Thread(target=_write_all, args=(feed, data, [len(data)])),
-               threading.Thread(target=_read_all, args=(drain, got))]
+    threads = [threading.Thread(target=traffic.write_pieces, args=(feed, data, [len(data)])),
+               threading.Thread(target=traffic.read_to_eof, args=(drain, got))]
     for thread in threads:
         thread.start()
     flow = Flow()

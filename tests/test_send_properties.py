@@ -14,18 +14,15 @@ import hashlib
 import os
 import socket
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from zcrelay import waits
 from zcrelay.files import SendConfig, span, transfer
 from zcrelay.stats import Flow
 from tests.pipeline_helpers import Sink
-from tests.test_tee_properties import PIPE_SIZES, _payload
-
-SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
+from tests import traffic
+from tests.test_properties import PROPERTY_SETTINGS
 
 @st.composite
 def spans(draw):
@@ -35,13 +32,13 @@ def spans(draw):
     return size, offset, length
 
 
-@SETTINGS
+@PROPERTY_SETTINGS
 @given(case=spans(), seed=st.integers(0, 2**32), method=st.sampled_from(("splice", "sendfile")),
-       pipe_size=st.sampled_from(PIPE_SIZES), rate=st.sampled_from((None, 64 << 20)),
+       pipe_size=st.sampled_from(traffic.PIPE_SIZES), rate=st.sampled_from((None, 64 << 20)),
        position=st.integers(0, 5000))
 def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_size, rate, position):
     size, offset, length = case
-    data = _payload([size], seed)
+    data = traffic.payload(seed, "file", size)
     path = tmp_path_factory.mktemp("send") / "file"
     path.write_bytes(data)
     offset, length = span(size, offset, length)

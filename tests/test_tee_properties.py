@@ -14,49 +14,30 @@ with a task feeding our pipe.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import threading
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from zcrelay import waits
 from zcrelay.stats import Flow
 from zcrelay.tee import TeeConfig, run_tee
-
-SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-PIPE_SIZES = (4096, 64 << 10, 1 << 20)
+from tests import traffic
+from tests.test_properties import PROPERTY_SETTINGS
 
 writes = st.lists(st.integers(min_value=1, max_value=300_000), min_size=0, max_size=12)
 
 
-def _payload(sizes: list[int], seed: int) -> bytes:
-    """Deterministic bytes, different at every offset (a hash chain), so a reordered or
-    repeated block shows."""
-    out = bytearray()
-    block = seed.to_bytes(8, "little")
-    while len(out) < sum(sizes):
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:sum(sizes)])
-
-
-def _drain(fd: int, into: bytearray) -> None:
-    while chunk := os.read(fd, 1 << 20):
-        into += chunk
-
-
-@SETTINGS
-@given(sizes=writes, seed=st.integers(0, 2**32), stdin_size=st.sampled_from(PIPE_SIZES),
+@PROPERTY_SETTINGS
+@given(sizes=writes, seed=st.integers(0, 2**32), stdin_size=st.sampled_from(traffic.PIPE_SIZES),
        stdout_kind=st.sampled_from(("pipe", "file", "devnull")), files=st.integers(0, 3),
-       append=st.booleans(), pipe_size=st.sampled_from(PIPE_SIZES))
+       append=st.booleans(), pipe_size=st.sampled_from(traffic.PIPE_SIZES))
 def test_every_output_gets_the_input(tmp_path_factory, sizes, seed, stdin_size, stdout_kind, files,
                                      append, pipe_size):
     tmp = tmp_path_factory.mktemp("tee")
-    data = _payload(sizes, seed)
+    data = traffic.payload(seed, "tee", sum(sizes))
     prefix = b"kept by -a\n"
     paths = [tmp / f"out{i}" for i in range(files)]
     for path in paths:
@@ -71,20 +52,10 @@ def test_every_output_gets_the_input(tmp_path_factory, sizes, seed, stdin_size, 
     else:
         stdout_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
-    def produce() -> None:
-        view = memoryview(data)
-        try:
-            for size in sizes:
-                chunk, view = view[:size], view[size:]
-                while chunk:
-                    chunk = chunk[os.write(stdin_w, chunk):]
-        finally:
-            os.close(stdin_w)
-
     got = bytearray()
-    threads = [threading.Thread(target=produce)]
+    threads = [threading.Thread(target=traffic.write_pieces, args=(stdin_w, data, sizes))]
     if stdout_r is not None:
-        threads.append(threading.Thread(target=_drain, args=(stdout_r, got)))
+        threads.append(threading.Thread(target=traffic.read_to_eof, args=(stdout_r, got)))
     for thread in threads:
         thread.start()
     config = TeeConfig(files=tuple(str(p) for p in paths), append=append, pipe_size=pipe_size)
@@ -111,21 +82,21 @@ def test_every_output_gets_the_input(tmp_path_factory, sizes, seed, stdin_size, 
         assert path.read_bytes() == (prefix if append else b"") + data
 
 
-@SETTINGS
+@PROPERTY_SETTINGS
 @given(size=st.integers(0, 3_000_000), seed=st.integers(0, 2**32), files=st.integers(1, 3),
-       pipe_size=st.sampled_from(PIPE_SIZES), skip=st.integers(0, 5000))
+       pipe_size=st.sampled_from(traffic.PIPE_SIZES), skip=st.integers(0, 5000))
 def test_a_regular_file_on_stdin_is_fed_from_its_position(tmp_path_factory, size, seed, files, pipe_size, skip):
     """stdin a regular file, opened and read up to `skip` by someone before: the tee feeds our
     pipe from the file's position (under trio), and every output gets the rest."""
     tmp = tmp_path_factory.mktemp("teefile")
-    data = _payload([size], seed)
+    data = traffic.payload(seed, "tee", size)
     (tmp / "in").write_bytes(data)
     skip = min(skip, size)
     stdin = os.open(tmp / "in", os.O_RDONLY | os.O_CLOEXEC)
     os.lseek(stdin, skip, os.SEEK_SET)
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     got = bytearray()
-    reader = threading.Thread(target=_drain, args=(stdout_r, got))
+    reader = threading.Thread(target=traffic.read_to_eof, args=(stdout_r, got))
     reader.start()
     paths = [tmp / f"out{i}" for i in range(files)]
     config = TeeConfig(files=tuple(str(p) for p in paths), pipe_size=pipe_size)

@@ -10,6 +10,7 @@ of (id, direction), so both ends know what the other should have received.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -28,6 +29,29 @@ def payload(conn_id: int, direction: str, size: int) -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# Pipe sizes the property tests draw from: one page, the default, pipe-max-size's default.
+PIPE_SIZES = (4096, 64 << 10, 1 << 20)
+
+
+def write_pieces(fd: int, data: bytes, sizes: list[int]) -> None:
+    """Write `data` to the blocking fd in writes of `sizes` bytes (as another process would
+    feed a pipe), then close it."""
+    view = memoryview(data)
+    try:
+        for size in sizes:
+            chunk, view = view[:size], view[size:]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+    finally:
+        os.close(fd)
+
+
+def read_to_eof(fd: int, into: bytearray) -> None:
+    """Read the blocking fd to EOF into `into` (as another process would drain a pipe)."""
+    while chunk := os.read(fd, 1 << 20):
+        into += chunk
 
 
 async def send_chunks(sock, data: bytes, rng: random.Random, max_chunk: int = 256 * 1024) -> None:
