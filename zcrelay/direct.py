@@ -206,8 +206,7 @@ async def splice_via_pipe(src: int, dst: int, pipe: Pipe, flow: Flow,
             raise translate(exc, DESTINATION, "splice") from exc
         moved = True
         if urgent:
-            flow.spliced -= 1  # counted by the pump, but it came through user space
-            urgent_byte_copied(flow)
+            urgent_byte_copied(flow, pumped=True)
         if pacer is not None:
             await pacer.spent(n)
         elif not waited:

@@ -128,8 +128,7 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
             pipe.held = 0
             moved = True
             if urgent:
-                flow.spliced -= 1  # counted by the pump, but it came through user space
-                urgent_byte_copied(flow)
+                urgent_byte_copied(flow, pumped=True)
             if waited:
                 unyielded = 0
             else:
@@ -166,7 +165,11 @@ def urgent_into_pipe(src: int, pipe: Pipe, n: int) -> tuple[int, bool, bool]:
     return 1, True, True
 
 
-def urgent_byte_copied(flow: Flow) -> None:
+def urgent_byte_copied(flow: Flow, pumped: bool = False) -> None:
+    """Count a passed urgent byte as copied. `pumped`: it went through the pipe, and the pump
+    counted it as spliced, but it came through user space."""
+    if pumped:
+        flow.spliced -= 1
     flow.copied += 1
     flow.fallback = flow.fallback or URGENT_BYTE
 

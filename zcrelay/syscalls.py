@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
@@ -175,8 +176,6 @@ NOWAIT_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
 
 def can_ask_nowait(fd: int) -> bool:
     """Whether `fd` is a pipe or a socket, whose reads and writes take RWF_NOWAIT."""
-    import stat
-
     try:
         mode = os.fstat(fd).st_mode
     except OSError:

@@ -1,5 +1,6 @@
 """What `connect`, `listen`, `send` and `serve` share: options and the exit codes of their
-errors (the progress display is zcrelay.cli.progress). No trio import here: `send` runs without trio (zcrelay.waits).
+errors (the progress display is zcrelay.cli.progress). No trio import here: `send` runs
+without trio (zcrelay.waits).
 
 Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 - stdin or the file unreadable, missing, a directory: INPUT_ERROR (8)
