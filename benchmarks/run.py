@@ -12,6 +12,11 @@ Workloads:
     and, in a separate short run under ``strace -c -f -p PID``, the relay's
     payload syscalls (read/write/recv/send families, splice, sendfile) per GB
     and per keep-alive request.
+Then the other commands' workloads, as in their issues: ``send`` (a 1 GiB
+file to a local sink with zcrelay send, socat, nc and pv | nc, and a 1 GiB
+connect/listen pipeline; send_bench.py) and ``tee`` (1 and 4 GiB through
+``pv -q FILE | X | pv -q >/dev/null`` with X zcrelay tee, GNU tee and cat,
+OUT on a tmpfs and /dev/null; tee_bench.py).
 
 Rounds are interleaved (round 1: every workload through every relay, then
 round 2, ...) and the tables show medians.  The suite installs nothing: it
@@ -48,6 +53,8 @@ from typing import Callable, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import forward_bench as fb  # noqa: E402  (helpers: spawn/stop, /proc CPU, launchers)
+import send_bench  # noqa: E402  (issue 3's file send workload)
+import tee_bench  # noqa: E402  (issue 4's tee workload)
 
 REPO = fb.REPO_ROOT
 LOOP = fb.LOOPBACK
@@ -148,6 +155,10 @@ WORKLOADS: tuple[Workload, ...] = (
 )
 WORKLOAD_NAMES = [w.name for w in WORKLOADS]
 STRACE_NAME = "strace"
+# Workloads of the other commands, run after the relays (no relay in front of them):
+# `zcrelay send` (send_bench.py, issue 3) and `zcrelay tee` (tee_bench.py, issue 4).
+TOOL_NAMES = ["send", "tee"]
+TOOL_PEERS = {"send": ("socat", "nc", "pv"), "tee": ("pv", "tee")}
 
 
 @dataclass
@@ -539,6 +550,9 @@ class Results:
     finished: float = 0.0
     load_before: str = ""
     load_after: str = ""
+    tee_rows: list = field(default_factory=list)  # tee_bench.measure's rows
+    send: Optional[tuple] = None  # send_bench.measure's (startup, send runs, pipeline runs)
+    send_size: int = 0
 
 
 def run_suite(args, relays: list[Relay], workloads: list[Workload],
@@ -603,6 +617,65 @@ def run_suite(args, relays: list[Relay], workloads: list[Workload],
     res.finished = time.time()
     res.load_after = loadavg()
     return res
+
+
+def run_tools(args, tools: Sequence[str], res: Results) -> None:
+    """The send and tee workloads, after the relays: each as its own bench script measures it."""
+    for tool in tools:
+        lacks = [p for p in TOOL_PEERS[tool] if shutil.which(p) is None]
+        if tool == "tee" and "pv" in lacks:
+            res.skipped.append("workload tee: needs pv (apt-get install -y pv)")
+            continue
+        if lacks:  # send: the rows that need them are skipped, the others run
+            res.skipped.append(f"workload {tool}: rows needing {' '.join(lacks)} skipped "
+                               "(apt-get install -y socat netcat-openbsd pv)")
+        progress(f"{tool}: {args.repeat} rounds")
+        if tool == "tee":
+            res.tee_rows = tee_bench.measure(args.tee_sizes, args.repeat, log=progress)
+            res.commands["tee"] = ("pv -q $SRC | X | pv -q >/dev/null, X = `python -m zcrelay tee OUT`, "
+                                   "`tee OUT` or `cat`; SRC: random bytes on /dev/shm; OUT: a file on a "
+                                   "tmpfs mounted for the run (/dev/shm when not root), or /dev/null")
+        else:
+            res.send_size = args.send_size
+            res.send = send_bench.measure(args.send_size, args.repeat, log=progress)
+            rows = send_bench.send_rows(Path("$FILE"), 0).items()
+            res.commands["send"] = " ; ".join(f"{cmd}" for _, cmd in rows if cmd).replace(
+                "127.0.0.1:0", "127.0.0.1:SINK_PORT").replace("127.0.0.1 0", "127.0.0.1 SINK_PORT")
+            res.commands["send pipelines"] = " ; ".join(
+                f"{rcv} < /dev/null | cat > /dev/null, then cat $FILE | {snd}"
+                for rcv, snd in send_bench.PIPELINES.values()).replace("{port}", "PORT").replace(
+                "{zc}", "python -m zcrelay")
+
+
+def tool_targets(res: Results) -> list[Target]:
+    """Issue 3's targets for send and issue 4's for tee, from the same run."""
+    found = []
+    if res.send:
+        found += send_bench.targets(res.send[1], res.send_size)
+    if res.tee_rows:
+        found += tee_bench.targets(res.tee_rows)
+    return [Target(label, value, f"{op} {bound:g}", met) for label, value, op, bound, met in found]
+
+
+def tool_tables(res: Results) -> list[tuple[str, str]]:
+    out = []
+    if res.send:
+        startup, send_runs, pipe_runs = res.send
+        gib = res.send_size / (1 << 30)
+        intro = (f"zcrelay's start-up (a send of an empty file): {startup[0]:.2f} s wall, "
+                 f"{startup[1]:.2f} s CPU; the last column takes it out.")
+        body = send_bench.table(send_runs, res.send_size, True,
+                                f"{gib:g} GiB file to a local sink (sink's CPU not counted)", startup, 1)
+        body += send_bench.table(pipe_runs, res.send_size, True,
+                                 f"{gib:g} GiB pipeline: cat FILE | sender → receiver | cat > /dev/null "
+                                 "(all CPU counted)", startup, 2)
+        out.append(("zcrelay send (issue 3): median of the rounds",
+                    "\n".join([intro, ""] + [line.replace("### ", "#### ") for line in body]).rstrip()))
+    if res.tee_rows:
+        out.append(("zcrelay tee (issue 4): `pv -q FILE | X | pv -q >/dev/null`, median of the rounds",
+                    "CPU is X's own (user+system, from wait4); throughput is the pipeline's wall "
+                    "time, zcrelay's start-up included.\n\n" + tee_bench.render(res.tee_rows, True)))
+    return out
 
 
 def record_commands(res: Results, instances: list[Instance], env: Env, args) -> None:
@@ -967,7 +1040,8 @@ def render_targets(tg: list[Target]) -> str:
                     "lrrrl")
 
 
-def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[str]) -> str:
+def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[str],
+                    tg_tools: Sequence[Target] = ()) -> str:
     start = datetime.datetime.fromtimestamp(res.started).strftime("%Y-%m-%d %H:%M")
     minutes = (res.finished - res.started) / 60
     parts = [
@@ -987,19 +1061,31 @@ def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[
         "",
         *(f"- {k}: {v}" for k, v in versions()),
         "",
-        "## Targets (issue 6)",
-        "",
-        render_targets(tg),
-        "",
-        "\"best HAProxy\" is the faster of the two HAProxy rows for that workload; "
-        "\"socat\" is socat with its default 8 KiB buffer. \"measured\" is the ratio of the "
-        "medians, on which the verdict rests; \"round by round\" is the median of the same "
-        "ratio taken within each round, where both sides ran minutes apart at most.",
-        "",
     ]
+    if tg:
+        parts += [
+            "## Targets (issue 6)",
+            "",
+            render_targets(tg),
+            "",
+            "\"best HAProxy\" is the faster of the two HAProxy rows for that workload; "
+            "\"socat\" is socat with its default 8 KiB buffer. \"measured\" is the ratio of the "
+            "medians, on which the verdict rests; \"round by round\" is the median of the same "
+            "ratio taken within each round, where both sides ran minutes apart at most.",
+            "",
+        ]
+    if tg_tools:
+        parts += ["## Targets of the send and tee workloads (issues 3 and 4)", "",
+                  md_table(["target", "measured", "wanted", "verdict"],
+                           [[t.label, fmt(t.value), t.target, f"**{verdict(t)}**"] for t in tg_tools],
+                           "lrrl"),
+                  "", "Ratios of medians from the same run (zcrelay's start-up included).", ""]
     for title, table in tables(res, cells):
         parts += [f"## {title}", "", table, ""]
-    parts += ["## Spread (min – max over rounds)", "", spread_table(res, cells), ""]
+    if res.runs:
+        parts += ["## Spread (min – max over rounds)", "", spread_table(res, cells), ""]
+    for title, table in tool_tables(res):
+        parts += [f"## {title}", "", table, ""]
     if plot:
         parts += ["## Plot", "", f"![ratios to direct]({plot})", ""]
     failures = [r for r in res.runs + res.straces if r.error]
@@ -1027,20 +1113,42 @@ def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[
     return "\n".join(parts)
 
 
-def render_text(res: Results, cells, tg: list[Target]) -> str:
+def render_text(res: Results, cells, tg: list[Target], tg_tools: Sequence[Target] = ()) -> str:
     parts = []
-    for title, table in tables(res, cells):
+    for title, table in tables(res, cells) + tool_tables(res):
         parts += [title, table, ""]
     parts += ["Targets:"]
     parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (round by round {fmt(t.paired)}; "
               f"want {t.target})" for t in tg]
+    parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (want {t.target})" for t in tg_tools]
     if res.skipped:
         parts += ["", "Skipped:"] + [f"  {s}" for s in res.skipped]
     return "\n".join(parts)
 
 
+def tool_ratios(res: Results) -> list[tuple[str, float]]:
+    """The send and tee workloads as (label, zcrelay's throughput over its reference's)."""
+    out = []
+    for row in res.tee_rows:
+        out.append((f"tee {row[0]}\nOUT={row[1]}\n/ GNU tee", row[tee_bench.HEAD.index("throughput zc/GNU")]))
+    if res.send:
+        _, send_runs, pipe_runs = res.send
+
+        def wall(runs, name):
+            ok = [r[0] for r in runs.get(name, []) if r[2] == 0]
+            return statistics.median(ok) if ok else None
+        for runs, zc, ref, label in ((send_runs, send_bench.SEND_ROW, send_bench.SOCAT_ROW, "send FILE\n/ socat"),
+                                     (pipe_runs, "zcrelay connect/listen", "socat STDIO TCP",
+                                      "connect/listen\npipeline / socat")):
+            z, o = wall(runs, zc), wall(runs, ref)
+            if z and o:
+                out.append((label, o / z))
+    return out
+
+
 def make_plot(res: Results, cells, path: Path) -> Optional[str]:
-    """Grouped bars of ratios to direct; None (with a message) if matplotlib is missing."""
+    """Grouped bars of ratios to direct, and zcrelay send and tee against their references;
+    None (with a message) if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1050,26 +1158,42 @@ def make_plot(res: Results, cells, path: Path) -> Optional[str]:
         return None
     relays = [n for n in relay_order(res) if n != "direct"]
     wls = [w for w in WORKLOADS if any(k[1] == w.name for k in cells)]
-    if not relays or not wls:
+    tools = tool_ratios(res)
+    panels = bool(relays and wls) + bool(tools)
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(13, 5.5))
-    width = 0.8 / len(relays)
-    for i, name in enumerate(relays):
-        ys = [(cells.get((name, w.name)) or Cell(None, None, None, (None, None), 0, [])).ratio
-              or 0 for w in wls]
-        xs = [j + (i - (len(relays) - 1) / 2) * width for j in range(len(wls))]
-        bars = ax.bar(xs, ys, width, label=label_of(name))
-        for b, y in zip(bars, ys):
-            if y:
-                ax.text(b.get_x() + b.get_width() / 2, y + 0.01, f"{y:.2f}",
-                        ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(wls)), [w.label for w in wls], fontsize=8)
-    ax.set_ylabel("ratio to direct connection (higher is better)")
-    ax.set_title("zcrelay vs other relays on loopback: throughput and requests/s, "
-                 "median ratio to direct")
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
-    ax.set_ylim(0, max(1.25, ax.get_ylim()[1] * 1.1))
+    fig, axes = plt.subplots(panels, 1, figsize=(13, 5.5 * panels), squeeze=False)
+    axes = list(axes[:, 0])
+    if relays and wls:
+        ax = axes.pop(0)
+        width = 0.8 / len(relays)
+        for i, name in enumerate(relays):
+            ys = [(cells.get((name, w.name)) or Cell(None, None, None, (None, None), 0, [])).ratio
+                  or 0 for w in wls]
+            xs = [j + (i - (len(relays) - 1) / 2) * width for j in range(len(wls))]
+            bars = ax.bar(xs, ys, width, label=label_of(name))
+            for b, y in zip(bars, ys):
+                if y:
+                    ax.text(b.get_x() + b.get_width() / 2, y + 0.01, f"{y:.2f}",
+                            ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(wls)), [w.label for w in wls], fontsize=8)
+        ax.set_ylabel("ratio to direct connection (higher is better)")
+        ax.set_title("zcrelay vs other relays on loopback: throughput and requests/s, "
+                     "median ratio to direct")
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
+        ax.set_ylim(0, max(1.25, ax.get_ylim()[1] * 1.1))
+    if tools:
+        ax = axes.pop(0)
+        bars = ax.bar(range(len(tools)), [v for _, v in tools], 0.6, color="tab:blue")
+        for b, (_, v) in zip(bars, tools):
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(tools)), [label for label, _ in tools], fontsize=8)
+        ax.set_ylabel("zcrelay's throughput / the reference's")
+        ax.set_title("zcrelay send, connect/listen and tee against socat and GNU tee "
+                     "(wall time, zcrelay's start-up included; median of the rounds)")
+        ax.set_ylim(0, max(1.25, ax.get_ylim()[1] * 1.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1092,10 +1216,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="smoke run: 1 round, 2 s runs, 256 MiB download, 1 s strace runs; "
                         "writes nothing unless --out is given")
     p.add_argument("--only", nargs="+", metavar="NAME", default=[],
-                   choices=RELAY_NAMES + WORKLOAD_NAMES + [STRACE_NAME],
+                   choices=RELAY_NAMES + WORKLOAD_NAMES + [STRACE_NAME] + TOOL_NAMES,
                    help="relays and/or workloads to run (direct is always included); "
                         f"relays: {', '.join(RELAY_NAMES)}; workloads: "
-                        f"{', '.join(WORKLOAD_NAMES)}, {STRACE_NAME}")
+                        f"{', '.join(WORKLOAD_NAMES + [STRACE_NAME] + TOOL_NAMES)}")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for RESULTS.md and results.png (default benchmarks/)")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -1105,6 +1229,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.big = (256 << 20) if args.quick else (1 << 30)
     args.strace_seconds = 1.0 if args.quick else 2.0
+    args.send_size = (256 << 20) if args.quick else (1 << 30)
+    args.tee_sizes = [0.25] if args.quick else [1, 4]
     if args.seconds <= 0 or args.repeat < 1:
         p.error("--seconds must be > 0 and --repeat >= 1")
     if args.out is None and not args.quick:
@@ -1123,25 +1249,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"missing peer programs: {' '.join(missing)}\n  install with: {APT_LINE}\n"
               "  (the rows and workloads that need them are skipped)", file=sys.stderr)
     only_relays = [n for n in args.only if n in RELAY_NAMES]
-    only_wls = [n for n in args.only if n in WORKLOAD_NAMES]
+    picked = [n for n in args.only if n in WORKLOAD_NAMES + [STRACE_NAME] + TOOL_NAMES]
     relays = [r for r in RELAYS if not only_relays or r.name == "direct"
               or r.name in only_relays]
-    workloads = [w for w in WORKLOADS if not (only_wls or STRACE_NAME in args.only)
-                 or w.name in only_wls]
-    do_strace = not (only_wls or STRACE_NAME in args.only) or STRACE_NAME in args.only
+    workloads = [w for w in WORKLOADS if not picked or w.name in picked]
+    do_strace = not picked or STRACE_NAME in picked
+    # The send and tee workloads involve no relay: asking for relays alone leaves them out.
+    tools = [t for t in TOOL_NAMES if t in picked or not (picked or only_relays)]
     try:
-        res = run_suite(args, relays, workloads, do_strace)
+        if workloads or do_strace:
+            res = run_suite(args, relays, workloads, do_strace)
+        else:
+            res = Results(started=time.time(), load_before=loadavg())
+        run_tools(args, tools, res)
+        res.finished = time.time()
+        res.load_after = loadavg()
     except KeyboardInterrupt:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130
     cells = summarise(res)
-    tg = targets(cells, res.runs)
-    print(render_text(res, cells, tg))
+    tg = targets(cells, res.runs) if res.runs else []
+    tg_tools = tool_targets(res)
+    print(render_text(res, cells, tg, tg_tools))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         plot = make_plot(res, cells, args.out / "results.png")
         md = args.out / "RESULTS.md"
-        md.write_text(render_markdown(res, cells, tg, args, plot))
+        md.write_text(render_markdown(res, cells, tg, args, plot, tg_tools))
         print(f"\nwrote {md}" + (f" and {args.out / plot}" if plot else ""))
     return 0
 

@@ -12,7 +12,7 @@ CPU seconds (user + system of every process of the row, the sink excluded in par
 zcrelay's wall time includes Python's start-up (~0.3 s here), which the others do not pay.
 
 A benchmark, not a test: it prints and exits 0 whatever the numbers. Missing programs are
-reported and their rows skipped. Usage:
+reported and their rows skipped. benchmarks/run.py runs the same as its `send` workload. Usage:
     .venv/bin/python benchmarks/send_bench.py [--size 1G] [--repeat 3] [--markdown]
 """
 
@@ -169,20 +169,23 @@ def table(results: dict[str, list[tuple[float, float, int]]], size: int, markdow
     return out + [""]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1G", help="file size (M or G suffix)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--markdown", action="store_true")
-    args = parser.parse_args()
-    size = int(float(args.size[:-1]) * (1 << 30 if args.size.endswith("G") else 1 << 20))
+# Issue 3's targets for `zcrelay send` (its default, splice), against the rows of the same run.
+SEND_ROW = "zcrelay send (splice)"
+SOCAT_ROW = "socat FILE TCP"
+
+
+def measure(size: int, repeat: int, log=None) -> tuple[tuple[float, float], dict, dict]:
+    """Send a `size`-byte file (page-cached) with every row and through every pipeline, rounds
+    interleaved. Returns zcrelay's start-up (wall, CPU: a send of an empty file) and the runs
+    of each send row and each pipeline: lists of (wall s, CPU s, exit code)."""
+    log = log or (lambda text: print(text, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="send_bench.") as tmp:
         file = Path(tmp) / "payload"
-        block = os.urandom(64 << 20)
+        block = os.urandom(min(size, 64 << 20)) or b"\0"
         with open(file, "wb") as f:
-            for _ in range(size // len(block)):
-                f.write(block)
-            f.write(block[: size % len(block)])
+            left = size
+            while left:
+                left -= f.write(block[:left])
         subprocess.run(["cat", str(file)], stdout=subprocess.DEVNULL)  # into the page cache
         sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
         port = int(sink.stdout.readline())
@@ -190,25 +193,54 @@ def main() -> int:
             rows = send_rows(file, port)
             for name, cmd in rows.items():
                 if cmd is None:
-                    print(f"skipped {name}: program missing (apt-get install -y socat netcat-openbsd pv)", file=sys.stderr)
+                    log(f"skipped {name}: program missing (apt-get install -y socat netcat-openbsd pv)")
             send_results: dict[str, list] = {name: [] for name, cmd in rows.items() if cmd}
             pipe_results: dict[str, list] = {name: [] for name in PIPELINES
                                              if shutil.which(PIPELINES[name][1].split()[0].replace("{zc}", "bash"))}
             empty = file.with_name("empty")
             empty.write_bytes(b"")
             # Start-up as `send` pays it: its own imports (trio, typer), a connect, no payload.
-            startups = [run_timed(f"{ZC} send {empty} 127.0.0.1:{port}") for _ in range(args.repeat)]
+            startups = [run_timed(f"{ZC} send {empty} 127.0.0.1:{port}") for _ in range(repeat)]
             startup = (statistics.median(r[0] for r in startups), statistics.median(r[1] for r in startups))
-            for round_ in range(args.repeat):
+            for round_ in range(repeat):
                 for name in send_results:
-                    print(f"round {round_ + 1}: send: {name}", file=sys.stderr)
+                    log(f"send round {round_ + 1}: {name}")
                     send_results[name].append(run_timed(rows[name]))
                 for name in pipe_results:
-                    print(f"round {round_ + 1}: pipeline: {name}", file=sys.stderr)
+                    log(f"send round {round_ + 1}: pipeline: {name}")
                     pipe_results[name].append(run_pipeline(name, file))
         finally:
             sink.kill()
             sink.wait()
+    return startup, send_results, pipe_results
+
+
+def targets(send_results: dict, size: int) -> list[tuple[str, float, str, float, bool]]:
+    """(label, measured, op, bound, met) for issue 3's targets that the runs cover."""
+    def median(name, i):
+        ok = [r[i] for r in send_results.get(name, []) if r[2] == 0]
+        return statistics.median(ok) if ok else None
+    out = []
+    zc_wall, zc_cpu = median(SEND_ROW, 0), median(SEND_ROW, 1)
+    socat_wall = median(SOCAT_ROW, 0)
+    if zc_wall and socat_wall:
+        value = socat_wall / zc_wall
+        out.append(("send: zcrelay send / socat FILE TCP throughput", value, ">=", 1.5, value >= 1.5))
+    others = [c for c in (median(n, 1) for n in send_results if not n.startswith("zcrelay")) if c]
+    if zc_cpu is not None and others:
+        value = zc_cpu / min(others)
+        out.append(("send: zcrelay send CPU per GiB / the lowest other row's", value, "<=", 1.0, value <= 1.0))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G", help="file size (M or G suffix)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    size = int(float(args.size[:-1]) * (1 << 30 if args.size.endswith("G") else 1 << 20))
+    startup, send_results, pipe_results = measure(size, args.repeat)
     cpu = os.cpu_count()
     print(f"{size / (1 << 30):g} GiB, median of {args.repeat}, {cpu} CPUs, Linux {os.uname().release}\n")
     print(f"zcrelay start-up (send of an empty file): {startup[0]:.2f} s wall, {startup[1]:.2f} s CPU\n")
@@ -217,6 +249,8 @@ def main() -> int:
     print("\n".join(table(pipe_results, size, args.markdown,
                           "pipeline: cat FILE | sender → receiver | cat > /dev/null (all CPU counted)",
                           startup, 2)))
+    for label, value, op, bound, met in targets(send_results, size):
+        print(f"target: {label}: {value:.2f} (want {op} {bound:g}) -> {'MET' if met else 'NOT MET'}")
     return 0
 
 
