@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
-import typer
-
-from zcrelay.cli._click import Abort, ClickException, UsageError
-from zcrelay.cli.app import app
 from zcrelay.cli.common import PROG
 from zcrelay.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    import typer
 
 # Command → the module that registers it, in the order --help lists them. Only the invoked
 # command's module is imported: each pulls in its own policy modules (trio, rich, ...), and
@@ -22,8 +22,10 @@ COMMANDS = {
 }
 
 
-def load(names: set[str] | None = None) -> typer.Typer:
+def load(names: set[str] | None = None) -> "typer.Typer":
     """Register the commands called `names` (every command when None) on the app; return it."""
+    from zcrelay.cli.app import app
+
     for module in dict.fromkeys(COMMANDS.values()):
         if names is None or any(COMMANDS[n] == module for n in names):
             importlib.import_module(f"zcrelay.cli.{module}")
@@ -45,8 +47,19 @@ def _invoked(argv: list[str]) -> set[str] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a usage error is one line on stderr and exit code 2, never a traceback."""
-    command = typer.main.get_command(load(_invoked(sys.argv[1:] if argv is None else argv)))
+    """Run the CLI; a usage error is one line on stderr and exit code 2, never a traceback.
+    `zcrelay tee [-a] FILE...` runs without importing typer (see zcrelay.cli.teepipe)."""
+    args = sys.argv[1:] if argv is None else argv
+    from zcrelay.cli import teepipe
+
+    plain = teepipe.plain_tee(args)
+    if plain is not None:
+        sys.exit(teepipe.main(*plain))
+    import typer
+
+    from zcrelay.cli._click import Abort, ClickException, UsageError
+
+    command = typer.main.get_command(load(_invoked(args)))
     try:
         result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
     except UsageError as exc:

@@ -1,4 +1,4 @@
-"""The typer application every command registers on."""
+"""The typer application every command registers on, and the options several commands share."""
 
 import typer
 
@@ -28,3 +28,6 @@ def _root(
 ) -> None:
     """Zero-copy relay for Linux: port forwarding, stream capture and netcat-style pipes,
     moving payloads with splice(2), tee(2) and sendfile(2) so they never enter user space."""
+
+
+PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal and the data's stdin and stdout are not]", show_default=False)

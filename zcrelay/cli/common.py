@@ -1,5 +1,8 @@
 """What every command shares: the one boundary from exceptions to exit codes, logging to
-stderr, and parsers for option values. Only the CLI prints, exits or starts trio."""
+stderr, and parsers for option values. Only the CLI prints, exits or starts trio.
+
+No typer import at load time (only to refuse an option value): `zcrelay tee FILE...` runs
+without typer (zcrelay.cli.teepipe), and this module is on its path."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ import re
 import signal
 import sys
 from typing import Awaitable, Callable
-
-import typer
 
 from zcrelay.addresses import Address, AddressError, parse
 from zcrelay.errors import BindError, ConnectError, ZcrelayError
@@ -29,6 +30,8 @@ def parse_size(text: str) -> int:
     """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
     if not match:
+        import typer
+
         raise typer.BadParameter(f"{text!r} is not a size (examples: 65536, 512K, 1M)")
     number, unit = match.groups()
     return int(float(number) * _UNITS[unit.upper()])
@@ -42,6 +45,8 @@ def address(text: str, *, listen: bool) -> Address:
     try:
         return parse(text, listen=listen)
     except AddressError as exc:
+        import typer
+
         raise typer.BadParameter(str(exc)) from None
 
 

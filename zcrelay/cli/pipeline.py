@@ -13,9 +13,9 @@ import trio
 import typer
 
 from zcrelay import net
-from zcrelay.cli.app import app
+from zcrelay.cli.app import PROGRESS, app
 from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
-from zcrelay.cli.progress import PROGRESS, Display, show_progress, stdin_size
+from zcrelay.cli.progress import Display, show_progress, stdin_size
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
                                   method_value, pipe_size_value, rate_value, run_mapped)
 from zcrelay.excgroups import BaseExceptionGroup, single_error

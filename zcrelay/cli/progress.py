@@ -1,5 +1,6 @@
 """The progress display on stderr, and when to show it. Light to import (rich is imported only
-when a display is shown): `zcrelay tee` loads it, and its start-up is part of every run."""
+when a display is shown, typer never): `zcrelay tee` loads it, and its start-up is part of every
+run. The --progress/--no-progress option itself is zcrelay.cli.app.PROGRESS."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-import typer
-
 from zcrelay.stats import Flow
-
-PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal and the data's stdin and stdout are not]", show_default=False)
 
 
 def show_progress(option: Optional[bool], data_fds: tuple[int, ...] = ()) -> bool:

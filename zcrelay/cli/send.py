@@ -12,9 +12,9 @@ from typing import Optional
 
 import typer
 
-from zcrelay.cli.app import app
+from zcrelay.cli.app import PROGRESS, app
 from zcrelay.cli.common import address, parse_size, setup_logging
-from zcrelay.cli.progress import PROGRESS, Display, show_progress
+from zcrelay.cli.progress import Display, show_progress
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
                                   method_value, pipe_size_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode

@@ -1,21 +1,21 @@
 """`zcrelay tee FILE...` (a tee(1) that never copies) and
 `zcrelay tee --listen L --target T --capture-dir DIR` (a forwarder that records each direction).
+
+The pipeline mode itself is zcrelay.cli.teepipe, which `zcrelay tee [-a] FILE...` reaches
+without typer.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Optional
 
 import typer
 
-from zcrelay.cli.app import app
-from zcrelay.cli.common import address, error, parse_size, run, setup_logging
-from zcrelay.cli.progress import PROGRESS, Display, show_progress, stdin_size
+from zcrelay.cli.app import PROGRESS, app
+from zcrelay.cli.common import address, parse_size, setup_logging
+from zcrelay.cli.teepipe import APPEND_FLAGS, PIPE_SIZE, run_pipeline_tee
 from zcrelay.exitcodes import ExitCode
-from zcrelay.stats import Flow
-from zcrelay.tee import DEFAULT, MODES, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, needs_trio, run_tee
+from zcrelay.tee import DEFAULT, MODES
 
 OUTPUT_ERROR_HELP = (
     "What an error writing an output does (GNU tee's modes): warn, warn-nopipe, exit, exit-nopipe. "
@@ -38,10 +38,10 @@ def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode
 @app.command()
 def tee(
     files: Optional[list[str]] = typer.Argument(None, metavar="[FILE]...", help="Files to write as well as standard output.", show_default=False),
-    append: bool = typer.Option(False, "--append", "-a", help="Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)."),
+    append: bool = typer.Option(False, *APPEND_FLAGS, help="Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)."),
     output_error: Optional[str] = typer.Option(None, "--output-error", metavar="MODE", help=OUTPUT_ERROR_HELP, show_default=False),
     nopipe: bool = typer.Option(False, "-p", help="Same as --output-error warn-nopipe."),
-    pipe_size: str = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
+    pipe_size: str = typer.Option(PIPE_SIZE, "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
     listen: Optional[str] = typer.Option(None, "--listen", "-l", metavar="LISTEN", help="Relay capture mode: listen here (as 'zcrelay forward').", show_default=False),
     target: Optional[str] = typer.Option(None, "--target", "-t", metavar="TARGET", help="Relay capture mode: forward each connection here.", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Relay capture mode: write each direction of each connection to its own file in DIR (see 'zcrelay forward --capture-dir').", show_default=False),
@@ -65,34 +65,4 @@ def tee(
     mode = "warn-nopipe" if nopipe and output_error is None else (output_error or DEFAULT)
     if mode not in MODES and mode != DEFAULT:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--output-error")
-    config = TeeConfig(files=tuple(files or ()), append=append, output_error=mode, pipe_size=size)
-    broken_pipe = False
-
-    async def main() -> ExitCode:
-        nonlocal broken_pipe
-        try:
-            outcome = await run_tee(config, flow=flow)
-        except BrokenPipeExit:
-            broken_pipe = True
-            return ExitCode.OUTPUT_ERROR
-        except OutputErrorExit as exc:
-            return error(str(exc), ExitCode.OUTPUT_ERROR)
-        except InputError as exc:
-            return error(str(exc), ExitCode.INPUT_ERROR)
-        for note in outcome.notes:
-            from zcrelay.cli.common import log
-
-            log.debug("%s", note)
-        return ExitCode.OUTPUT_ERROR if outcome.failed else ExitCode.OK
-
-    # With a pipe on stdin the tee is one loop with nothing to schedule: it runs without trio
-    # (zcrelay.waits), which saves trio's import, most of a short run's CPU.
-    flow = Flow()
-    display = Display(show_progress(progress, (0, 1)), [("tee", flow, stdin_size(0))])
-    with display.ticking():
-        code = run(main, with_trio=needs_trio(0))
-    if broken_pipe:
-        # As GNU tee without --output-error: die of SIGPIPE, so `set -o pipefail` sees 141.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGPIPE)
-    return code
+    return run_pipeline_tee(files or (), append, mode, size, progress)
