@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from zcrelay import syscalls, waits
 from zcrelay.errors import OutOfResources, SpliceRefused, translate

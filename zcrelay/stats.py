@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from collections.abc import Callable
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ import os
 import select
 import stat
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from zcrelay import syscalls
 from zcrelay.errors import StreamError, translate

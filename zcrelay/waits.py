@@ -17,14 +17,15 @@ import math
 import select
 import time
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from types import ModuleType
 
 _BLOCKING = contextvars.ContextVar("zcrelay_blocking", default=False)
 _DEADLINE = contextvars.ContextVar("zcrelay_deadline", default=math.inf)  # time.monotonic()
-_trio_module: Any = None  # trio, once a trio wait has been made
+_trio_module: ModuleType | None = None  # trio, once a trio wait has been made
 
 
-def _trio() -> Any:
+def _trio() -> ModuleType:
     global _trio_module
     if _trio_module is None:
         import trio
@@ -110,7 +111,7 @@ class Scope:
 
 
 @contextmanager
-def move_on_after(seconds: float) -> Iterator[Any]:
+def move_on_after(seconds: float) -> Iterator[object]:
     """trio.move_on_after in a trio run; in blocking mode, a deadline for the waits inside.
     Check `scope.cancelled_caught` after the block."""
     if not _BLOCKING.get():
@@ -135,7 +136,7 @@ def blocking() -> bool:
     return _BLOCKING.get()
 
 
-def run_blocking(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+def run_blocking(fn: Callable[..., Awaitable[object]], *args: object) -> object:
     """Run the coroutine function `fn(*args)` to completion without an event loop: every wait
     blocks. `fn` must await nothing but the waits above (a trio call would suspend, which
     raises RuntimeError here rather than hang)."""

@@ -13,12 +13,15 @@ import os
 import re
 import signal
 import sys
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from zcrelay.addresses import Address, AddressError, parse
 from zcrelay.errors import BindError, ConnectError, ZcrelayError
 from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from zcrelay.addresses import Address
 
 PROG = "zcrelay"
 log = logging.getLogger("zcrelay")
@@ -42,6 +45,8 @@ def size_option(value: str | None) -> int | None:
 
 
 def address(text: str, *, listen: bool) -> Address:
+    from zcrelay.addresses import AddressError, parse
+
     try:
         return parse(text, listen=listen)
     except AddressError as exc:

@@ -9,12 +9,12 @@ import stat
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from zcrelay.stats import Flow
 
 
-def show_progress(option: Optional[bool], data_fds: tuple[int, ...] = ()) -> bool:
+def show_progress(option: bool | None, data_fds: tuple[int, ...] = ()) -> bool:
     """--progress/--no-progress if given; else on when stderr is a terminal and none of
     `data_fds` (the stdio a command moves data on) is one: a display redrawn over received
     data or typed input would garble both (`zcrelay connect HOST:PORT` in a terminal)."""
@@ -32,7 +32,7 @@ def _isatty(fd: int) -> bool:
         return False
 
 
-def stdin_size(fd: int = 0) -> Optional[int]:
+def stdin_size(fd: int = 0) -> int | None:
     """What is left to read of `fd` when it is a regular file (a progress total), else None."""
     try:
         st = os.fstat(fd)
@@ -47,7 +47,7 @@ class Display:
     """The rich progress display on stderr (never stdout): refreshed by a trio task (`refresh`)
     in a trio run, or by a thread (`ticking`) while a command without trio blocks."""
 
-    def __init__(self, enabled: bool, rows: list[tuple[str, Flow, Optional[int]]]) -> None:
+    def __init__(self, enabled: bool, rows: list[tuple[str, Flow, int | None]]) -> None:
         self.enabled = enabled
         self.rows = rows
         self._progress = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from zcrelay.cli.common import error, parse_size, run, setup_logging
 from zcrelay.cli.progress import Display, show_progress, stdin_size
@@ -27,7 +27,7 @@ PIPE_SIZE = "1M"  # --pipe-size's default
 APPEND_FLAGS = ("--append", "-a")
 
 
-def plain_tee(args: Sequence[str]) -> Optional[tuple[list[str], bool]]:
+def plain_tee(args: Sequence[str]) -> tuple[list[str], bool] | None:
     """(FILEs, append) if `args` (the command line after the program name) is `tee` followed
     only by FILE operands and -a/--append; None for anything else, which typer parses."""
     if not args or args[0] != "tee" or any(name.startswith("_ZCRELAY_COMPLETE") for name in os.environ):
@@ -49,8 +49,8 @@ def main(files: Sequence[str], append: bool) -> ExitCode:
     return run_pipeline_tee(files, append, None, parse_size(PIPE_SIZE), None)
 
 
-def run_pipeline_tee(files: Sequence[str], append: bool, output_error: Optional[str], pipe_size: int,
-                     progress: Optional[bool]) -> ExitCode:
+def run_pipeline_tee(files: Sequence[str], append: bool, output_error: str | None, pipe_size: int,
+                     progress: bool | None) -> ExitCode:
     """Copy stdin to stdout and to each FILE; `output_error` is a valid mode or None (the
     default). Logging is set up by the caller."""
     from zcrelay.tee import DEFAULT, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, needs_trio, run_tee
