@@ -1016,6 +1016,10 @@ def versions() -> list[tuple[str, str]]:
         ("iperf3", first(["iperf3", "--version"])),
         ("curl", first(["curl", "--version"], r"curl \S+")),
         ("strace", first(["strace", "-V"])),
+        ("pv (send, tee)", first(["pv", "--version"], r"pv \S+")),
+        ("GNU tee (tee)", first(["tee", "--version"])),
+        ("nc (send)", first(["dpkg-query", "-W", "-f", "${Package} ${Version}", "netcat-openbsd"])
+         if shutil.which("nc") else "not installed"),
     ]
 
 
