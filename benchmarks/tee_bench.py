@@ -109,8 +109,14 @@ def measure(sizes: list[float], repeat: int, out: str | None = None, log=None) -
                     xs = {"zcrelay tee": zc + [dest], "GNU tee": ["tee", dest], "cat": ["cat"]}
                     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in xs}
                     for r in range(repeat):
-                        for name, x in xs.items():
-                            samples[name].append(run_one(x, src, ROOT))
+                        # Each round starts with the next tool, so no tool always follows the
+                        # same one or always goes first: on these VMs a write into memory the
+                        # host has not backed yet can cost 5x a later one (TEE.md, tenth
+                        # session), and in a fixed order the first round's share of it always
+                        # fell on zcrelay.
+                        names = list(xs)[r % len(xs):] + list(xs)[:r % len(xs)]
+                        for name in names:
+                            samples[name].append(run_one(xs[name], src, ROOT))
                             if dest != "/dev/null":
                                 Path(dest).unlink(missing_ok=True)
                             log(f"tee {gib:g} GiB OUT={out_name} {name} round {r + 1}: {samples[name][-1][0]:.2f} s")
