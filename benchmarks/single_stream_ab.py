@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Single-stream A/B: many short interleaved iperf3 rounds, each relay's ratio to HAProxy-splice
+taken within each round, with a second HAProxy-splice as an A/A control.
+
+`run.py` measures one stream 3 times per relay. On this project's 2-core VMs a relay's rate moves
+by 20-40% from one 5 s round to the next, so 3 rounds cannot tell relays within 10% of each other
+apart. This script runs N rounds (every relay, both directions, in turn) and prints, per relay,
+the median of its per-round ratios to HAProxy-splice and their range. The A/A row, an identical
+HAProxy-splice in the same rounds, shows how far the measurement alone moves a ratio that is
+1.0 by construction. A benchmark, not a test: exit 0 whatever the ratios.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/single_stream_ab.py [--rounds 16] [--seconds 3]
+        [--relays zcrelay splice-floor ...] [--no-control]
+
+Relays are run.py's names (zcrelay, zcrelay-nosplice, socat, splice-floor, ...). Needs iperf3 and
+haproxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import forward_bench as fb  # noqa: E402
+import run  # noqa: E402
+
+REFERENCE = "haproxy-splice"
+CONTROL = "haproxy-splice-again"  # the A/A control: a second, identical HAProxy-splice
+
+
+def specs(names: list[str], control: bool) -> list[fb.RelaySpec]:
+    by_name = {r.name: r for r in run.RELAYS}
+    out = [fb.RelaySpec(REFERENCE, ("haproxy",), by_name[REFERENCE].launch)]
+    if control:
+        out.append(fb.RelaySpec(CONTROL, ("haproxy",), by_name[REFERENCE].launch))
+    for name in names:
+        relay = by_name[name]
+        out.append(fb.RelaySpec(name, relay.needs, relay.launch))
+    return out
+
+
+def report(results: list[fb.Measurement], names: list[str]) -> list[str]:
+    # run_all records every run, failed ones too, round by round: the k-th run of a relay and
+    # direction ran in the same round as the k-th run of the reference.
+    by: dict[tuple[str, str], list[fb.Measurement]] = {}
+    for m in results:
+        by.setdefault((m.relay, m.direction), []).append(m)
+    lines = []
+    for direction in fb.DIRECTIONS:
+        reference = by.get((REFERENCE, direction), [])
+        for name in names:
+            pairs = [(m, ref) for m, ref in zip(by.get((name, direction), []), reference)
+                     if m.ok and ref.ok]
+            label = f"{fb.direction_label(direction):10} {name:24}"
+            if not pairs:
+                lines.append(f"{label} no result")
+                continue
+            ratios = [m.bits_per_second / ref.bits_per_second for m, ref in pairs]
+            gbits = statistics.median(m.bits_per_second for m, _ in pairs) / 1e9
+            cpu = [m.cpu_per_gb for m, _ in pairs if m.cpu_per_gb is not None]
+            cpu_text = f"{statistics.median(cpu):.3f}" if cpu else "-"
+            lines.append(f"{label} {gbits:6.2f} Gbit/s  CPU-s/GB {cpu_text:>5}  per-round ratio to "
+                         f"{REFERENCE}: median {statistics.median(ratios):.2f}, "
+                         f"range {min(ratios):.2f}-{max(ratios):.2f} (n={len(ratios)})")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--relays", nargs="+", default=["zcrelay"],
+                        choices=[r.name for r in run.RELAYS if r.launch is not None and r.name != REFERENCE])
+    parser.add_argument("--no-control", action="store_true", help="leave out the A/A HAProxy")
+    args = parser.parse_args()
+    chosen = specs(args.relays, not args.no_control)
+    skipped: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="zc-ab-") as workdir:
+            results = fb.run_all(chosen, args.seconds, args.rounds, Path(workdir), skipped)
+    except KeyboardInterrupt:
+        return 130
+    for line in skipped:
+        print(f"skipped: {line}")
+    print("\n".join(report(results, [s.name for s in chosen])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
