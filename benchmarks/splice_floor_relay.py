@@ -8,7 +8,7 @@ relay that keeps its payload on splice(2) can make from Python: a level-triggere
 no EAGAIN drain and no re-arming epoll_ctl), one splice from the source into the direction's
 own pipe and one out of it. Nothing else: no pool (two pipes per connection for its whole
 life), no counters, no timeouts, no half-close bound, no urgent data, no fallback, a blocking
-connect, and a stalled destination stalls every connection (it waits in poll(2) until the
+connect, and a stalled destination stalls every connection (it waits in select(2) until the
 pipe is empty). Whatever zcrelay's Python costs above this floor is what a leaner zcrelay
 could save; whatever this floor costs above HAProxy is out of reach of any Python relay that
 splices.
