@@ -52,6 +52,16 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, accepted
 
 
+def _four_sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """(c, a, b, s): the client c talks to a, b talks to the server s; the relay between a and
+    b owns non-blocking sockets, as zcrelay's are."""
+    c, a = _tcp_pair()
+    b, s = _tcp_pair()
+    for sock in (a, b):
+        sock.setblocking(False)
+    return c, a, b, s
+
+
 def _recv_exactly(sock: socket.socket, n: int) -> None:
     while n:
         n -= len(sock.recv(n))
@@ -84,10 +94,7 @@ class _OpCounter:
 
 
 def measure(pairs: int, opcodes: bool = False) -> dict:
-    c, a = _tcp_pair()
-    b, s = _tcp_pair()
-    for sock in (a, b):
-        sock.setblocking(False)
+    c, a, b, s = _four_sockets()
     ended = []
     reactor = Reactor(PipePool(size=1 << 20))
     up, down = Flow(), Flow()
@@ -148,10 +155,7 @@ def measure(pairs: int, opcodes: bool = False) -> dict:
 
 def measure_floor(pairs: int) -> float:
     """CPU µs per pair of the barest loop making the reactor's syscalls (see the docstring)."""
-    c, a = _tcp_pair()
-    b, s = _tcp_pair()
-    for sock in (a, b):
-        sock.setblocking(False)
+    c, a, b, s = _four_sockets()
     r, w = os.pipe2(os.O_CLOEXEC)
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
     epoll = select.epoll()

@@ -34,13 +34,11 @@ CONTROL = "haproxy-splice-again"  # the A/A control: a second, identical HAProxy
 
 def specs(names: list[str], control: bool) -> list[fb.RelaySpec]:
     by_name = {r.name: r for r in run.RELAYS}
-    out = [fb.RelaySpec(REFERENCE, ("haproxy",), by_name[REFERENCE].launch)]
+    labelled = [(REFERENCE, REFERENCE)]  # (the row's label, run.py's relay it runs)
     if control:
-        out.append(fb.RelaySpec(CONTROL, ("haproxy",), by_name[REFERENCE].launch))
-    for name in names:
-        relay = by_name[name]
-        out.append(fb.RelaySpec(name, relay.needs, relay.launch))
-    return out
+        labelled.append((CONTROL, REFERENCE))
+    labelled += [(name, name) for name in names]
+    return [fb.RelaySpec(label, by_name[name].needs, by_name[name].launch) for label, name in labelled]
 
 
 def report(results: list[fb.Measurement], names: list[str]) -> list[str]:
