@@ -491,3 +491,54 @@ def test_stdin_read_error_exits_with_input_error(tmp_path):
     assert r.returncode == 8, r.stderr
     assert b"standard input: Input/output error" in r.stderr
     assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+def test_devnull_output_takes_no_private_pipe(tmp_path, monkeypatch, with_file):
+    """In-process: a /dev/null output is classified NULL and gets no copy of the rounds (no
+    private pipe, no tee into one): the round leaves the source into the consumer file or our
+    own /dev/null, once. The lead (a pipe) and the file still get every byte, in order."""
+    import threading
+
+    from zcrelay import syscalls, tee as teemod, teeing
+    from zcrelay.waits import run_blocking
+
+    null = teemod.open_output(os.devnull, False)
+    assert null.kind == teeing.NULL
+    sinks = [null]
+    if with_file:
+        sinks.append(teemod.open_output(str(tmp_path / "f"), False))
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    sinks.insert(0, teeing.Sink(out_w, "standard output", teeing.classify(out_w)))
+    privates, tees = [], []
+    real_private, real_tee = teeing._private_pipe, syscalls.tee
+    monkeypatch.setattr(teeing, "_private_pipe", lambda size: privates.append(size) or real_private(size))
+    monkeypatch.setattr(syscalls, "tee", lambda *a: tees.append(a[1]) or real_tee(*a))
+    data = os.urandom(3 << 20)  # three times the source pipe: several rounds
+    r, w = os.pipe2(os.O_CLOEXEC)
+    got = bytearray()
+
+    def write():
+        os.write(w, data)
+        os.close(w)
+
+    def read():
+        while chunk := os.read(out_r, 1 << 20):
+            got.extend(chunk)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    try:
+        result = run_blocking(teeing.tee_pipeline, r, sinks, lambda s, e: pytest.fail(f"{s.name}: {e}"))
+    finally:
+        os.close(out_w)
+        for thread in threads:
+            thread.join(30)
+        for fd in (r, out_r, *(s.fd for s in sinks[1:])):
+            os.close(fd)
+    assert result.bytes == len(data) and bytes(got) == data
+    assert privates == [] and set(tees) == {out_w}  # only the lead was tee'd into
+    assert null.written == len(data)
+    if with_file:
+        assert (tmp_path / "f").read_bytes() == data

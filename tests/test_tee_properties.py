@@ -5,7 +5,7 @@ The tee loop is where this can go wrong: each round is decided by what the lead 
 pipe) takes, copied into private pipes for the other outputs, and consumed by one regular
 file, and the pipes' capacity is counted in page slots, not bytes. So the input here is cut
 into writes of 1 byte to 300 KB, stdin's pipe is one page, 64 KiB or 1 MiB, stdout is a pipe
-(the lead), a regular file or /dev/null, there are 0 to 3 FILEs, and `-a` keeps what the
+(the lead), a regular file or /dev/null, there are 0 to 3 FILEs and 0 to 2 /dev/null FILEs, and `-a` keeps what the
 FILEs held. `run_tee` runs in process on real pipes: with stdin a pipe it runs with blocking
 waits (zcrelay.waits, no trio), as the CLI runs it; with stdin a regular file, under trio,
 with a task feeding our pipe.
@@ -33,9 +33,9 @@ writes = st.lists(st.integers(min_value=1, max_value=300_000), min_size=0, max_s
 @PROPERTY_SETTINGS
 @given(sizes=writes, seed=st.integers(0, 2**32), stdin_size=st.sampled_from(traffic.PIPE_SIZES),
        stdout_kind=st.sampled_from(("pipe", "file", "devnull")), files=st.integers(0, 3),
-       append=st.booleans(), pipe_size=st.sampled_from(traffic.PIPE_SIZES))
+       nulls=st.integers(0, 2), append=st.booleans(), pipe_size=st.sampled_from(traffic.PIPE_SIZES))
 def test_every_output_gets_the_input(tmp_path_factory, sizes, seed, stdin_size, stdout_kind, files,
-                                     append, pipe_size):
+                                     nulls, append, pipe_size):
     tmp = tmp_path_factory.mktemp("tee")
     data = traffic.payload(seed, "tee", sum(sizes))
     prefix = b"kept by -a\n"
@@ -58,7 +58,10 @@ def test_every_output_gets_the_input(tmp_path_factory, sizes, seed, stdin_size, 
         threads.append(threading.Thread(target=traffic.read_to_eof, args=(stdout_r, got)))
     for thread in threads:
         thread.start()
-    config = TeeConfig(files=tuple(str(p) for p in paths), append=append, pipe_size=pipe_size)
+    # /dev/null FILEs (which take no part in a round) among the others, first or last
+    names = [str(p) for p in paths]
+    names = [os.devnull] * (nulls - nulls // 2) + names + [os.devnull] * (nulls // 2)
+    config = TeeConfig(files=tuple(names), append=append, pipe_size=pipe_size)
     flow = Flow()
     try:
         try:

@@ -38,7 +38,9 @@ log = logging.getLogger("zcrelay")
 
 PIPE = "pipe"  # a FIFO: can be the lead of a round
 FILE = "file"  # a regular file: written at an offset, can be the consumer
+NULL = "null"  # /dev/null: takes no part in a round (what the source gives up goes nowhere anyway)
 OTHER = "other"  # a character device, socket...: gets a private pipe and a splice pump
+_DEVNULL = os.makedev(1, 3)  # Linux's /dev/null (Documentation/admin-guide/devices.txt)
 
 
 @dataclass(eq=False)
@@ -67,12 +69,15 @@ class Sink:
 
 
 def classify(fd: int) -> str:
-    """PIPE, FILE or OTHER for an open fd (fstat)."""
-    mode = os.fstat(fd).st_mode
+    """PIPE, FILE, NULL or OTHER for an open fd (fstat)."""
+    st = os.fstat(fd)
+    mode = st.st_mode
     if stat.S_ISFIFO(mode):
         return PIPE
     if stat.S_ISREG(mode):
         return FILE
+    if stat.S_ISCHR(mode) and st.st_rdev == _DEVNULL:
+        return NULL
     return OTHER
 
 
@@ -112,17 +117,21 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 result.stopped = "no-outputs"
                 await checkpoint()
                 return result
+            lead = _lead(live)
+            consumer = _consumer(live, lead)
+            # A /dev/null output needs no copy of the round: the round leaves the source into
+            # the consumer or into our own /dev/null fd anyway. Tee'ing it into a private
+            # pipe only to splice it away doubled the work of `tee /dev/null` (benchmarks/TEE.md).
+            others = [s for s in live if s is not lead and s is not consumer and s.kind != NULL]
             # The source pipe can grow under us (an upstream F_SETPIPE_SZ on a shared pipe);
             # a private pipe smaller than it could not take a whole round. The private pipes
-            # are empty here, so they can be replaced.
-            size = syscalls.pipe_size(src)
+            # are empty here, so they can be replaced. Without private pipes the size does not
+            # matter, and the fcntl is skipped.
+            size = syscalls.pipe_size(src) if others else src_size
             if size > src_size:
                 src_size = size
                 for sink in sinks:
                     sink.drop_pipe()
-            lead = _lead(live)
-            consumer = _consumer(live, lead)
-            others = [s for s in live if s is not lead and s is not consumer]
             for sink in others:
                 if sink.pipe is None:
                     sink.pipe = _private_pipe(src_size)
@@ -148,7 +157,7 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
             if flow is not None:
                 flow.add_spliced(n)
             # 2. the same n bytes into every other private pipe
-            size = syscalls.pipe_size(src)
+            size = syscalls.pipe_size(src) if others else src_size
             if size > src_size:  # grew since the top of the round: the round may be larger
                 src_size = size
                 for sink in others:
@@ -164,6 +173,9 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 sink.pipe.held = n
             # 3. consume the round from the source
             await _consume(src, n, consumer, devnull, on_error)
+            for sink in live:
+                if sink.kind == NULL:
+                    sink.written += n
             # 4. empty the private pipes into their outputs
             for sink in others:
                 if sink.live:
