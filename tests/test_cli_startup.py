@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import zcrelay_argv, zcrelay_env
+from zcrelay.exitcodes import ExitCode
 
 
 def run_importtime(*args: str, data: bytes | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -116,6 +117,7 @@ def test_plain_tee_is_what_typer_parses(words):
     import typer
 
     from zcrelay.cli import load, teepipe
+    from zcrelay.cli.common import parse_size
 
     plain = teepipe.plain_tee(["tee", *words])
     if plain is None:
@@ -126,6 +128,7 @@ def test_plain_tee_is_what_typer_parses(words):
     params = command.make_context("tee", list(words)).params
     assert params == {"files": tuple(files), "append": append, **PLAIN_TEE_DEFAULTS}
     assert teepipe.PIPE_SIZE == PLAIN_TEE_DEFAULTS["pipe_size"]
+    assert teepipe.PIPE_SIZE_BYTES == parse_size(teepipe.PIPE_SIZE)
 
 
 def test_plain_tee_leaves_other_command_lines_to_typer(monkeypatch):
@@ -149,8 +152,23 @@ def test_plain_tee_runs_without_typer(tmp_path, options, typer_wanted):
     proc, modules = run_importtime("tee", *options, str(tmp_path / "a"), str(tmp_path / "b"), data=data)
     assert "zcrelay.tee" in modules  # the probe works
     assert ("typer" in modules) == typer_wanted
+    if not typer_wanted:  # nothing is logged: logging is not imported (zcrelay.logs), nor socket
+        assert not {"logging", "socket"} & modules
     want = hashlib.sha256(data).hexdigest()
     assert hashlib.sha256(proc.stdout).hexdigest() == want
     assert hashlib.sha256((tmp_path / "a").read_bytes()).hexdigest() == want
     kept = b"kept" if "-a" in options else b""
     assert hashlib.sha256((tmp_path / "b").read_bytes()).hexdigest() == hashlib.sha256(kept + data).hexdigest()
+
+
+def test_plain_tee_logs_an_output_error_without_importing_logging_first(tmp_path):
+    """The fast path sets logging up lazily (zcrelay.logs): an output error, the first thing
+    it logs, still comes out as one 'zcrelay: ' line on stderr, the other outputs get every
+    byte, and the exit code says an output failed."""
+    data = os.urandom(1 << 20)
+    missing = tmp_path / "no-such-dir" / "x"
+    proc = subprocess.run(zcrelay_argv("tee", str(missing), str(tmp_path / "a")), input=data,
+                          capture_output=True, env=zcrelay_env(), timeout=60)
+    assert proc.returncode == ExitCode.OUTPUT_ERROR, proc.stderr
+    assert proc.stderr.decode() == f"zcrelay: {missing}: No such file or directory\n"
+    assert proc.stdout == data and (tmp_path / "a").read_bytes() == data

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from collections.abc import Awaitable, Callable
 
 from zcrelay import syscalls, waits
@@ -220,6 +219,8 @@ async def connect(sock: socket.socket, sockaddr) -> None:
     Raises OSError with the connect's errno (ECONNREFUSED...). The caller owns `sock` and closes
     it on failure or cancellation.
     """
+    import socket  # here: `zcrelay tee` imports this module and never connects
+
     err = sock.connect_ex(sockaddr)
     delay = 0.0
     while err == errno.EAGAIN and sock.family == socket.AF_UNIX:

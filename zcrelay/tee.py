@@ -6,18 +6,16 @@ exits: diagnostics go to the "zcrelay" logger and the outcome is returned.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from dataclasses import dataclass, field
 
 from zcrelay import syscalls, teeing
 from zcrelay.errors import StreamError, ZcrelayError
+from zcrelay.logs import log
 from zcrelay.excgroups import BaseExceptionGroup, first_error
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
-
-log = logging.getLogger("zcrelay")
 
 # GNU tee's modes (coreutils tee.c). DEFAULT is GNU's behaviour without --output-error: an
 # error writing to a pipe ends the command at once, as SIGPIPE would; errors on other outputs

@@ -20,7 +20,6 @@ each round, after which the round is consumed from the source by one splice. A r
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import stat
@@ -33,8 +32,6 @@ from zcrelay.mover import COPY_BUFSIZE, DESTINATION, SOURCE, write_all
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow
 from zcrelay.waits import checkpoint, wait_readable, wait_writable
-
-log = logging.getLogger("zcrelay")
 
 PIPE = "pipe"  # a FIFO: can be the lead of a round
 FILE = "file"  # a regular file: written at an offset, can be the consumer

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,19 +16,21 @@ from collections.abc import Awaitable, Callable
 from zcrelay.errors import BindError, ConnectError, ZcrelayError
 from zcrelay.excgroups import first_error
 from zcrelay.exitcodes import ExitCode
+from zcrelay.logs import configure, log
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from zcrelay.addresses import Address
 
 PROG = "zcrelay"
-log = logging.getLogger("zcrelay")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
     """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same)."""
+    import re  # here, not at the top: `zcrelay tee FILE...` starts without it (zcrelay.logs)
+
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
     if not match:
         import typer
@@ -55,13 +55,10 @@ def address(text: str, *, listen: bool) -> Address:
         raise typer.BadParameter(str(exc)) from None
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
-    """Logs go to stderr as 'zcrelay: message'; stdout stays clean for data."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+def setup_logging(verbose: int, quiet: bool, *, lazy: bool = False) -> None:
+    """Logs go to stderr as 'zcrelay: message'; stdout stays clean for data. `lazy`: import
+    logging at the first message (zcrelay.logs), for commands that start in pipelines."""
+    configure(verbose, quiet, lazy=lazy)
 
 
 def say(message: str) -> None:

@@ -18,12 +18,13 @@ import os
 import signal
 from collections.abc import Sequence
 
-from zcrelay.cli.common import error, parse_size, run, setup_logging
+from zcrelay.cli.common import error, run, setup_logging
 from zcrelay.cli.progress import Display, show_progress, stdin_size
 from zcrelay.exitcodes import ExitCode
 from zcrelay.stats import Flow
 
 PIPE_SIZE = "1M"  # --pipe-size's default
+PIPE_SIZE_BYTES = 1 << 20  # parse_size(PIPE_SIZE), without importing re at start-up
 APPEND_FLAGS = ("--append", "-a")
 
 
@@ -45,8 +46,8 @@ def plain_tee(args: Sequence[str]) -> tuple[list[str], bool] | None:
 
 def main(files: Sequence[str], append: bool) -> ExitCode:
     """`zcrelay tee [-a] FILE...` with every other option at its default."""
-    setup_logging(0, False)
-    return run_pipeline_tee(files, append, None, parse_size(PIPE_SIZE), None)
+    setup_logging(0, False, lazy=True)  # logging is imported only if something is logged
+    return run_pipeline_tee(files, append, None, PIPE_SIZE_BYTES, None)
 
 
 def run_pipeline_tee(files: Sequence[str], append: bool, output_error: str | None, pipe_size: int,
