@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,18 +109,26 @@ def measure(sizes: list[float], repeat: int, out: str | None = None, log=None) -
                 for out_name, dest in (("tmpfs", f"{where}/out"), ("/dev/null", "/dev/null")):
                     xs = {"zcrelay tee": zc + [dest], "GNU tee": ["tee", dest], "cat": ["cat"]}
                     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in xs}
+                    if dest != "/dev/null":
+                        # OUT is written once, untimed, and then overwritten in place by each
+                        # run (both tees open it with O_TRUNC), never removed between runs: the
+                        # pages a run frees at its open are the ones it writes into at once.
+                        # These VMs hand free guest memory back to the host about 2 s after it
+                        # is freed (virtio-balloon free page reporting), and the next write into
+                        # it can cost a host fault per page: in one test 4 GiB into a tmpfs took
+                        # 5.0-5.4 s that way against 1.7 s into memory just freed (TEE.md,
+                        # eleventh session). When OUT was removed after each run, the tool that ran
+                        # after cat always wrote into memory freed seconds before, and in the
+                        # rotation below that tool was always zcrelay.
+                        shutil.copyfile(src, dest)
                     for r in range(repeat):
-                        # Each round starts with the next tool, so no tool always follows the
-                        # same one or always goes first: on these VMs a write into memory the
-                        # host has not backed yet can cost 5x a later one (TEE.md, tenth
-                        # session), and in a fixed order the first round's share of it always
-                        # fell on zcrelay.
+                        # Each round starts with the next tool, so no tool always goes first.
                         names = list(xs)[r % len(xs):] + list(xs)[:r % len(xs)]
                         for name in names:
                             samples[name].append(run_one(xs[name], src, ROOT))
-                            if dest != "/dev/null":
-                                Path(dest).unlink(missing_ok=True)
                             log(f"tee {gib:g} GiB OUT={out_name} {name} round {r + 1}: {samples[name][-1][0]:.2f} s")
+                    if dest != "/dev/null":
+                        Path(dest).unlink()
                     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                            for k, v in samples.items()}
                     gb = size / 1e9
