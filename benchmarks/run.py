@@ -682,7 +682,7 @@ def tool_tables(res: Results) -> list[tuple[str, str]]:
                     "\n".join([intro, ""] + [line.replace("### ", "#### ") for line in body]).rstrip()))
     if res.tee_rows:
         out.append(("zcrelay tee (issue 4): `pv -q FILE | X | pv -q >/dev/null`, median of the rounds",
-                    "CPU is X's own (user+system, from wait4); throughput is the pipeline's wall "
+                    "CPU is X's own (user+system, bash's `times` after X); throughput is the pipeline's wall "
                     "time, zcrelay's start-up included.\n\n" + tee_bench.render(res.tee_rows, True)))
     return out
 
