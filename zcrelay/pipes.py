@@ -10,7 +10,6 @@ intact (shared/SPLICE.md, HAProxy's put_pipe in src/pipe.c, Go's putPipe):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from zcrelay import syscalls
@@ -49,13 +48,17 @@ class Pipe:
         return f"Pipe(r={self.r}, w={self.w}, size={self.size}, held={self.held})"
 
 
-@dataclass
 class PoolStats:
-    created: int = 0
-    destroyed_dirty: int = 0  # destroyed because they still held bytes
+    __slots__ = ("created", "destroyed_dirty")
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.destroyed_dirty = 0  # destroyed because they still held bytes
+
+    def __repr__(self) -> str:
+        return f"PoolStats(created={self.created}, destroyed_dirty={self.destroyed_dirty})"
 
 
-@dataclass
 class PipePool:
     """Hands out pipes of one requested size and keeps at most `max_idle` empty ones.
 
@@ -64,24 +67,30 @@ class PipePool:
     flight plus `max_idle`, not by the number of connections.
 
     The kernel may give less than asked (pipe-max-size, the per-user page budget). The first
-    shortfall of each kind is passed to `on_notice` once, never silently.
+    shortfall of each kind is passed to `on_notice` once, never silently. (Written out, not a
+    dataclass: see zcrelay.stats.)
     """
 
-    size: int | None = 1 << 20
-    max_idle: int = 16
-    on_notice: Callable[[str], None] | None = None
-    limits: syscalls.PipeLimits = field(default_factory=syscalls.read_pipe_limits)
-    stats: PoolStats = field(default_factory=PoolStats)
-    granted: int | None = None  # size of the last pipe the kernel gave
-    # Empty pipes ready to be handed out. zcrelay.reactor pops from here itself (get's common
-    # case, once per message); pipes come back through put, which alone decides what is kept.
-    spare: list[Pipe] = field(default_factory=list, repr=False)
-    _noticed: set[str] = field(default_factory=set)
-    _keep_from: int = field(default=0, init=False, repr=False)  # smaller pipes (the kernel's budget ran short) are not pooled
+    def __init__(self, size: int | None = 1 << 20, max_idle: int = 16,
+                 on_notice: Callable[[str], None] | None = None,
+                 limits: syscalls.PipeLimits | None = None) -> None:
+        self.size = size
+        self.max_idle = max_idle
+        self.on_notice = on_notice
+        self.limits = limits if limits is not None else syscalls.read_pipe_limits()
+        self.stats = PoolStats()
+        self.granted: int | None = None  # size of the last pipe the kernel gave
+        # Empty pipes ready to be handed out. zcrelay.reactor pops from here itself (get's
+        # common case, once per message); pipes come back through put, which alone decides
+        # what is kept.
+        self.spare: list[Pipe] = []
+        self._noticed: set[str] = set()
+        # Smaller pipes than this (the kernel's budget ran short) are not pooled.
+        self._keep_from = min(size, self.limits.max_size) if size else 0
 
-    def __post_init__(self) -> None:
-        if self.size:
-            self._keep_from = min(self.size, self.limits.max_size)
+    def __repr__(self) -> str:
+        return (f"PipePool(size={self.size}, max_idle={self.max_idle}, idle={len(self.spare)}, "
+                f"granted={self.granted}, stats={self.stats!r})")
 
     def get(self) -> Pipe:
         """An empty pipe: a pooled one, or a new one (OSError such as EMFILE propagates)."""

@@ -1,13 +1,18 @@
-"""Byte counters for one direction of a stream, and totals over many. No trio here."""
+"""Byte counters for one direction of a stream, and totals over many. No trio here.
+
+Why the classes here (and those of zcrelay.pipes, zcrelay.tee, zcrelay.teeing) are written out
+rather than dataclasses: they are on `zcrelay tee`'s start-up path, and importing dataclasses
+(which imports inspect, ast, dis and re) and building the classes cost 15 ms of CPU, over a
+third of the tee's start-up in a shell pipeline (benchmarks/TEE.md, eleventh session).
+tests/test_cli_startup.py checks that the plain tee does not import it.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, fields
 from collections.abc import Callable
 
 
-@dataclass(slots=True)
 class Flow:
     """What crossed one direction of a stream, and how.
 
@@ -16,11 +21,26 @@ class Flow:
     every chunk with the byte count (activity tracking, progress).
     """
 
-    spliced: int = 0
-    copied: int = 0
-    fallback: str | None = None
-    end: str | None = None
-    on_bytes: Callable[[int], None] | None = None
+    __slots__ = ("spliced", "copied", "fallback", "end", "on_bytes")
+
+    def __init__(self, spliced: int = 0, copied: int = 0, fallback: str | None = None,
+                 end: str | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.spliced = spliced
+        self.copied = copied
+        self.fallback = fallback
+        self.end = end
+        self.on_bytes = on_bytes
+
+    def __repr__(self) -> str:
+        return (f"Flow(spliced={self.spliced}, copied={self.copied}, fallback={self.fallback!r}, "
+                f"end={self.end!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Flow):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in Flow.__slots__)
+
+    __hash__ = None  # mutable, compared by value
 
     @property
     def bytes(self) -> int:
@@ -37,18 +57,23 @@ class Flow:
             self.on_bytes(n)
 
 
-@dataclass
 class Totals:
     """Running totals over every finished stream of a relay."""
 
-    connections: int = 0
-    active: int = 0
-    up: int = 0
-    down: int = 0
-    spliced: int = 0
-    copied: int = 0
-    fallbacks: Counter = field(default_factory=Counter)
-    closes: Counter = field(default_factory=Counter)
+    FIELDS = ("connections", "active", "up", "down", "spliced", "copied", "fallbacks", "closes")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.active = 0
+        self.up = 0
+        self.down = 0
+        self.spliced = 0
+        self.copied = 0
+        self.fallbacks: Counter = Counter()
+        self.closes: Counter = Counter()
+
+    def __repr__(self) -> str:
+        return "Totals(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS) + ")"
 
     def add(self, up: Flow, down: Flow, close: str) -> None:
         self.connections += 1
@@ -63,17 +88,17 @@ class Totals:
 
     def record(self) -> dict:
         """Every field, as JSON takes it (zcrelay.cli.workers sends a worker's totals so)."""
-        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v
-                for f in fields(self)}
+        return {name: dict(v) if isinstance(v := getattr(self, name), Counter) else v
+                for name in self.FIELDS}
 
     def merge(self, record: dict) -> None:
         """Add another relay's `record()` to these totals."""
-        for f in fields(self):
-            mine = getattr(self, f.name)
+        for name in self.FIELDS:
+            mine = getattr(self, name)
             if isinstance(mine, Counter):
-                mine.update(record[f.name])
+                mine.update(record[name])
             else:
-                setattr(self, f.name, mine + record[f.name])
+                setattr(self, name, mine + record[name])
 
     @property
     def spliced_ratio(self) -> float:

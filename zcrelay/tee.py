@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from zcrelay import syscalls, teeing
 from zcrelay.errors import StreamError, ZcrelayError
@@ -24,12 +24,10 @@ DEFAULT = "default"
 MODES = ("warn", "warn-nopipe", "exit", "exit-nopipe")
 
 
-@dataclass(frozen=True)
-class TeeConfig:
-    files: tuple[str, ...]
-    append: bool = False
-    output_error: str = DEFAULT
-    pipe_size: int = 1 << 20
+# What `zcrelay tee` was asked: FILEs, -a, --output-error, --pipe-size. A named tuple, not a
+# frozen dataclass, as the classes below are written out: see zcrelay.stats.
+TeeConfig = namedtuple("TeeConfig", ("files", "append", "output_error", "pipe_size"),
+                       defaults=(False, DEFAULT, 1 << 20))
 
 
 class BrokenPipeExit(ZcrelayError):
@@ -44,11 +42,16 @@ class InputError(ZcrelayError):
     """Reading standard input failed (EIO, EISDIR...): the CLI exits with INPUT_ERROR."""
 
 
-@dataclass
 class TeeOutcome:
-    bytes: int = 0
-    failed: list[str] = field(default_factory=list)  # diagnosed output errors
-    notes: list[str] = field(default_factory=list)  # how stdin/outputs were handled (for -v)
+    __slots__ = ("bytes", "failed", "notes")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.failed: list[str] = []  # diagnosed output errors
+        self.notes: list[str] = []  # how stdin/outputs were handled (for -v)
+
+    def __repr__(self) -> str:
+        return f"TeeOutcome(bytes={self.bytes}, failed={self.failed!r}, notes={self.notes!r})"
 
 
 def _is_pipe_error(sink: teeing.Sink, exc: StreamError) -> bool:

@@ -23,7 +23,6 @@ import errno
 import os
 import select
 import stat
-from dataclasses import dataclass
 from collections.abc import Callable
 
 from zcrelay import syscalls
@@ -40,20 +39,27 @@ OTHER = "other"  # a character device, socket...: gets a private pipe and a spli
 _DEVNULL = os.makedev(1, 3)  # Linux's /dev/null (Documentation/admin-guide/devices.txt)
 
 
-@dataclass(eq=False)
 class Sink:
     """One output of a pipeline tee. The caller opened `fd` and closes it; `pipe` (the private
-    pipe, if any) is owned by the tee loop and closed by it."""
+    pipe, if any) is owned by the tee loop and closed by it. (Written out, not a dataclass:
+    see zcrelay.stats.)"""
 
-    fd: int
-    name: str
-    kind: str
-    offset: int | None = None  # explicit file offset kept by us (no O_APPEND); None: the fd's own
-    copy: bool = False  # splice refused: write through user space (reported as a fallback)
-    fallback: str | None = None
-    written: int = 0
-    error: StreamError | None = None
-    pipe: Pipe | None = None
+    __slots__ = ("fd", "name", "kind", "offset", "copy", "fallback", "written", "error", "pipe")
+
+    def __init__(self, fd: int, name: str, kind: str, offset: int | None = None) -> None:
+        self.fd = fd
+        self.name = name
+        self.kind = kind
+        self.offset = offset  # explicit file offset kept by us (no O_APPEND); None: the fd's own
+        self.copy = False  # splice refused: write through user space (reported as a fallback)
+        self.fallback: str | None = None
+        self.written = 0
+        self.error: StreamError | None = None
+        self.pipe: Pipe | None = None
+
+    def __repr__(self) -> str:
+        return (f"Sink(fd={self.fd}, name={self.name!r}, kind={self.kind!r}, written={self.written}, "
+                f"copy={self.copy}, error={self.error!r})")
 
     @property
     def live(self) -> bool:
@@ -89,11 +95,16 @@ def is_append(fd: int) -> bool:
 OnError = Callable[[Sink, StreamError], None]
 
 
-@dataclass
 class TeeResult:
-    bytes: int = 0  # read from the source
-    rounds: int = 0
-    stopped: str = "eof"  # eof | no-outputs
+    __slots__ = ("bytes", "rounds", "stopped")
+
+    def __init__(self) -> None:
+        self.bytes = 0  # read from the source
+        self.rounds = 0
+        self.stopped = "eof"  # eof | no-outputs
+
+    def __repr__(self) -> str:
+        return f"TeeResult(bytes={self.bytes}, rounds={self.rounds}, stopped={self.stopped!r})"
 
 
 async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flow | None = None) -> TeeResult:
