@@ -2,7 +2,7 @@
 
 Why: `zcrelay tee FILE...` runs inside shell pipelines, where its start-up is part of every run,
 and a tee that meets no error logs nothing. Importing logging (with traceback, string, weakref
-and threading) was about 7 ms of a 40 ms start-up (benchmarks/TEE.md, eleventh session). The
+and threading) was about 7 ms of a 48 ms start-up (benchmarks/TEE.md, eleventh session). The
 modules on that path log through `log` here. Every other module may call
 logging.getLogger("zcrelay") itself: it is the same logger, set up by `configure`.
 
