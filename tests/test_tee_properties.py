@@ -5,8 +5,8 @@ The tee loop is where this can go wrong: each round is decided by what the lead 
 pipe) takes, copied into private pipes for the other outputs, and consumed by one regular
 file, and the pipes' capacity is counted in page slots, not bytes. So the input here is cut
 into writes of 1 byte to 300 KB, stdin's pipe is one page, 64 KiB or 1 MiB, stdout is a pipe
-(the lead), a regular file or /dev/null, there are 0 to 3 FILEs and 0 to 2 /dev/null FILEs, and `-a` keeps what the
-FILEs held. `run_tee` runs in process on real pipes: with stdin a pipe it runs with blocking
+(the lead), a regular file or /dev/null, there are 0 to 3 FILEs and 0 to 2 /dev/null FILEs,
+and `-a` keeps what the FILEs held. `run_tee` runs in process on real pipes: with stdin a pipe it runs with blocking
 waits (zcrelay.waits, no trio), as the CLI runs it; with stdin a regular file, under trio,
 with a task feeding our pipe.
 """

@@ -11,8 +11,8 @@ from collections import namedtuple
 
 from zcrelay import syscalls, teeing
 from zcrelay.errors import StreamError, ZcrelayError
-from zcrelay.logs import log
 from zcrelay.excgroups import BaseExceptionGroup, first_error
+from zcrelay.logs import log
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.stats import Flow

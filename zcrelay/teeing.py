@@ -12,8 +12,10 @@ each round, after which the round is consumed from the source by one splice. A r
    count `n` is the round;
 2. every other output gets the same `n` bytes tee'd into its own private pipe, which is empty
    and at least as large as the source pipe, so tee(2) takes all `n` (a pipe's capacity is
-   counted in page slots, and `n` bytes of the source use at most the source's slots);
-3. the *consumer* (a regular file, or /dev/null) splices the `n` bytes out of the source;
+   counted in page slots, and `n` bytes of the source use at most the source's slots); an
+   output that is /dev/null gets nothing and is only counted;
+3. the *consumer* (a regular file, or else our own /dev/null fd) splices the `n` bytes out
+   of the source;
 4. each private pipe is spliced to its output.
 """
 
