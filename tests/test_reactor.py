@@ -56,8 +56,17 @@ async def _exchange(client_pair, server_pair, up_data: bytes, down_data: bytes, 
     return end, up, down
 
 
+def _warm(engine: Engine, warm: bool) -> Engine:
+    """With `warm`, the pool holds a spare pipe before the relay starts, as a busy relay's
+    does: a stream's first wake-up then takes the straight-through step of _step_splice."""
+    if warm:
+        engine.pool.put(engine.pool.get())
+    return engine
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS])
-async def test_source_refusing_splice_falls_back_to_copy_before_any_byte(monkeypatch, err):
+async def test_source_refusing_splice_falls_back_to_copy_before_any_byte(monkeypatch, err, warm):
     pairs = await _two_pairs()
     refused_fd = pairs[0][1].fileno()  # a: the up direction's source
     real = syscalls.splice_unchecked
@@ -68,7 +77,7 @@ async def test_source_refusing_splice_falls_back_to_copy_before_any_byte(monkeyp
         return real(src, dst, *args)
 
     monkeypatch.setattr(syscalls, "splice_unchecked", refuse_source)
-    engine = Engine(pool=PipePool(size=65536))
+    engine = _warm(Engine(pool=PipePool(size=65536)), warm)
     up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
     end, up, down = await _exchange(*pairs, up_data, down_data, engine)
     reason = f"splice refused on source ({errno.errorcode[err]})"
@@ -78,7 +87,8 @@ async def test_source_refusing_splice_falls_back_to_copy_before_any_byte(monkeyp
     assert down.fallback is None and down.spliced == len(down_data) and down.copied == 0
 
 
-async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch, warm):
     """The source gave a chunk into the pipe, then the destination refused splice: that chunk
     is written through user space first and the stream goes on copying, in order."""
     pairs = await _two_pairs()
@@ -91,7 +101,7 @@ async def test_destination_refusing_after_drain_keeps_every_byte(monkeypatch):
         return real(src, dst, *args)
 
     monkeypatch.setattr(syscalls, "splice_unchecked", refuse_destination)
-    engine = Engine(pool=PipePool(size=65536))
+    engine = _warm(Engine(pool=PipePool(size=65536)), warm)
     up_data, down_data = os.urandom(5 * MiB), os.urandom(MiB)
     end, up, down = await _exchange(*pairs, up_data, down_data, engine)
     assert up.fallback == "splice refused on destination (EINVAL)"
@@ -429,6 +439,147 @@ async def test_small_messages_wait_without_a_re_arm(monkeypatch):
                 assert await traffic.recv_exactly(client, 100) == message[::-1]
             nursery.cancel_scope.cancel()
     assert len(rearms) <= 2, rearms
+
+
+async def test_messages_delivered_in_parts_arrive_whole_and_in_order(monkeypatch):
+    """Each pump moves at most 97 bytes: a message the straight-through step drained is only
+    partly delivered, and the loop delivers the rest before the stream waits again. Messages
+    of 1 to 5,000 bytes each way, every one intact."""
+    engine = Engine(pool=PipePool(size=1 << 20))
+    (client, a), (b, server) = await _tcp_pairs()
+    sockets = {a.fileno(), b.fileno()}
+    real = syscalls.splice_unchecked
+    partial = []
+
+    def short_pumps(src, dst, count, *args):
+        if dst in sockets and count > 97:
+            partial.append(count)
+            count = 97
+        return real(src, dst, count, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", short_pumps)
+    rng = random.Random(7)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(a, b, engine, Flow(), Flow(), linger=10))
+            for size in [1, 97, 98, 255, 256, 1312, 5000] + [rng.randrange(1, 5000) for _ in range(20)]:
+                message = rng.randbytes(size)
+                await client.send(message)
+                assert await traffic.recv_exactly(server, size) == message
+                await server.send(message[::-1])
+                assert await traffic.recv_exactly(client, size) == message[::-1]
+            nursery.cancel_scope.cancel()
+    assert partial, "no pump was cut short"
+
+
+async def test_small_messages_into_a_full_destination_lose_nothing(monkeypatch):
+    """The client sends 1,000-byte messages, each stepped through the relay before the next,
+    while the server reads nothing: a drained message meets a full destination (a Unix socket
+    takes a message whole or not at all), and the stream waits for it to drain. Then the
+    server reads: 2 MiB in order, with the SHA-256 sent."""
+    waits = []
+    real_wait = Reactor._wait
+
+    def counting_wait(self, table, fd, s):
+        if table is self._writers:
+            waits.append(fd)
+        real_wait(self, table, fd, s)
+
+    monkeypatch.setattr(Reactor, "_wait", counting_wait)
+    engine = Engine(pool=PipePool(size=1 << 20))
+    (client, a), (b, server) = await _two_pairs()
+    data = os.urandom(2 * MiB)
+    got = {}
+
+    async def send():
+        for i in range(0, len(data), 1000):
+            await client.send(data[i:i + 1000])
+            if not waits:
+                await trio.testing.wait_all_tasks_blocked()
+        client.shutdown(socket.SHUT_WR)
+
+    async def receive():
+        while not waits:  # the relay's stream waits on the server's full socket
+            await trio.testing.wait_all_tasks_blocked()
+        got["server"] = await traffic.recv_all(server, random.Random(8))
+        server.shutdown(socket.SHUT_WR)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            nursery.start_soon(receive)
+            end = await relay(a, b, engine, Flow(), Flow(), linger=10)
+    assert got["server"] == (len(data), traffic.digest(data))
+    assert end.reason == "eof" and waits
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ECONNRESET])
+async def test_a_message_whose_delivery_fails_falls_back_or_ends_the_relay(monkeypatch, err):
+    """A small message, drained on a wake-up with a spare pipe at hand, meets an error on its
+    way out: a refusal before any byte left turns the stream to copying with the message
+    first (EINVAL), any other error ends the relay naming the destination (ECONNRESET)."""
+    engine = _warm(Engine(pool=PipePool(size=1 << 20)), True)
+    (client, a), (b, server) = await _tcp_pairs()
+    real = syscalls.splice_unchecked
+
+    def failing_pump(src, dst, *args):
+        if dst == b.fileno():
+            raise OSError(err, os.strerror(err))
+        return real(src, dst, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", failing_pump)
+    up = Flow()
+    with trio.fail_after(10):
+        ended = []
+        async with trio.open_nursery() as nursery:
+            async def relayed():
+                ended.append(await relay(a, b, engine, up, Flow(), linger=10))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(relayed)
+            await client.send(b"hello")
+            if err == errno.EINVAL:
+                assert await traffic.recv_exactly(server, 5) == b"hello"
+                assert up.fallback == "splice refused on destination (EINVAL)" and up.copied == 5
+                nursery.cancel_scope.cancel()
+    if err == errno.ECONNRESET:
+        assert ended[0].reason == "reset" and ended[0].side == "b", ended
+        assert engine.pool.stats.destroyed_dirty == 1  # the message's pipe held it
+
+
+@pytest.mark.parametrize("found", ["EAGAIN", "zero"])
+async def test_a_drain_that_finds_nothing_after_a_wake_up_loses_nothing(monkeypatch, found):
+    """The drain a wake-up leads to can find nothing: an earlier drain took the bytes that
+    raised the edge (EAGAIN), or a zero comes that the wake-up did not vouch for as EOF (it
+    reported no FIN). Faked once, on the drain of a message: after EAGAIN the stream waits
+    for the next arrival, after a zero it drains again; every byte arrives, in order, and the
+    idle timer is touched on the way (on_bytes)."""
+    engine = Engine(pool=PipePool(size=1 << 20))
+    (client, a), (b, server) = await _tcp_pairs()
+    real = syscalls.splice_unchecked
+    armed = []
+
+    def nothing_once(src, dst, *args):
+        if src == a.fileno() and armed and armed.pop():
+            if found == "EAGAIN":
+                raise BlockingIOError(errno.EAGAIN, "faked")
+            return 0
+        return real(src, dst, *args)
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", nothing_once)
+    first, second, third = b"x" * 300, b"y" * 400, b"z" * 500
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(a, b, engine, Flow(), Flow(), idle=60, linger=10))
+            await client.send(first)  # a pipe goes back to the pool: the next step is the fast one
+            assert await traffic.recv_exactly(server, len(first)) == first
+            armed.append(True)
+            await client.send(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not armed, "the drain was not faked"
+            await client.send(third)
+            assert await traffic.recv_exactly(server, 900) == second + third
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_handed_over_socket_is_not_registered_twice_and_a_closed_one_is_forgotten():
