@@ -222,9 +222,13 @@ async def test_a_stream_that_never_waits_gives_way_every_budget(tmp_path):
     assert flow.spliced == size and traffic.digest(dst_path.read_bytes()) == traffic.digest(data)
 
 
-async def test_relay_both_ways_with_half_close(path):
-    """More than a pipe and a socket buffer each way, random data, both paths; each side shuts
-    down its write side when done and still reads the other's data to the end."""
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+async def test_relay_both_ways_with_half_close(monkeypatch, path, trigger):
+    """More than a pipe and a socket buffer each way, random data, both paths, with the
+    streams' fds level- and edge-triggered; each side shuts down its write side when done and
+    still reads the other's data to the end."""
+    if trigger == "edge":
+        _edge_triggered(monkeypatch)
     engine = Engine(pool=PipePool(size=65536), splice=(path == "splice"))
     up_data, down_data = os.urandom(17 * MiB), os.urandom(11 * MiB)
     end, up, down = await _exchange(*await _two_pairs(), up_data, down_data, engine)
@@ -321,18 +325,78 @@ async def _tcp_pairs():
     return await traffic.tcp_pair(), await traffic.tcp_pair()
 
 
-async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, path):
+def _edge_triggered(monkeypatch) -> None:
+    """Streams' fds start edge-triggered, as after Reactor._to_edge (a hang-up nobody waited
+    for): their streams then wait after a drain to EAGAIN or a re-arm, never on a level."""
+    real_start = Reactor.start
+
+    def start(self, pairs, on_end):
+        streams = real_start(self, pairs, on_end)
+        for fd in {fd for s in streams for fd in (s.src, s.dst)}:
+            if fd in self._level:
+                self._to_edge(fd)
+        return streams
+
+    monkeypatch.setattr(Reactor, "start", start)
+
+
+async def test_a_hang_up_nobody_waits_for_is_reported_once(path):
+    """The server sends 48 KiB and closes while the client, which has shut down its write
+    side, reads nothing through tiny buffers: the down stream waits on the client's full
+    socket, and the server's socket, its data and FIN all in, hangs up both ways (EPOLLHUP,
+    which no mask turns off). Level-triggered, each turn would report it again and the
+    reactor would spin; it turns that fd edge-triggered once, and every task blocks. Then the
+    client reads it all, intact."""
+    engine = Engine(pool=PipePool(size=1 << 20), splice=(path == "splice"))
+    (client, a), (b, server) = await traffic.tcp_pair(near_rcvbuf=4096), await traffic.tcp_pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(48 << 10)
+    reactor = engine.reactor()
+    served = trio.Event()
+    ended = []
+
+    async def relayed():
+        ended.append(await relay(a, b, engine, Flow(), Flow(), linger=30))
+
+    async def serve():
+        view = memoryview(data)
+        while view:
+            view = view[await server.send(view):]
+        server.close()
+        served.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed)
+            client.shutdown(socket.SHUT_WR)
+            nursery.start_soon(serve)
+            await served.wait()
+            await trio.testing.wait_all_tasks_blocked()  # would never return while it spun
+            assert b.fileno() not in reactor._level and reactor._writers, "no hang-up unclaimed"
+            turns = reactor._turns
+            await trio.testing.wait_all_tasks_blocked()
+            assert reactor._turns == turns
+            assert await traffic.recv_all(client, random.Random(9)) == (len(data), traffic.digest(data))
+    assert ended[0].reason == "eof", ended
+
+
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, path, trigger):
     """A one-page pipe holds one slot, so most drains stop with bytes still queued on the
-    socket. Each such drain is small: the stream re-arms instead of draining to EAGAIN, and
-    the re-arm must report the bytes left behind, or the transfer stalls."""
+    socket. Each such drain is small. Level-triggered, the next turn reports the bytes left
+    behind. Edge-triggered, the stream re-arms instead of draining to EAGAIN, and the re-arm
+    must report them; either way a miss would stall the transfer."""
     rearms = []
     real_rearm = Reactor._rearm
 
     def counting_rearm(self, s):
-        rearms.append(s.src)
+        if s.src not in self._level:
+            rearms.append(s.src)
         real_rearm(self, s)
 
     monkeypatch.setattr(Reactor, "_rearm", counting_rearm)
+    if trigger == "edge":
+        _edge_triggered(monkeypatch)
     engine = Engine(pool=PipePool(size=4096), splice=path == "splice")
     up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
     end, up, down = await _exchange(*await _tcp_pairs(), up_data, down_data, engine)
@@ -340,9 +404,10 @@ async def test_drains_cut_short_by_a_one_page_pipe_lose_nothing(monkeypatch, pat
     if path == "splice":
         assert engine.pool.granted == 4096
         assert up.spliced == len(up_data) and down.spliced == len(down_data)
+    if path == "splice" and trigger == "edge":
         assert len(rearms) >= (len(up_data) + len(down_data)) // 4096 // 2
     else:
-        assert up.copied == len(up_data) and not rearms
+        assert not rearms
 
 
 @pytest.mark.parametrize("pipe_size", [1 << 20, 4096])
@@ -657,11 +722,11 @@ async def test_tcp_urgent_data_is_relayed_in_order(path, then):
 
 @pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_handed_over_socket_waits_or_is_stepped_as_its_watch_saw_it(monkeypatch, path, when):
-    """forward hands a connected target socket from its connect watch to the streams, with the
-    events the watch was called with. If they report nothing to read ("after": the target
-    speaks later), the stream waits for its source at once, with no drain that meets EAGAIN.
-    If bytes were already there ("before"), no new edge will come for them: the stream must be
-    stepped, or they would never move."""
+    """forward hands a connected target socket from its (edge-triggered) connect watch to the
+    streams, which take it level-triggered. If the target speaks later ("after"), the stream
+    waits for its source at once, with no drain that meets EAGAIN. If bytes were already there
+    ("before"), no new edge will come for them: the level must report them, or they would
+    never move."""
     engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
     reactor = engine.reactor()
     (client, a), (b, server) = await _tcp_pairs()
@@ -684,7 +749,7 @@ async def test_a_handed_over_socket_waits_or_is_stepped_as_its_watch_saw_it(monk
     started, done = trio.Event(), trio.Event()
 
     def connected(events):
-        reactor.unwatch(b.fileno(), keep=True, seen=events)
+        reactor.unwatch(b.fileno(), keep=True)
         Pair(reactor, a, b, up, down, linger=10, on_done=lambda _pair: done.set())
         started.set()
 

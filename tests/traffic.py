@@ -81,13 +81,16 @@ async def flood(sock, chunk: int = 65536) -> None:
         await sock.send(data)
 
 
-async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+async def tcp_pair(near_rcvbuf: int | None = None) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
     """A loopback TCP connection (near, far): what urgent data and readiness need (a
-    socketpair is a Unix socket)."""
+    socketpair is a Unix socket). `near_rcvbuf` is set before connecting, so the window near
+    offers is small from the start."""
     with trio.socket.socket() as listener:
         await listener.bind(("127.0.0.1", 0))
         listener.listen()
         near = trio.socket.socket()
+        if near_rcvbuf is not None:
+            near.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, near_rcvbuf)
         await near.connect(listener.getsockname())
         far, _ = await listener.accept()
     return near, far

@@ -456,8 +456,8 @@ class _Link:
         assert sock is not None
         if not events & _CONNECT_FAILED:
             if events & select.EPOLLOUT:  # connected: writable, no error (saves a getsockopt)
-                # The streams take it over; these events say whether the target sent anything.
-                self.reactor.unwatch(sock.fileno(), keep=True, seen=events)
+                # The streams take it over (level-triggered: what it sent is reported).
+                self.reactor.unwatch(sock.fileno(), keep=True)
                 self._connected()
             return  # not an outcome yet: the real event will come
         self._drop_target(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED)

@@ -1,4 +1,4 @@
-"""One task that moves every relay stream: an edge-triggered epoll, stepped synchronously.
+"""One task that moves every relay stream: one epoll, stepped synchronously.
 
 Why: with a trio task per direction, every message costs a trip through trio's scheduler
 (wait_readable, epoll_ctl, reschedule, resume the coroutine) and that trip cost more CPU than
@@ -16,10 +16,7 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
   into the same pipe before pumping; EAGAIN there is ambiguous and is never waited on: the
   stream pumps, and waits only on an unambiguous EAGAIN. After a small drain (a request, a
   reply) has been delivered the stream waits without draining again, since that drain would
-  almost always meet EAGAIN: it re-arms the source instead (`_rearm`, an epoll_ctl that polls
-  the fd, so nothing already there is missed). When the drain took fewer bytes than the pipe
-  has slots after a wake-up without a hang-up, the socket had nothing more and every later
-  arrival raises a new edge: the stream waits with no syscall at all;
+  almost always meet EAGAIN (see Readiness below);
 - an idle stream holds no pipe and no buffer; a pipe that still holds bytes is destroyed;
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
@@ -27,9 +24,22 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
   counted in `Flow.copied` and `fallbacks`; and for a TCP urgent byte, which splice cannot
   pass (`_pass_urgent_byte`): one byte, read inline, in its place in the stream.
 
-Readiness is edge-triggered (EPOLLET): a stream waits only after EAGAIN, and epoll reports
-every new arrival after that, so no wake-up is lost. Spurious wake-ups cost one EAGAIN.
-Registering an fd reports its current state, so a new stream is woken for data already there.
+Readiness. A stream's sockets are level-triggered, each asked only for what a stream waits
+on: EPOLLIN while the stream reading it waits for it (not while that stream waits for its
+destination, nor once it has ended), EPOLLOUT while a stream waits to write to it. So after a
+small message a stream waits at once, with no syscall: whatever is left, or comes, is
+reported on the next turn. That saved an epoll_ctl per request/response pair, the re-arm
+that edge-triggered readiness needed after a reply (a drain of as many bytes as the pipe has
+slots may have filled it and left bytes behind, which raise no new edge). EPOLLHUP and
+EPOLLERR cannot be masked: when one is reported and no stream waits on that fd (the other
+direction still has bytes to deliver), level-triggered it would be reported on every turn,
+so the fd turns edge-triggered for good (`_to_edge`). Its streams then wait as on an
+edge-triggered fd: only after EAGAIN, or after a small drain that took fewer bytes than the
+pipe has slots on a wake-up without a hang-up (the socket had nothing more; every later
+arrival raises a new edge), or after a re-arm (`_rearm`: an epoll_ctl that polls the fd, so
+nothing already there is missed). The watches' fds are edge-triggered too. Registering an
+fd reports its current state, so a new stream is woken for data already there. Spurious
+wake-ups cost one EAGAIN.
 
 The reactor owns no fds: callers open streams on fds they own, and close them only after
 `stop`. Each stream ends once, through its `on_end(stream, error)` callback (error None at
@@ -63,6 +73,8 @@ from zcrelay.stats import Flow
 
 # EPOLLPRI: TCP urgent data, which splice cannot move (see _pass_urgent_byte).
 _MASK = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# A stream's socket, level-triggered: asked for EPOLLOUT only while a stream waits to write to it.
+_LEVEL = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP
 _READABLE = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WANT_IN = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP  # EPOLLHUP, EPOLLERR come anyway
 _WANT_OUT = select.EPOLLOUT
@@ -141,8 +153,9 @@ class Reactor:
         self._scratch = bytearray(copy_bufsize)  # copy mode reads here; leftovers are copied out
         self._watchers: dict[int, tuple[Callable[[int], None], int]] = {}  # fd → (callback, turn)
         self._masks: dict[int, int] = {}  # fd → the events it is registered for
-        # fds unwatched with keep=True: registered, not yet started → the events last seen on them
-        self._handed: dict[int, int] = {}
+        self._level: set[int] = set()  # stream fds registered level-triggered (see _turn)
+        # fds unwatched with keep=True: registered (edge-triggered, by their watch), not yet started
+        self._handed: set[int] = set()
         self._no_mark: set[int] = set()  # source fds with no urgent mark (not TCP sockets)
         self._turns = 0  # counts _turn calls: an event polled before a watch is not for it
         self._timers: list[Timer] = []  # a heap; cancelled ones stay until popped or compacted
@@ -166,28 +179,27 @@ class Reactor:
             streams.append(Stream(src, dst, flow, on_end, mode))
             if mode is COPY:
                 syscalls.set_urgent_inline(src)
-        known: dict[int, int] = {}  # in the epoll set already → the events last seen on it (0: unknown)
+        known: set[int] = set()  # in the epoll set already, by someone else: edge-triggered
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
-            if fd in self._handed:  # no register that would only fail with EEXIST
-                known[fd] = self._handed.pop(fd)
-                continue
             try:
-                self._epoll.register(fd, _MASK)
-                self._masks[fd] = _MASK
+                if fd in self._handed:  # a watch's (edge-triggered) registration, taken over
+                    self._handed.remove(fd)
+                    self._epoll.modify(fd, _LEVEL)
+                else:
+                    self._epoll.register(fd, _LEVEL)
+                self._masks[fd] = _LEVEL
+                self._level.add(fd)
             except PermissionError:  # a regular file is always ready
                 self._unpollable.add(fd)
             except FileExistsError:
-                known[fd] = 0
+                known.add(fd)
         for s in streams:
-            seen = known.get(s.src)
-            if s.src in self._unpollable or seen == 0 or (seen and seen & _READABLE):
+            if s.src in self._unpollable or s.src in known:
                 # No fresh registration will report what is already there: step it once.
                 self._ready.append(s)
                 self._wake()
             else:
-                # Registered now, which reports data already there; or handed over by a watch
-                # whose last events (this turn's) said nothing was there to read, so every
-                # arrival since raises a new edge: wait, without a drain that meets EAGAIN.
+                # Level-triggered: the next poll reports what is there already.
                 self._readers[s.src] = s
         return streams
 
@@ -206,7 +218,8 @@ class Reactor:
             s.pending = None
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
-            self._handed.pop(fd, None)
+            self._level.discard(fd)
+            self._handed.discard(fd)
             self._no_mark.discard(fd)
             self._masks.pop(fd, None)
             if not closing:
@@ -219,25 +232,26 @@ class Reactor:
         the callback must drive the fd to EAGAIN (accept until EAGAIN) or expect no new call
         until something new happens. Registration reports the fd's current state."""
         self._watchers[fd] = (callback, self._turns)
+        self._level.discard(fd)
         try:
             self._epoll.register(fd, _MASK)
         except FileExistsError:
             pass
         self._masks[fd] = _MASK
 
-    def unwatch(self, fd: int, *, keep: bool = False, seen: int = 0, closing: bool = False) -> None:
+    def unwatch(self, fd: int, *, keep: bool = False, closing: bool = False) -> None:
         """Forget `fd`'s callback. With `keep` it stays in the epoll set, for `start` to take
-        over (a connected socket becoming a stream); otherwise call before closing it. `seen`:
-        the events the callback is being called with, when `start` follows within that call;
-        a stream then waits for its source without first draining it to EAGAIN if they
-        report nothing to read. With `closing` the caller closes it right after, which drops
-        it from the epoll set: no epoll_ctl (as `stop(closing=True)`)."""
+        over (a connected socket becoming a stream), level-triggered from then on, so what
+        came before is reported; otherwise call before closing it. With `closing` the caller
+        closes it right after, which drops it from the epoll set: no epoll_ctl (as
+        `stop(closing=True)`)."""
         self._watchers.pop(fd, None)
-        self._handed.pop(fd, None)
         if keep:
-            self._handed[fd] = seen
+            self._handed.add(fd)
         else:
+            self._handed.discard(fd)
             self._masks.pop(fd, None)
+            self._level.discard(fd)
             if not closing:
                 self._unregister(fd)
 
@@ -396,20 +410,29 @@ class Reactor:
                 if watcher[1] != turn:
                     watcher[0](events)
                 continue
+            reader = None
             if events & _READABLE:
-                s = readers.pop(fd, None)
-                if s is not None:
-                    s.woke = events
-                    batch.append(s)
+                reader = readers.pop(fd, None)
+                if reader is not None:
+                    reader.woke = events
+                    batch.append(reader)
             if events & _WRITABLE:
                 s = writers.pop(fd, None)
                 if s is not None:
                     batch.append(s)
-                elif not events & _READABLE:
-                    # Only writable, and nobody waits to write: stop asking (see _deafen).
-                    # Not on every event that reports EPOLLOUT beside EPOLLIN, which would
-                    # cost a short connection an epoll_ctl for each of its sockets.
+                    continue
+                if not events & _READABLE or fd in self._level:
+                    # Writable, and nobody waits to write: stop asking (see _deafen). On an
+                    # edge-triggered watch's fd, not on every event that reports EPOLLOUT
+                    # beside EPOLLIN, which would cost a short connection an epoll_ctl for
+                    # each of its sockets; a level-triggered fd would report it every turn.
                     self._deafen(fd, select.EPOLLOUT)
+            if reader is None and events & _READABLE and fd in self._level:
+                # Readable (a hang-up, an error: those cannot be masked) and no stream waits
+                # for it: a level-triggered fd would report it on every turn until then. Not
+                # when its stream is queued to run anyway (it gave way after its budget).
+                if not any(r.src == fd for r in batch):
+                    self._to_edge(fd)
         step_splice = self._step_splice
         for s in batch:
             if not s.done:
@@ -428,6 +451,18 @@ class Reactor:
         s.done = True
         self._release(s)
         s.on_end(s, error)
+        if s.src in self._level:  # not stopped by on_end: its EOF would be reported every turn
+            self._deafen(s.src, _WANT_IN)
+
+    def _to_edge(self, fd: int) -> None:
+        """Turn a stream fd edge-triggered: it reports something no stream waits for, which
+        level-triggered it would report on every turn. Its streams then wait as on a watch's
+        fd: after a drain to EAGAIN, or after a re-arm (see _rearm)."""
+        self._level.discard(fd)
+        mask = self._masks.get(fd)
+        if mask is not None:
+            self._masks[fd] = mask = mask | select.EPOLLET
+            self._epoll.modify(fd, mask)
 
     def _release(self, s: Stream) -> None:
         pipe = s.pipe
@@ -461,11 +496,14 @@ class Reactor:
         """Wait for `s.src` without first draining it to EAGAIN. Used after a small drain was
         delivered: the drain that would follow almost always meets EAGAIN, and that costs a
         syscall and a Python exception per message (a third of the splices on request/response
-        traffic). epoll_ctl MOD polls the fd and queues an event if it is ready now, so bytes or
-        an EOF that are already there (a drain cut short by a full pipe, a FIN that came with
-        the data) wake the stream on the next turn, and later arrivals raise new edges: no
-        wake-up is lost."""
+        traffic). A level-triggered fd needs nothing more. On an edge-triggered one, epoll_ctl
+        MOD polls the fd and queues an event if it is ready now, so bytes or an EOF that are
+        already there (a drain cut short by a full pipe, a FIN that came with the data) wake
+        the stream on the next turn, and later arrivals raise new edges: no wake-up is lost."""
         fd = s.src
+        if fd in self._level:  # what is there is reported on the next turn: no poll needed
+            self._wait(self._readers, fd, s)
+            return
         self._readers[fd] = s
         mask = self._masks[fd] | _WANT_IN
         if fd not in self._writers:
@@ -559,7 +597,7 @@ class Reactor:
                     self._spare.append(pipe)
                     # Fewer bytes than the pipe has slots: the drain emptied the socket (see
                     # the loop below), and every later arrival raises a new edge.
-                    if n < pipe.size // PAGE_SIZE:
+                    if src in self._level or n < pipe.size // PAGE_SIZE:
                         self._readers[src] = s
                     else:
                         self._rearm(s)
