@@ -21,7 +21,8 @@ connect/listen pipeline; send_bench.py) and ``tee`` (1 and 4 GiB through
 OUT on a tmpfs and /dev/null; tee_bench.py).
 
 Rounds are interleaved (round 1: every workload through every relay, then
-round 2, ...) and the tables show medians.  The suite installs nothing: it
+round 2, ...; each round starts at a different relay, forward_bench.rotated)
+and the tables show medians.  The suite installs nothing: it
 checks for iperf3, socat, haproxy, wrk, nginx, strace and curl, prints what
 is missing with the apt-get line and skips what needs it.  A benchmark, not
 a test: it exits 0 whatever the numbers (130 if interrupted, 2 on bad usage).
@@ -608,7 +609,7 @@ def run_suite(args, relays: list[Relay], workloads: list[Workload],
                  f"{args.repeat} rounds" + (" + strace" if do_strace else ""))
         for rnd in range(args.repeat):
             for wl in usable:
-                for inst in instances:
+                for inst in fb.rotated(instances, rnd, args.repeat):
                     run = measure(inst, wl, env)
                     run.round = rnd
                     res.runs.append(run)

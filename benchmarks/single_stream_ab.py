@@ -4,10 +4,11 @@ taken within each round, with a second HAProxy-splice as an A/A control.
 
 `run.py` measures one stream 3 times per relay. On this project's 2-core VMs a relay's rate moves
 by 20-40% from one 5 s round to the next, so 3 rounds cannot tell relays within 10% of each other
-apart. This script runs N rounds (every relay, both directions, in turn) and prints, per relay,
-the median of its per-round ratios to HAProxy-splice and their range. The A/A row, an identical
-HAProxy-splice in the same rounds, shows how far the measurement alone moves a ratio that is
-1.0 by construction. A benchmark, not a test: exit 0 whatever the ratios.
+apart. This script runs N rounds (every relay, both directions, in turn, each round starting
+at a different relay: forward_bench.rotated) and prints, per relay, the median of its
+per-round ratios to HAProxy-splice and their range. The A/A row, an identical HAProxy-splice
+in the same rounds, shows how far the measurement alone moves a ratio that is 1.0 by
+construction. A benchmark, not a test: exit 0 whatever the ratios.
 
     PYTHONPATH=. .venv/bin/python benchmarks/single_stream_ab.py [--rounds 16] [--seconds 3]
         [--relays zcrelay splice-floor ...] [--no-control]
