@@ -40,7 +40,7 @@ _zcrelay() {
                 -r|--repeat) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--size --file --repeat -r --json --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--size --file --repeat -r --spread --json --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?

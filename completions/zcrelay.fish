@@ -19,6 +19,7 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a 
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l size -x -d 'Size of the temporary file to move, e.g. 16M'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l file -r -F -d 'Move this existing file instead of a temporary one'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s r -l repeat -x -d 'Runs per method, interleaved; the table shows the median'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l spread -d 'Let the scheduler place the sender and the sink on any CPUs (by default both run on one CPU; see the notes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l json -d 'Print the results as JSON on stdout'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s h -l help -d 'Show this message and exit'
 

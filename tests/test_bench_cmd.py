@@ -62,6 +62,23 @@ def test_json_has_every_metric_per_method(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["one-cpu", "spread"])
+def test_sender_and_sink_share_a_cpu_unless_spread(tmp_path, spread):
+    """By default the sender and the sink run on one CPU (the lowest this process may use),
+    which the JSON and the notes name; --spread leaves them to the scheduler."""
+    args = ["--size", "4M", "--repeat", "1", "--json"] + (["--spread"] if spread else [])
+    result = _bench(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    if spread:
+        assert data["cpu"] is None
+        assert any("--spread" in note and "scheduler" in note for note in data["notes"])
+    else:
+        assert data["cpu"] == min(os.sched_getaffinity(0))
+        assert any(f"CPU {data['cpu']}" in note for note in data["notes"])
+    assert [m["method"] for m in data["methods"]] == METHODS
+
+
 def test_existing_file_is_used_and_kept(tmp_path):
     payload = tmp_path / "payload"
     payload.write_bytes(b"z" * (3 << 20 | 12345))  # not a multiple of the chunk size

@@ -151,6 +151,7 @@ class BenchResult:
     repeat: int
     pipe_size: int  # what the kernel granted for the splice pipe
     methods: tuple[MethodResult, ...]
+    cpu: int | None = None  # the one CPU the sender and the sink ran on (None: not pinned)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,14 +284,30 @@ def send_splice(fd: int, out: int, size: int, pipe: tuple[int, int, int]) -> int
 # --------------------------------------------------------------------------------------------
 # The sink and one measured run.
 
+def pick_cpu() -> int | None:
+    """The CPU to pin the sender and the sink to: the lowest one this process may run on
+    (None where sched_setaffinity is not available)."""
+    try:
+        return min(os.sched_getaffinity(0))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _pin(cpu: int | None) -> None:
+    """Pin the calling thread (pid 0 is the thread on Linux) to `cpu`; None: leave it."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
 class _Sink:
-    """A thread that receives and discards one connection's bytes until EOF.
+    """A thread that receives and discards one connection's bytes until EOF, on `cpu` if given.
 
     Owns `sock` until join() returns; the caller closes it after that.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, cpu: int | None = None) -> None:
         self.sock = sock
+        self.cpu_pin = cpu
         self.received = 0
         self.cpu = 0.0
         self.error: BaseException | None = None
@@ -299,6 +316,7 @@ class _Sink:
 
     def _drain(self) -> None:
         buf = bytearray(SINK_CHUNK)  # never written: MSG_TRUNC makes TCP discard instead of copy
+        _pin(self.cpu_pin)
         before = resource.getrusage(resource.RUSAGE_THREAD)
         try:
             while True:
@@ -328,11 +346,12 @@ def _connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
 
 
 def measure(method: str, fd: int, size: int, listener: socket.socket,
-            pipe: tuple[int, int, int]) -> Run:
-    """Move the whole file once with `method`; the calling thread is the measured sender."""
+            pipe: tuple[int, int, int], cpu: int | None = None) -> Run:
+    """Move the whole file once with `method`; the calling thread is the measured sender (pinned
+    to `cpu` by the caller, if given; the sink is pinned there too)."""
     client, server = _connect(listener)
     try:
-        sink = _Sink(server)
+        sink = _Sink(server, cpu)
         out = client.fileno()
         before = resource.getrusage(resource.RUSAGE_THREAD)
         start = time.perf_counter()
@@ -363,9 +382,20 @@ def measure(method: str, fd: int, size: int, listener: socket.socket,
 
 
 def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
-              on_file: Callable[[str, int], None] | None = None) -> BenchResult:
+              on_file: Callable[[str, int], None] | None = None, spread: bool = False) -> BenchResult:
     """Measure every method `repeat` times, interleaved (each round starts with the next method),
-    on a warm cache. `on_file(path, size)` is called once the file is ready and warm."""
+    on a warm cache. `on_file(path, size)` is called once the file is ready and warm.
+
+    The sender and the sink share one CPU unless `spread`. On two CPUs each page a zero-copy
+    method sends has its reference count taken on the sender's CPU and dropped on the sink's,
+    and the wake-ups between them cross CPUs: on this project's 2-core VMs that made the
+    sendfile and splice rows swing between 0.10 and 0.44 CPU-s/GB from run to run, mostly
+    above read+write's, whose pages are its own. Pinned, 9 runs of each gave splice
+    0.089-0.103, sendfile 0.096-0.100 and read+write 0.126-0.172. A real sink is another
+    host, whose NIC takes those references and gives them back; the shared CPU is the closer
+    model of the copies the table is about."""
+    cpu = None if spread else pick_cpu()
+    previous = os.sched_getaffinity(0) if cpu is not None else None
     chunks = {"read+write": CHUNK, "mmap+write": CHUNK, "sendfile": 0, "splice": 0}
     runs: dict[str, list[Run]] = {m: [] for m in METHODS}
     with bench_file(path, size) as (real_path, fd, real_size):
@@ -379,15 +409,18 @@ def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
         listener = None
         try:
             listener = socket.create_server(("127.0.0.1", 0))
+            _pin(cpu)
             for round_ in range(repeat):
                 order = METHODS[round_ % len(METHODS):] + METHODS[:round_ % len(METHODS)]
                 for method in order:
-                    runs[method].append(measure(method, fd, real_size, listener, pipe))
+                    runs[method].append(measure(method, fd, real_size, listener, pipe, cpu))
         finally:
+            if previous is not None:
+                os.sched_setaffinity(0, previous)
             if listener is not None:
                 listener.close()
             os.close(pipe[0])
             os.close(pipe[1])
     return BenchResult(
         path=real_path, temporary=path is None, size=real_size, repeat=repeat, pipe_size=pipe[2],
-        methods=tuple(MethodResult(m, tuple(runs[m]), chunks[m]) for m in METHODS))
+        methods=tuple(MethodResult(m, tuple(runs[m]), chunks[m]) for m in METHODS), cpu=cpu)
