@@ -572,7 +572,7 @@ class Reactor:
                 return self._step_copy(s)
             if n >= _FILL_FROM:  # bulk: fill the pipe further, then the loop below pumps
                 s.pipe = pipe
-                s.held = pipe.held = n
+                pipe.held = n
                 budget -= n
                 s.held = pipe.held = self._fill(s, pipe, budget)
                 budget -= s.held - n
@@ -595,8 +595,10 @@ class Reactor:
                     s.pipe = None
                     s.held = pipe.held = 0
                     self._spare.append(pipe)
-                    # Fewer bytes than the pipe has slots: the drain emptied the socket (see
-                    # the loop below), and every later arrival raises a new edge.
+                    # Level-triggered, whatever is left is reported on the next turn. Edge-
+                    # triggered, fewer bytes than the pipe has slots mean the drain emptied the
+                    # socket (see the loop below) and every later arrival raises a new edge;
+                    # else the stream re-arms (see _rearm).
                     if src in self._level or n < pipe.size // PAGE_SIZE:
                         self._readers[src] = s
                     else:
