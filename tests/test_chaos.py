@@ -1,0 +1,205 @@
+"""Misbehaving peers, all at once, through one `zcrelay forward`.
+
+The other tests take one fault at a time. Here clients and servers that reset, vanish, close
+with bytes unread, read slowly or behave run side by side, drawn from a seeded RNG, so that
+each fault lands while other connections are mid-transfer in the same reactor. What must hold:
+- every connection whose two peers behave arrives intact both ways (SHA-256), however its
+  neighbours end;
+- the relay logs one line for each connection, never a traceback, and serves on: a last batch
+  of well-behaved connections arrives intact after the storm;
+- no fd is left behind: the relay's fd table (pipes aside: the pool keeps a bounded few) is
+  back where it started, and it exits 0 with a summary that counts every connection.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+import struct
+
+import pytest
+import trio
+
+from tests import traffic
+from tests.test_forward import conn_lines, path_args
+from tests.test_forward_proofs import fd_count, pipe_fds
+
+KiB, MiB = 1 << 10, 1 << 20
+# Client → server header: connection id, bytes wanted back, what the server is to do.
+HEADER = struct.Struct("!QQB")
+SERVE, SERVE_SLOWLY, RESET_AFTER_HEADER, CLOSE_UNREAD = range(4)
+# What a client does.
+BEHAVE, READ_SLOWLY, RESET_MIDWAY, VANISH = "behave", "read slowly", "reset midway", "vanish"
+RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def _reset(sock) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+    sock.close()
+
+
+class Peers:
+    """The far end. received[id] = (length, sha256) of what a serving connection read."""
+
+    def __init__(self, listener) -> None:
+        self.listener = listener
+        self.received: dict[int, tuple[int, str]] = {}
+        self.done: set[int] = set()
+        self._changed = trio.Event()
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await self.listener.accept()
+                nursery.start_soon(self._handle, sock)
+
+    async def wait_for(self, ids) -> None:
+        with trio.fail_after(60):
+            while not set(ids) <= self.done:
+                await self._changed.wait()
+                self._changed = trio.Event()
+
+    async def _handle(self, sock) -> None:
+        conn_id = None
+        try:
+            conn_id, want, how = HEADER.unpack(await traffic.recv_exactly(sock, HEADER.size))
+            if how == RESET_AFTER_HEADER:
+                await sock.recv(64 * KiB)
+                _reset(sock)
+                return
+            rng = random.Random(conn_id)
+            if how == CLOSE_UNREAD:  # half the reply, then close with the request unread: a reset
+                await traffic.send_chunks(sock, traffic.payload(conn_id, "down", want)[:want // 2], rng)
+                return
+            chunk = 4 * KiB if how == SERVE_SLOWLY else 256 * KiB
+            received = await both_ways(sock, traffic.payload(conn_id, "down", want), rng,
+                                       random.Random(~conn_id), chunk)
+            if received is not None:
+                self.received[conn_id] = received
+        except (OSError, EOFError):
+            pass  # the client misbehaved: this connection ends, nothing to record
+        finally:
+            sock.close()
+            if conn_id is not None:
+                self.done.add(conn_id)
+                self._changed.set()
+
+
+async def both_ways(sock, data: bytes, send_rng, recv_rng, chunk: int) -> tuple[int, str] | None:
+    """Send `data` then shut down the write side, while reading to EOF in reads of at most
+    `chunk` bytes: (length, sha256) of what was read, or None if the connection was cut."""
+    cut = []
+
+    async def send() -> None:
+        try:
+            await traffic.send_chunks(sock, data, send_rng)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            cut.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        try:
+            received = await traffic.recv_all(sock, recv_rng, chunk)
+        except OSError as exc:
+            cut.append(exc)
+    return None if cut else received
+
+
+def plan(rng: random.Random, count: int) -> list[tuple[int, str, int, int, int]]:
+    """(id, client's behaviour, server's, bytes up, bytes down) for each connection. Half
+    of them behave on both sides; sizes from 0 to 2 MiB, past a pipe and a socket buffer."""
+    conns = []
+    for conn_id in range(count):
+        if rng.random() < 0.5:
+            client, server = rng.choice([BEHAVE, READ_SLOWLY]), rng.choice([SERVE, SERVE_SLOWLY])
+        else:
+            client = rng.choice([BEHAVE, READ_SLOWLY, RESET_MIDWAY, VANISH])
+            server = rng.choice([SERVE, SERVE_SLOWLY, RESET_AFTER_HEADER, CLOSE_UNREAD])
+        up, down = (rng.choice([0, rng.randrange(1, 2 * MiB)]) for _ in range(2))
+        conns.append((conn_id, client, server, up, down))
+    return conns
+
+
+def behaves(client: str, server: int) -> bool:
+    return client in (BEHAVE, READ_SLOWLY) and server in (SERVE, SERVE_SLOWLY)
+
+
+async def run_client(address, conn_id: int, client: str, server: int, up: int, down: int):
+    """Play one connection; (length, sha256) of what came back, or None if it was cut (only
+    allowed when one side misbehaved)."""
+    sock = trio.socket.socket()
+    with sock:
+        await sock.connect(address)
+        if client == VANISH:
+            return None
+        await sock.send(HEADER.pack(conn_id, down, server))
+        data = traffic.payload(conn_id, "up", up)
+        if client == RESET_MIDWAY:
+            await sock.send(data[: up // 2])
+            _reset(sock)
+            return None
+        chunk = 4 * KiB if client == READ_SLOWLY else 256 * KiB
+        received = await both_ways(sock, data, random.Random(conn_id * 7 + 1),
+                                   random.Random(conn_id * 7 + 2), chunk)
+        assert received is not None or not behaves(client, server), f"conn {conn_id} was cut"
+        return received
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, seed):
+    listener = trio.socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    peers = Peers(listener)
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
+                    "--max-idle-pipes", "4", *path_args(path))
+    pid = relay.proc.pid
+    start_fds = fd_count(pid) - pipe_fds(pid)
+    address = ("127.0.0.1", relay.port)
+    conns = plan(random.Random(seed), 96)
+    last = [(1000 + i, BEHAVE, SERVE, 1 * MiB + i, 3 * MiB - i) for i in range(8)]
+    got: dict[int, tuple[int, str] | None] = {}
+
+    async def play(batch, limit: int) -> None:
+        slots = trio.Semaphore(limit)
+
+        async def one(conn_id, client, server, up, down) -> None:
+            async with slots:
+                got[conn_id] = await run_client(address, conn_id, client, server, up, down)
+
+        async with trio.open_nursery() as nursery:
+            for conn in batch:
+                nursery.start_soon(one, *conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peers.serve)
+        with trio.fail_after(120):
+            await play(conns, 32)
+            await play(last, 8)  # after the storm: the relay still serves, intact
+            await peers.wait_for([c[0] for c in conns + last if behaves(c[1], c[2])])
+        for conn_id, client, server, up, down in conns + last:
+            if behaves(client, server):
+                want_down = traffic.digest(traffic.payload(conn_id, "down", down))
+                want_up = traffic.digest(traffic.payload(conn_id, "up", up))
+                assert got[conn_id] == (down, want_down), f"conn {conn_id} ({client}, {server}): down differs"
+                assert peers.received.get(conn_id) == (up, want_up), f"conn {conn_id}: up differs"
+        nursery.cancel_scope.cancel()
+
+    total = len(conns) + len(last)
+    with trio.fail_after(30):  # one log line per connection, as it ends
+        await trio.to_thread.run_sync(relay.wait_for_lines, " close=", total, abandon_on_cancel=True)
+    with trio.fail_after(20):  # and its fds go with it
+        while fd_count(pid) - pipe_fds(pid) != start_fds:
+            await trio.sleep(0.05)
+    assert pipe_fds(pid) <= 2 * 4
+    code, err = relay.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert len(conn_lines(err)) == total, err
+    assert re.search(rf"stopped: {total} connections", err), err
+    behaved = sum(behaves(c[1], c[2]) for c in conns)
+    assert 30 < behaved < len(conns), behaved  # the plan really mixes both kinds
