@@ -2,7 +2,8 @@
 
 File names (documented in `zcrelay forward --help` and the man page):
 
-    {time}-{conn}-{peer}-{direction}.bin     the bytes of one direction, exactly as relayed
+    {time}-{conn}-{peer}-{direction}.bin     the bytes of one direction, in order, as the relay
+                                             read them from their sender
     {time}-{conn}-{peer}.json                the sidecar
 
   time       UTC start of the connection, 20250102T030405.123456Z
@@ -14,7 +15,9 @@ File names (documented in `zcrelay forward --help` and the man page):
 Files are created with mode 0600 and O_EXCL | O_NOFOLLOW | O_CLOEXEC: an existing file or a
 planted symlink is never written through. The sidecar is written when the connection starts
 ("end": null, "complete": false) and rewritten when it ends; a direction is complete when its
-capture never failed and holds every byte the relay moved in that direction.
+capture never failed and holds every byte the relay moved in that direction (relayed_bytes).
+It may hold more (captured_bytes > relayed_bytes): bytes read from the sender that never
+reached the other side, because that side, or the other direction, failed first.
 
 The captured stream itself (CaptureFile, captured_splice_stream) is here too: every chunk a
 direction drains is tee'd into a private pipe that a writer splices to the file.
@@ -101,7 +104,7 @@ class CaptureSession:
             }
             if capture is not None and capture.fallback:
                 info["fallback"] = capture.fallback
-            info["complete"] = bool(capture and capture.error is None and capture.captured == relayed
+            info["complete"] = bool(capture and capture.error is None and capture.captured >= relayed
                                     and ended is not None)
             complete = complete and info["complete"]
             entry[direction] = info
@@ -256,19 +259,33 @@ class CaptureFile:
     async def writer(self) -> None:
         """Empty the private pipe into the file, chunk by chunk, in a worker thread (a splice
         into a regular file blocks in the kernel; in the event loop it would stall every
-        connection). Ends when `close_input` is called and the last chunk is written."""
+        connection). Ends when `close_input` is called and the last chunk is written.
+
+        A chunk tee'd into the private pipe is written even if the connection is cancelled
+        meanwhile (its other direction failed, a timeout, shutdown): it may have been relayed
+        already, and a capture must hold every byte that was. That costs a cancellation at
+        most one chunk's write, as a write in progress (a thread) cannot be cancelled anyway:
+        the private pipe holds one chunk at a time."""
         async with self._recv:
-            async for _n in self._recv:
-                try:
-                    if self.active and self.pipe is not None:
-                        await trio.to_thread.run_sync(self._splice_to_file)
-                except OSError as exc:
-                    self.fail(exc.errno or errno.EIO, "splice")
-                finally:
-                    if self.pipe is not None and self.pipe.held:
-                        self.pipe.close()  # never keep a pipe that still holds bytes
-                        self.pipe = None
-                    self._free.release()
+            try:
+                async for _n in self._recv:
+                    await self._write_chunk()
+            finally:
+                if self.pipe is not None and self.pipe.held:  # cancelled before it was taken
+                    await self._write_chunk()
+
+    async def _write_chunk(self) -> None:
+        try:
+            if self.active and self.pipe is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._splice_to_file)
+        except OSError as exc:
+            self.fail(exc.errno or errno.EIO, "splice")
+        finally:
+            if self.pipe is not None and self.pipe.held:
+                self.pipe.close()  # never keep a pipe that still holds bytes
+                self.pipe = None
+            self._free.release()
 
     def _splice_to_file(self) -> None:
         pipe = self.pipe
