@@ -246,3 +246,75 @@ async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, se
     assert 30 < behaved < len(conns), behaved  # the plan really mixes both kinds
     if capture:
         check_captures(tmp_path, conns + last, ports)
+
+
+# ---- `zcrelay serve`: one file to many clients, some of which misbehave ------------------
+
+SERVE_SIZE = 4 * MiB  # past a pipe and a socket buffer
+READ_ALL, READ_ALL_SLOWLY, CLOSE_UNREAD_MIDWAY, RESET_READING, HANG_UP = (
+    "read all", "read all slowly", "close with bytes unread", "reset while reading", "hang up")
+
+
+async def serve_client(address, how: str) -> tuple[int, str] | None:
+    """One client of `zcrelay serve`: (length, sha256) of the whole file it read, or None."""
+    sock = trio.socket.socket()
+    with sock:
+        await sock.connect(address)
+        if how == HANG_UP:
+            return None
+        if how in (READ_ALL, READ_ALL_SLOWLY):
+            sock.shutdown(socket.SHUT_WR)  # as `zcrelay connect < /dev/null` would
+            chunk = 4 * KiB if how == READ_ALL_SLOWLY else 256 * KiB
+            return await traffic.recv_all(sock, random.Random(len(how)), chunk)
+        got = 0
+        while got < SERVE_SIZE // 3:
+            data = await sock.recv(64 * KiB)
+            assert data, "EOF before a third of the file"
+            got += len(data)
+        if how == RESET_READING:
+            _reset(sock)  # else: close() with bytes unread, which also sends a reset
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+async def test_serve_to_misbehaving_clients_at_once(zcrelay, tmp_path, method):
+    """`zcrelay serve`: 48 clients at once, a third of them hanging up, closing with bytes
+    unread or resetting midway. Each one that reads gets the whole file intact; serve logs a
+    line per client, no traceback, gives back every fd, serves a last client, and exits 0."""
+    path = tmp_path / "file"
+    path.write_bytes(random.Random(3).randbytes(SERVE_SIZE))
+    want = (SERVE_SIZE, traffic.digest(path.read_bytes()))
+    server = zcrelay("serve", str(path), "--listen", "127.0.0.1:0", "--method", method, "--linger", "5")
+    pid = server.proc.pid
+    start_fds = fd_count(pid) - pipe_fds(pid)
+    address = ("127.0.0.1", server.port)
+    rng = random.Random(method)
+    hows = [rng.choice([READ_ALL, READ_ALL_SLOWLY] * 3 + [CLOSE_UNREAD_MIDWAY, RESET_READING, HANG_UP])
+            for _ in range(48)] + [READ_ALL]  # the last one: after the others
+    got: dict[int, tuple[int, str] | None] = {}
+
+    async def one(i: int) -> None:
+        got[i] = await serve_client(address, hows[i])
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for i in range(48):
+                nursery.start_soon(one, i)
+        await one(48)
+    for i, how in enumerate(hows):
+        if how in (READ_ALL, READ_ALL_SLOWLY):
+            assert got[i] == want, f"client {i} ({how}) did not get the file intact"
+    assert {READ_ALL, CLOSE_UNREAD_MIDWAY, RESET_READING, HANG_UP} <= set(hows), hows
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(server.wait_for_lines, "conn=", 49, abandon_on_cancel=True)
+    with trio.fail_after(20):  # a client's fds go as its log line comes
+        while fd_count(pid) - pipe_fds(pid) != start_fds:
+            await trio.sleep(0.05)
+    code, err = server.stop()
+    assert code == 0, err
+    assert "Traceback" not in err and "internal-error" not in err, err
+    lines = [line for line in err.splitlines() if "conn=" in line]
+    assert len(lines) == 49, err
+    assert sum(line.endswith(" ok") for line in lines) >= hows.count(READ_ALL) + hows.count(READ_ALL_SLOWLY)
+    assert "stopped: 49 connections" in err, err
