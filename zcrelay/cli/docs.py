@@ -445,8 +445,15 @@ library does (for comparison and for tests). Logs are plain text, whatever TERM 
 FILES = [
     ("FILE given to forward --config", "A TOML file with options and [[rule]] tables; see "
                                           "forward under COMMANDS."),
-    ("DIR given to tee --capture-dir", "Captured streams, one file per connection and "
-                                            "direction."),
+    ("DIR given to forward or tee --capture-dir",
+     "Captured streams: per connection, {time}-{conn}-{peer}-up.bin and -down.bin, each the "
+     "bytes of one direction in order as zcrelay read them from their sender, and a "
+     "{time}-{conn}-{peer}.json sidecar (written at the start, rewritten at the end): "
+     "conn, peer, target, start, end, close, complete (both directions), and per direction "
+     "file, relayed_bytes, captured_bytes, error and "
+     "complete. A direction is complete when its capture never failed and holds every byte "
+     "relayed; captured_bytes can exceed relayed_bytes when the connection ended (a reset, "
+     "the other direction failing) before bytes already read could be delivered."),
     ("/proc/sys/fs/pipe-max-size", "The largest pipe an unprivileged process may ask for; "
                                    "--pipe-size is clamped to it."),
     ("/proc/sys/fs/pipe-user-pages-soft", "Pages one user may hold in grown pipes; past it new "
