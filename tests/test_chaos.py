@@ -187,20 +187,22 @@ def check_captures(directory, conns, ports: dict[int, int]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["relay", "capture", "max-conns"])
+@pytest.mark.parametrize("mode", ["relay", "trio-loop", "capture", "max-conns"])
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, seed, mode, tmp_path):
-    """mode: a plain relay; with --capture-dir (the captures are checked too); with
-    --max-conns 8, so most clients wait in the backlog and accepts pause and resume as
-    connections end, however they end."""
+    """mode: a plain relay; the same under trio.run (ZCRELAY_LOOP=trio: the reactor as trio
+    tasks, as the library runs it) rather than as the loop's host; with --capture-dir (the
+    captures are checked too); with --max-conns 8, so most clients wait in the backlog and
+    accepts pause and resume as connections end, however they end."""
     listener = trio.socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     await listener.bind(("127.0.0.1", 0))
     listener.listen(1024)
     peers = Peers(listener)
-    extra = {"relay": [], "capture": ["--capture-dir", str(tmp_path)], "max-conns": ["--max-conns", "8"]}[mode]
+    extra = {"capture": ["--capture-dir", str(tmp_path)], "max-conns": ["--max-conns", "8"]}.get(mode, [])
     relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
-                    "--max-idle-pipes", "4", *extra, *path_args(path))
+                    "--max-idle-pipes", "4", *extra, *path_args(path),
+                    env={"ZCRELAY_LOOP": "trio"} if mode == "trio-loop" else {})
     pid = relay.proc.pid
     start_fds = fd_count(pid) - pipe_fds(pid)
     address = ("127.0.0.1", relay.port)
