@@ -137,12 +137,13 @@ def upstream(conn_id: int, server: int, up: int, down: int) -> bytes:
 
 
 async def run_client(address, conn_id: int, client: str, server: int, up: int, down: int):
-    """Play one connection: (its local port, (length, sha256) of what came back or None if
-    it was cut, which only a misbehaving side may cause)."""
-    sock = trio.socket.socket()
+    """Play one connection: (its local port (TCP), (length, sha256) of what came back or None
+    if it was cut, which only a misbehaving side may cause)."""
+    unix = isinstance(address, str)
+    sock = trio.socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
     with sock:
         await sock.connect(address)
-        port = sock.getsockname()[1]
+        port = 0 if unix else sock.getsockname()[1]
         if client == VANISH:
             return port, None
         data = upstream(conn_id, server, up, down)
@@ -187,25 +188,31 @@ def check_captures(directory, conns, ports: dict[int, int]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["relay", "trio-loop", "capture", "max-conns"])
+@pytest.mark.parametrize("mode", ["relay", "trio-loop", "capture", "max-conns", "unix"])
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, seed, mode, tmp_path):
     """mode: a plain relay; the same under trio.run (ZCRELAY_LOOP=trio: the reactor as trio
     tasks, as the library runs it) rather than as the loop's host; with --capture-dir (the
     captures are checked too); with --max-conns 8, so most clients wait in the backlog and
-    accepts pause and resume as connections end, however they end."""
-    listener = trio.socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    await listener.bind(("127.0.0.1", 0))
+    accepts pause and resume as connections end, however they end; Unix sockets both sides
+    (where a close with bytes unread is the reset)."""
+    if mode == "unix":
+        listener = trio.socket.socket(socket.AF_UNIX)
+        await listener.bind(str(tmp_path / "target.sock"))
+        listen, target = f"unix:{tmp_path / 'relay.sock'}", f"unix:{tmp_path / 'target.sock'}"
+    else:
+        listener = trio.socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await listener.bind(("127.0.0.1", 0))
+        listen, target = "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}"
     listener.listen(1024)
     peers = Peers(listener)
     extra = {"capture": ["--capture-dir", str(tmp_path)], "max-conns": ["--max-conns", "8"]}.get(mode, [])
-    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}",
-                    "--max-idle-pipes", "4", *extra, *path_args(path),
+    relay = zcrelay("forward", listen, target, "--max-idle-pipes", "4", *extra, *path_args(path),
                     env={"ZCRELAY_LOOP": "trio"} if mode == "trio-loop" else {})
     pid = relay.proc.pid
     start_fds = fd_count(pid) - pipe_fds(pid)
-    address = ("127.0.0.1", relay.port)
+    address = str(tmp_path / "relay.sock") if mode == "unix" else ("127.0.0.1", relay.port)
     conns = plan(random.Random(seed), 96)
     last = [(1000 + i, BEHAVE, SERVE, 1 * MiB + i, 3 * MiB - i) for i in range(8)]
     got: dict[int, tuple[int, str] | None] = {}
