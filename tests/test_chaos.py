@@ -33,9 +33,10 @@ from tests.test_forward_proofs import fd_count, pipe_fds
 KiB, MiB = 1 << 10, 1 << 20
 # Client → server header: connection id, bytes wanted back, what the server is to do.
 HEADER = struct.Struct("!QQB")
-SERVE, SERVE_SLOWLY, RESET_AFTER_HEADER, CLOSE_UNREAD = range(4)
+SERVE, SERVE_SLOWLY, RESET_AFTER_HEADER, CLOSE_UNREAD, WAIT = range(5)
 # What a client does.
 BEHAVE, READ_SLOWLY, RESET_MIDWAY, VANISH = "behave", "read slowly", "reset midway", "vanish"
+GO_SILENT = "go silent"  # with WAIT: both ends wait, with the connection open, for its end
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -73,6 +74,9 @@ class Peers:
                 await sock.recv(64 * KiB)
                 _reset(sock)
                 return
+            if how == WAIT:
+                await until_closed(sock)
+                return
             rng = random.Random(conn_id)
             if how == CLOSE_UNREAD:  # half the reply, then close with the request unread: a reset
                 await traffic.send_chunks(sock, traffic.payload(conn_id, "down", want)[:want // 2], rng)
@@ -89,6 +93,13 @@ class Peers:
             if conn_id is not None:
                 self.done.add(conn_id)
                 self._changed.set()
+
+
+async def until_closed(sock) -> None:
+    """Read (nothing is sent) until the relay closes the connection."""
+    with trio.fail_after(60):
+        while await sock.recv(64 * KiB):
+            pass
 
 
 async def both_ways(sock, data: bytes, send_rng, recv_rng, chunk: int) -> tuple[int, str] | None:
@@ -112,12 +123,15 @@ async def both_ways(sock, data: bytes, send_rng, recv_rng, chunk: int) -> tuple[
     return None if cut else received
 
 
-def plan(rng: random.Random, count: int) -> list[tuple[int, str, int, int, int]]:
+def plan(rng: random.Random, count: int, silent: bool = False) -> list[tuple[int, str, int, int, int]]:
     """(id, client's behaviour, server's, bytes up, bytes down) for each connection. Half
-    of them behave on both sides; sizes from 0 to 2 MiB, past a pipe and a socket buffer."""
+    of them behave on both sides; sizes from 0 to 2 MiB, past a pipe and a socket buffer.
+    With `silent`, one in eight goes silent at both ends after the header."""
     conns = []
     for conn_id in range(count):
-        if rng.random() < 0.5:
+        if silent and rng.random() < 1 / 8:
+            client, server = GO_SILENT, WAIT
+        elif rng.random() < 0.5:
             client, server = rng.choice([BEHAVE, READ_SLOWLY]), rng.choice([SERVE, SERVE_SLOWLY])
         else:
             client = rng.choice([BEHAVE, READ_SLOWLY, RESET_MIDWAY, VANISH])
@@ -150,6 +164,13 @@ async def run_client(address, conn_id: int, client: str, server: int, up: int, d
         if client == RESET_MIDWAY:
             await sock.send(data[: HEADER.size + up // 2])
             _reset(sock)
+            return port, None
+        if client == GO_SILENT:
+            await sock.send(data[: HEADER.size])
+            try:
+                await until_closed(sock)
+            except OSError:
+                pass
             return port, None
         chunk = 4 * KiB if client == READ_SLOWLY else 256 * KiB
         received = await both_ways(sock, data, random.Random(conn_id * 7 + 1),
@@ -188,14 +209,15 @@ def check_captures(directory, conns, ports: dict[int, int]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["relay", "trio-loop", "capture", "max-conns", "unix"])
+@pytest.mark.parametrize("mode", ["relay", "trio-loop", "capture", "max-conns", "unix", "idle-timeout"])
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, seed, mode, tmp_path):
     """mode: a plain relay; the same under trio.run (ZCRELAY_LOOP=trio: the reactor as trio
     tasks, as the library runs it) rather than as the loop's host; with --capture-dir (the
     captures are checked too); with --max-conns 8, so most clients wait in the backlog and
     accepts pause and resume as connections end, however they end; Unix sockets both sides
-    (where a close with bytes unread is the reset)."""
+    (where a close with bytes unread is the reset); with --idle-timeout 2 and connections
+    that go silent at both ends, which only the timeout ends."""
     if mode == "unix":
         listener = trio.socket.socket(socket.AF_UNIX)
         await listener.bind(str(tmp_path / "target.sock"))
@@ -207,13 +229,14 @@ async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, se
         listen, target = "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}"
     listener.listen(1024)
     peers = Peers(listener)
-    extra = {"capture": ["--capture-dir", str(tmp_path)], "max-conns": ["--max-conns", "8"]}.get(mode, [])
+    extra = {"capture": ["--capture-dir", str(tmp_path)], "max-conns": ["--max-conns", "8"],
+             "idle-timeout": ["--idle-timeout", "2"]}.get(mode, [])
     relay = zcrelay("forward", listen, target, "--max-idle-pipes", "4", *extra, *path_args(path),
                     env={"ZCRELAY_LOOP": "trio"} if mode == "trio-loop" else {})
     pid = relay.proc.pid
     start_fds = fd_count(pid) - pipe_fds(pid)
     address = str(tmp_path / "relay.sock") if mode == "unix" else ("127.0.0.1", relay.port)
-    conns = plan(random.Random(seed), 96)
+    conns = plan(random.Random(seed), 96, silent=mode == "idle-timeout")
     last = [(1000 + i, BEHAVE, SERVE, 1 * MiB + i, 3 * MiB - i) for i in range(8)]
     got: dict[int, tuple[int, str] | None] = {}
     ports: dict[int, int] = {}
@@ -257,6 +280,9 @@ async def test_misbehaving_peers_at_once_leave_the_rest_intact(zcrelay, path, se
     assert re.search(rf"stopped: {total} connections", err), err
     behaved = sum(behaves(c[1], c[2]) for c in conns)
     assert 30 < behaved < len(conns), behaved  # the plan really mixes both kinds
+    silent = sum(c[1] == GO_SILENT for c in conns)
+    idle = [m for m in conn_lines(err) if m.group(6) == "idle"]
+    assert len(idle) == silent and (silent > 0) == (mode == "idle-timeout"), (silent, len(idle))
     if mode == "capture":
         check_captures(tmp_path, conns + last, ports)
 
