@@ -195,6 +195,7 @@ class CaptureFile:
         self._on_fail = on_fail
         self._free = trio.Semaphore(1)  # held while the private pipe holds a chunk
         self._send, self._recv = trio.open_memory_channel(1)
+        self._writer_gone = False
 
     @property
     def active(self) -> bool:
@@ -218,6 +219,14 @@ class CaptureFile:
         if not self.active:
             return
         await self._free.acquire()
+        if self._writer_gone:
+            # The writer ends before close_input only when the connection is cancelled, here
+            # perhaps during acquire's last checkpoint, which cannot be cancelled: take the
+            # cancellation now, before the pump, so no byte is relayed that the file lacks.
+            self._free.release()
+            await checkpoint()
+            self.fail(errno.EPIPE, "capture writer gone")  # unreachable: the cancel is there
+            return
         if not self.active:
             self._free.release()
             return
@@ -273,6 +282,7 @@ class CaptureFile:
             finally:
                 if self.pipe is not None and self.pipe.held:  # cancelled before it was taken
                     await self._write_chunk()
+                self._writer_gone = True
 
     async def _write_chunk(self) -> None:
         try:
