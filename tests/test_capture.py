@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import zcrelay_argv, zcrelay_env
+from tests.traffic import TwoWayFlood
 
 CONNECTIONS = 32
 
@@ -383,7 +384,6 @@ def test_shutdown_mid_stream_leaves_complete_captures(zcrelay, tmp_path, path):
     tee'd for the file (often already relayed) is still written as the connection is
     cancelled: each file is a prefix of what its sender sent, holds at least every byte
     relayed, and its direction is complete in the sidecar."""
-    block = {"up": os.urandom(1 << 20), "down": os.urandom(1 << 20)}  # each side sends its own, again and again
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -391,37 +391,10 @@ def test_shutdown_mid_stream_leaves_complete_captures(zcrelay, tmp_path, path):
         relay = zcrelay("forward", "0", f"127.0.0.1:{listener.getsockname()[1]}", "--capture-dir", str(tmp_path), *copy)
         client = socket.create_connection(("127.0.0.1", relay.port))
         target, _ = listener.accept()
-        received = {"up": 0, "down": 0}
-        flowing = threading.Event()
-
-        def send(sock: socket.socket, data: bytes) -> None:
-            try:
-                while True:
-                    sock.sendall(data)
-            except OSError:
-                pass  # the relay is gone
-
-        def read(sock: socket.socket, direction: str) -> None:
-            try:
-                while chunk := sock.recv(1 << 16):
-                    received[direction] += len(chunk)
-                    if min(received.values()) >= 8 << 20:
-                        flowing.set()
-            except OSError:
-                pass
-
-        threads = [threading.Thread(target=send, args=(client, block["up"])),
-                   threading.Thread(target=send, args=(target, block["down"])),
-                   threading.Thread(target=read, args=(target, "up")),
-                   threading.Thread(target=read, args=(client, "down"))]
-        for t in threads:
-            t.start()
-        assert flowing.wait(60), received
+        flood = TwoWayFlood(client, target, 8 << 20)
+        assert flood.flowing.wait(60), flood.received
         code, err = relay.stop()  # SIGTERM, both ways in full flow
-        for sock in (client, target):
-            sock.close()  # a sender blocked on a full buffer ends too
-        for t in threads:
-            t.join(30)
+        flood.stop()
     assert code == 0, err
     [record] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert record["close"] == "shutdown" and record["end"] is not None, (record, err)
@@ -429,7 +402,6 @@ def test_shutdown_mid_stream_leaves_complete_captures(zcrelay, tmp_path, path):
         info = record[direction]
         captured = (tmp_path / info["file"]).read_bytes()
         assert info["captured_bytes"] == len(captured) >= info["relayed_bytes"] >= 8 << 20, info
-        repeated = block[direction] * (len(captured) // len(block[direction]) + 1)
-        assert captured == repeated[: len(captured)], f"{direction}: the capture is not what was sent"
+        assert captured == flood.sent_prefix(direction, len(captured)), f"{direction}: the capture is not what was sent"
         assert info["complete"] is True, info
     assert record["complete"] is True, record

@@ -355,6 +355,31 @@ async def test_sigint_prints_summary_and_exits_zero(zcrelay):
     assert "stopped: 0 connections" in err
 
 
+@pytest.mark.parametrize("how", ["hosted", "trio", "workers"])
+def test_sigterm_in_full_flow_both_ways(zcrelay, path, how):
+    """SIGTERM while one connection moves bytes both ways as fast as it can: exit 0, the
+    connection logged close=shutdown with what it moved, the summary, no traceback. For
+    forward's own loop, under trio.run (ZCRELAY_LOOP=trio) and with --workers 2."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        workers = ["--workers", "2"] if how == "workers" else []
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *workers,
+                        *path_args(path), env={"ZCRELAY_LOOP": "trio"} if how == "trio" else {})
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        target, _ = listener.accept()
+        flood = traffic.TwoWayFlood(client, target, 8 << 20)
+        assert flood.flowing.wait(60), flood.received
+        code, err = relay.stop()
+        flood.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    [line] = conn_lines(err)
+    assert line.group(6) == "shutdown", err
+    assert min(int(line.group(2)), int(line.group(3))) >= 8 << 20, err
+    assert re.search(r"stopped: 1 connections", err), err
+
+
 async def test_several_rules_and_a_config_file(zcrelay, tmp_path, path):
     async with trio.open_nursery() as nursery:
         server = await serve_traffic(nursery)

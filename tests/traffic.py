@@ -14,6 +14,7 @@ import os
 import random
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -231,3 +232,51 @@ async def run_clients(address, count: int, up_size: int, down_size: int, limit: 
         for i in range(count):
             nursery.start_soon(one, i)
     return results
+
+
+class TwoWayFlood:
+    """Blocking sockets `client` and `target` (the two ends of one relayed connection) each
+    send their own 1 MiB block again and again, and each reads what the other sends, in
+    threads, until the relay goes. `flowing` is set once `threshold` bytes have arrived each
+    way; `received` counts them. For tests that stop a relay in full flow: afterwards,
+    `stop()` closes both sockets (a sender blocked on a full buffer ends too) and joins."""
+
+    def __init__(self, client: socket.socket, target: socket.socket, threshold: int) -> None:
+        self.block = {"up": os.urandom(1 << 20), "down": os.urandom(1 << 20)}
+        self.received = {"up": 0, "down": 0}
+        self.flowing = threading.Event()
+        self.threshold = threshold
+        self.socks = (client, target)
+        self.threads = [threading.Thread(target=self._send, args=(client, self.block["up"])),
+                        threading.Thread(target=self._send, args=(target, self.block["down"])),
+                        threading.Thread(target=self._read, args=(target, "up")),
+                        threading.Thread(target=self._read, args=(client, "down"))]
+        for t in self.threads:
+            t.start()
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            while True:
+                sock.sendall(data)
+        except OSError:
+            pass  # the relay is gone
+
+    def _read(self, sock: socket.socket, direction: str) -> None:
+        try:
+            while chunk := sock.recv(1 << 16):
+                self.received[direction] += len(chunk)
+                if min(self.received.values()) >= self.threshold:
+                    self.flowing.set()
+        except OSError:
+            pass
+
+    def sent_prefix(self, direction: str, n: int) -> bytes:
+        """The first `n` bytes of what was sent in `direction`."""
+        block = self.block[direction]
+        return (block * (n // len(block) + 1))[:n]
+
+    def stop(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        for t in self.threads:
+            t.join(30)
