@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 
 import pytest
 
@@ -333,3 +334,49 @@ def test_connect_stdout_on_a_full_disk(tmp_path, small_tmpfs):
     assert proc.stderr.decode().splitlines() == ["zcrelay: error: writing stdout: No space left on device"]
     kept = (small_tmpfs / "out").read_bytes()
     assert 0 < len(kept) < len(data) and data.startswith(kept)
+
+
+@pytest.mark.parametrize("command", ["connect", "tee"])
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", -15)])
+def test_pipeline_commands_keep_the_default_signal_actions(command, sig, code):
+    """Mid-transfer, a pipeline command acts as netcat and GNU tee do: SIGINT exits 130 with
+    nothing printed (no traceback), SIGTERM ends it by its default action (143 in a shell).
+    Only the servers (forward, serve, listen -k, tee --listen) stop cleanly with status 0."""
+    import signal
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        argv = (["connect", f"127.0.0.1:{listener.getsockname()[1]}"] if command == "connect"
+                else ["tee", os.devnull])
+        proc = subprocess.Popen(zcrelay_argv(*argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=zcrelay_env())
+        feeder = threading.Thread(target=_feed, args=(proc.stdin,), daemon=True)
+        feeder.start()
+        try:
+            if command == "connect":
+                peer, _ = listener.accept()
+                with peer:
+                    assert peer.recv(1 << 16)
+                    proc.send_signal(getattr(signal, sig))
+                    _, err = proc.communicate(timeout=20)
+            else:
+                assert proc.stdout.read(1 << 16)
+                proc.send_signal(getattr(signal, sig))
+                _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    feeder.join(20)
+    assert proc.returncode == code, err
+    assert err == b"", err
+
+
+def _feed(pipe) -> None:
+    """Write to a child's stdin until it goes."""
+    try:
+        while True:
+            pipe.write(b"x" * (1 << 20))
+    except (BrokenPipeError, ValueError, OSError):
+        pass

@@ -466,6 +466,11 @@ closes the open ones, prints a summary (connections, bytes each way, the share s
 fallbacks with their reasons) on standard error and exits with status 0. A SIGINT that arrives
 before the command is running exits with status 130.
 
+That is for the servers: forward, serve, listen --keep-open and tee --listen. The pipeline
+commands (connect, listen, send, and tee on standard input) behave as netcat and GNU tee do:
+SIGINT ends them with status 130 and prints nothing, and SIGTERM ends them by its default
+action (status 143 in a shell).
+
 A write to a peer that has gone away ends that direction of that connection (EPIPE is handled, not
 fatal); the other connections go on.
 """
