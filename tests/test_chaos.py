@@ -357,3 +357,41 @@ async def test_serve_to_misbehaving_clients_at_once(zcrelay, tmp_path, method):
     assert len(lines) == 49, err
     assert sum(line.endswith(" ok") for line in lines) >= hows.count(READ_ALL) + hows.count(READ_ALL_SLOWLY)
     assert "stopped: 49 connections" in err, err
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+async def test_serve_stops_cleanly_with_transfers_in_flight(zcrelay, tmp_path, method):
+    """SIGTERM while four clients are each in the middle of a 4 GiB file (sparse): serve
+    exits 0, logs each of them close=shutdown with the bytes it sent, and the summary."""
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(4 << 30)
+    server = zcrelay("serve", str(path), "--listen", "127.0.0.1:0", "--method", method)
+    halfway = [trio.Event() for _ in range(4)]
+
+    async def reader(i: int) -> None:
+        sock = trio.socket.socket()
+        with sock:
+            await sock.connect(("127.0.0.1", server.port))
+            got = 0
+            try:
+                while data := await sock.recv(1 << 20):
+                    got += len(data)
+                    if got >= 8 << 20:
+                        halfway[i].set()
+            except OSError:
+                pass
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(reader, i)
+            for event in halfway:
+                await event.wait()
+            code, err = await trio.to_thread.run_sync(server.stop)
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "conn=" in line]
+    assert len(lines) == 4 and all(line.endswith(" shutdown") for line in lines), err
+    assert all(int(re.search(r" sent=(\d+)", line).group(1)) >= 8 << 20 for line in lines), err
+    assert "stopped: 4 connections" in err, err
