@@ -405,3 +405,49 @@ def test_shutdown_mid_stream_leaves_complete_captures(zcrelay, tmp_path, path):
         assert captured == flood.sent_prefix(direction, len(captured)), f"{direction}: the capture is not what was sent"
         assert info["complete"] is True, info
     assert record["complete"] is True, record
+
+
+async def test_a_bug_meeting_a_shutdown_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    """A connection task whose cleanup fails (a bug) as shutdown cancels it ends with both a
+    Cancelled and the bug in one exception group. The bug is logged as that connection's
+    internal-error; only the cancellation goes on, so the forwarder stops cleanly (no
+    traceback for the CLI to print). In process, with relay() replaced by one that fails so."""
+    import logging
+
+    import trio
+
+    from zcrelay import forward
+    from zcrelay.addresses import parse
+
+    in_relay = trio.Event()
+
+    async def relay_failing_in_cleanup(*args, **kwargs):
+        async def cleanup_fails() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise RuntimeError("bug in cleanup")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cleanup_fails)
+            in_relay.set()
+            await trio.sleep_forever()
+
+    monkeypatch.setattr(forward, "relay", relay_failing_in_cleanup)
+    caplog.set_level(logging.INFO, logger="zcrelay")
+    with socket.socket() as target_listener:
+        target_listener.bind(("127.0.0.1", 0))
+        target_listener.listen()
+        rule = forward.Rule(parse("127.0.0.1:0", listen=True),
+                            parse(f"127.0.0.1:{target_listener.getsockname()[1]}", listen=False))
+        forwarder = forward.Forwarder(forward.ForwardConfig(rules=(rule,), capture_dir=str(tmp_path)))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                [bound] = await nursery.start(forwarder.serve)
+                client = trio.socket.socket()
+                with client:
+                    await client.connect(("127.0.0.1", int(bound.address.rsplit(":", 1)[1])))
+                    await in_relay.wait()
+                    nursery.cancel_scope.cancel()  # shutdown, as SIGTERM does
+    lines = [r.getMessage() for r in caplog.records if "conn=" in r.getMessage()]
+    assert len(lines) == 1 and "close=internal-error (RuntimeError: bug in cleanup)" in lines[0], lines

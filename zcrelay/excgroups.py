@@ -39,3 +39,13 @@ def single_error(exc: BaseException) -> BaseException | None:
         elif not isinstance(item, trio.Cancelled):
             leaves.append(item)
     return leaves[0] if len(leaves) == 1 else None
+
+
+def split_cancelled(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """(the trio.Cancelled exceptions in `exc`, everything else), each None when empty; groups
+    keep their nesting (BaseExceptionGroup.split)."""
+    import trio  # groups come from trio's nurseries: it is loaded already
+
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    return (exc, None) if isinstance(exc, trio.Cancelled) else (None, exc)

@@ -21,7 +21,7 @@ import trio
 from zcrelay import capture, mover, net
 from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import NO_RESOURCES
-from zcrelay.excgroups import first_error
+from zcrelay.excgroups import first_error, split_cancelled
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
 from zcrelay.relay import Engine, Pair, relay
@@ -253,8 +253,17 @@ class Forwarder:
             conn.close = f"internal-error ({type(exc).__name__}: {exc})"
             log.debug("connection %d failed", conn.number, exc_info=True)
         except BaseException as exc:
-            # Cancelled arrives bare or, through a nursery (the capture's), in a group.
-            conn.close = "shutdown" if isinstance(first_error(exc), trio.Cancelled) else "interrupted"
+            # Cancelled arrives bare or, through a nursery (the capture's), in a group; there
+            # beside, perhaps, a bug that met the cancellation (in a cleanup, say).
+            cancelled, rest = split_cancelled(exc)
+            if cancelled is not None and isinstance(rest, Exception):
+                # The bug is this connection's, as above; the cancellation alone goes on, so a
+                # shutdown stays clean (the whole group would reach the CLI as a traceback).
+                bug = first_error(rest)
+                conn.close = f"internal-error ({type(bug).__name__}: {bug})"
+                log.debug("connection %d failed", conn.number, exc_info=rest)
+                raise cancelled from None
+            conn.close = "shutdown" if rest is None else "interrupted"
             raise
         finally:
             if session is not None:
