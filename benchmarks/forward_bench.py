@@ -252,20 +252,35 @@ def start_listening(
 # --------------------------------------------------------------------------
 
 
+def stat_fields(pid: int) -> Optional[list[str]]:
+    """Fields 3.. of ``/proc/PID/stat`` (state, ppid, ...), or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # after the comm, which may hold spaces
+
+
 def read_stat(pid: int) -> Optional[tuple[int, int]]:
     """(ppid, utime+stime+cutime+cstime in ticks) of a process, or None.
 
     ``/proc/PID/stat`` already sums all threads of the process; cutime and
     cstime hold the times of children it has reaped.
     """
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    rest = stat_fields(pid)
+    if rest is None:
         return None
-    rest = raw[raw.rindex(")") + 2 :].split()  # fields 3.. (comm may hold spaces)
     ppid = int(rest[1])
     ticks = sum(int(x) for x in rest[11:15])  # utime stime cutime cstime
     return ppid, ticks
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process, all its threads."""
+    rest = stat_fields(pid)
+    if rest is None:
+        raise RelayUnavailable(f"process {pid} is gone")
+    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
 
 
 def tree_cpu_seconds(root: int) -> float:

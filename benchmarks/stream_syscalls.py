@@ -19,7 +19,6 @@ the figures.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,13 +37,6 @@ EVENTS = {  # column: perf event
     "epoll_ctl": "syscalls:sys_enter_epoll_ctl",
     "cswitch": "context-switches",
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def user_system(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of the process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def counted(pid: int, out: Path, work) -> dict[str, int]:
@@ -66,18 +58,23 @@ def counted(pid: int, out: Path, work) -> dict[str, int]:
     return {column: by_event.get(event, 0) for column, event in EVENTS.items()}
 
 
-def one_run(relay: fb.RunningRelay, direction: str, seconds: float, workdir: Path) -> dict:
+def one_run(relay: fb.RunningRelay, direction: str, seconds: float, server: fb.IperfServer,
+            workdir: Path) -> dict | str:
+    """forward_bench.measure under perf: the row, or why the run failed."""
     pid = relay.proc.pid
-    result: dict = {}
-    user0, sys0 = user_system(pid)
-
-    def work() -> None:
-        result["bps"], result["bytes"] = fb.run_iperf(relay.port, seconds, direction == "rev")
-
-    counts = counted(pid, workdir / "perf.txt", work)
-    user1, sys1 = user_system(pid)
-    gb = result["bytes"] / 1e9
-    row = {"Gbit/s": result["bps"] / 1e9, "user/GB": (user1 - user0) / gb, "sys/GB": (sys1 - sys0) / gb}
+    measured: list[fb.Measurement] = []
+    try:
+        user0, sys0 = fb.user_system_seconds(pid)
+        counts = counted(pid, workdir / "perf.txt",
+                         lambda: measured.append(fb.measure(relay, direction, seconds, server)))
+        user1, sys1 = fb.user_system_seconds(pid)
+    except fb.RelayUnavailable as exc:
+        return str(exc)
+    [m] = measured
+    if not m.ok:
+        return m.error
+    gb = m.bytes_moved / 1e9
+    row = {"Gbit/s": m.bits_per_second / 1e9, "user/GB": (user1 - user0) / gb, "sys/GB": (sys1 - sys0) / gb}
     row.update({f"{k}/GB": v / gb for k, v in counts.items()})
     return row
 
@@ -113,14 +110,10 @@ def main() -> int:
                     for rnd in range(args.rounds):
                         for relay in fb.rotated(running, rnd, args.rounds):
                             for direction in fb.DIRECTIONS:
-                                try:
-                                    relay.check_alive()
-                                    row = one_run(relay, direction, args.seconds, workdir)
-                                except (RuntimeError, fb.RelayUnavailable, subprocess.TimeoutExpired,
-                                        KeyError, ValueError) as exc:  # as forward_bench.measure
+                                row = one_run(relay, direction, args.seconds, server, workdir)
+                                if isinstance(row, str):
                                     print(f"{fb.direction_label(direction):10} {relay.name:18} failed: "
-                                          f"{exc}", flush=True)
-                                    server.restart()  # a failed run may leave iperf3 -s wedged
+                                          f"{row}", flush=True)
                                     continue
                                 rows.setdefault((relay.name, direction), []).append(row)
                                 print(line(relay.name, direction, row), flush=True)
