@@ -506,6 +506,46 @@ async def test_small_messages_wait_without_a_re_arm(monkeypatch):
     assert len(rearms) <= 2, rearms
 
 
+@pytest.mark.parametrize("edge", [False, True], ids=["level", "edge"])
+async def test_a_large_message_delivered_is_followed_by_a_drain_at_once(monkeypatch, edge):
+    """A drain of _CHASE_FROM bytes or more (a loopback segment holds 65,483), once delivered,
+    is followed by another drain in the same step, since a sender streaming faster than a
+    segment per wake-up has most likely sent more meanwhile. Here nothing more comes: that drain
+    meets EAGAIN once per message, and the stream waits. A smaller message is followed by no
+    drain. Every message arrives intact, level- or edge-triggered."""
+    if edge:
+        _edge_triggered(monkeypatch)
+    engine = Engine(pool=PipePool(size=1 << 20))
+    (client, a), (b, server) = await _tcp_pairs()
+    real = syscalls.splice_unchecked
+    found_empty = []
+
+    def counting(src, dst, count, *args):
+        try:
+            return real(src, dst, count, *args)
+        except BlockingIOError:
+            if src == a.fileno():
+                found_empty.append(count)
+            raise
+
+    monkeypatch.setattr(syscalls, "splice_unchecked", counting)
+    chase = reactor_mod._CHASE_FROM
+    rng = random.Random(8)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(a, b, engine, Flow(), Flow(), linger=10))
+            for size in [100, chase - 1, chase, 60_000, 100, chase + 1, 1312]:
+                found_empty.clear()
+                message = rng.randbytes(size)
+                await client.send(message)
+                assert await traffic.recv_exactly(server, size) == message
+                # The reply is stepped after the step that delivered the message has ended.
+                await server.send(b"k")
+                assert await traffic.recv_exactly(client, 1) == b"k"
+                assert len(found_empty) == (1 if size >= chase else 0), (size, found_empty)
+            nursery.cancel_scope.cancel()
+
+
 async def test_messages_delivered_in_parts_arrive_whole_and_in_order(monkeypatch):
     """Each pump moves at most 97 bytes: a message the straight-through step drained is only
     partly delivered, and the loop delivers the rest before the stream waits again. Messages

@@ -15,8 +15,9 @@ Same rules as zcrelay.mover (shared/SPLICE.md), kept as one state machine per di
   full" (`held` counts the bytes in the pipe). After a bulk drain the stream drains again
   into the same pipe before pumping; EAGAIN there is ambiguous and is never waited on: the
   stream pumps, and waits only on an unambiguous EAGAIN. After a small drain (a request, a
-  reply) has been delivered the stream waits without draining again, since that drain would
-  almost always meet EAGAIN (see Readiness below);
+  reply: under _CHASE_FROM) has been delivered the stream waits without draining again, since
+  that drain would almost always meet EAGAIN (see Readiness below); after a larger one it
+  drains again at once;
 - an idle stream holds no pipe and no buffer; a pipe that still holds bytes is destroyed;
 - a stream that never meets EAGAIN gives way after mover.YIELD_EVERY bytes;
 - user-space copying only when splice is off or refused the fd pair before the first byte
@@ -88,6 +89,11 @@ _TURNS = 8  # batches stepped per wake-up at most
 # A drain at least this large marks a bulk transfer: drain again before pumping (see _step_splice).
 # Smaller ones (requests, replies, interactive traffic) are pumped at once, in 3 splices a burst.
 _FILL_FROM = 64 << 10
+# A drain at least this large (half a loopback segment of 65,483 bytes, half a GRO packet),
+# once delivered, is followed by another drain at once rather than a wait: a sender that
+# streams faster than a segment per wake-up has most likely sent more meanwhile. Smaller ones
+# wait, since their next drain would almost always meet EAGAIN.
+_CHASE_FROM = 32 << 10
 
 SPLICE, COPY = "splice", "copy"
 
@@ -591,7 +597,12 @@ class Reactor:
                 flow.spliced += m
                 if flow.on_bytes is not None:
                     flow.on_bytes(m)
-                if m == n:
+                if m < n:
+                    s.held = pipe.held = n - m  # the loop below delivers the rest, then drains
+                elif n >= _CHASE_FROM:  # all delivered; the loop below drains again at once
+                    s.held = pipe.held = 0
+                    budget -= n
+                else:
                     s.pipe = None
                     s.held = pipe.held = 0
                     self._spare.append(pipe)
@@ -604,7 +615,6 @@ class Reactor:
                     else:
                         self._rearm(s)
                     return
-                s.held = pipe.held = n - m  # the loop below delivers the rest, then drains
             else:  # EOF, or an urgent mark, or a file: the loop below drains again and sees it
                 self._spare.append(pipe)
         src, dst = s.src, s.dst
@@ -691,7 +701,7 @@ class Reactor:
                     pipe.held = held
                     held = self._fill(s, pipe, budget)
                     budget -= held - n
-                else:
+                elif n < _CHASE_FROM:  # else: pumped, then drained again (see _CHASE_FROM)
                     rearm = src in self._masks and (not woke & _FIN_IN or woke & _PRI)
                     # Fewer bytes than the pipe has slots (each slot holds at least one byte):
                     # the pipe did not fill, so the drain stopped because the socket had no
