@@ -380,17 +380,18 @@ def measure(
 # --------------------------------------------------------------------------
 
 
-def launch_zcrelay(launch: Launch, *extra: str) -> RunningRelay:
-    """``python -m zcrelay forward 127.0.0.1:0 ...``; port parsed from stderr."""
+def launch_zcrelay(launch: Launch, *extra: str, root: Path = REPO_ROOT) -> RunningRelay:
+    """``python -m zcrelay forward 127.0.0.1:0 ...`` from the checkout at `root` (another one
+    for an A/B of two builds); port parsed from stderr."""
     argv = [
         sys.executable, "-m", "zcrelay", "forward",
         f"{LOOPBACK}:0", f"{LOOPBACK}:{launch.upstream_port}",
         "--pipe-size", "1M", "-q", *extra,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     log = launch.workdir / f"{launch.name}.log"
-    proc = spawn(argv, log, cwd=REPO_ROOT, env=env)
+    proc = spawn(argv, log, cwd=root, env=env)
     found: list[int] = []
 
     def bound() -> bool:
