@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
+import reprlib
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -20,9 +23,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Keys a config file may set; each is the option of the same name with dashes.
-CONFIG_KEYS = {"pipe-size", "max-conns", "max-idle-pipes", "connect-timeout", "idle-timeout",
-               "linger", "resolve-ttl", "splice", "nodelay", "backlog", "workers", "rule"}
+# Keys a config file may set, each the option of the same name with dashes, and the TOML type
+# its value must have. The bounds are that option's min/max (_bounds): one source for both.
+CONFIG_TYPES: dict[str, Any] = {
+    "pipe-size": "size", "max-conns": int, "max-idle-pipes": int, "connect-timeout": float,
+    "idle-timeout": float, "linger": float, "resolve-ttl": float, "splice": bool, "nodelay": bool,
+    "backlog": int, "workers": int, "rule": list,
+}
+CONFIG_KEYS = set(CONFIG_TYPES)
+MIN_PIPE_SIZE = 4096  # one page
 
 
 def _rule(text: str) -> Rule:
@@ -33,28 +42,87 @@ def _rule(text: str) -> Rule:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Read a TOML config file; unknown keys are an error, not silently ignored."""
+    """Read a TOML config file; unknown keys are an error, not silently ignored, and each value
+    is checked as its option checks it (_checked). Any fault is a BadParameter naming the file."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--config") from None
+    except UnicodeDecodeError as exc:  # a ValueError like TOMLDecodeError: first
+        raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})",
+                                 param_hint="--config") from None
     except tomllib.TOMLDecodeError as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    except RecursionError:
+        raise typer.BadParameter(f"{path}: arrays or tables nested too deeply", param_hint="--config") from None
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
         raise typer.BadParameter(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
                                  f"{', '.join(sorted(CONFIG_KEYS))}", param_hint="--config")
-    return data
+    return {key: _checked(path, key, value) for key, value in data.items()}
 
 
-def _config_rules(data: dict[str, Any]) -> list[Rule]:
+def _bounds(key: str) -> tuple[Any, Any]:
+    """min and max of forward's option for `key`, so a file cannot set what the command line refuses."""
+    option = inspect.signature(forward).parameters[key.replace("-", "_")].default
+    return option.min, option.max
+
+
+def _checked(path: Path, key: str, value: Any) -> Any:
+    """`value` if the option `key` would take it, else a BadParameter naming the file and key.
+    No conversions: bool("no") is True, int(1.7) is 1, and int("ten") was a traceback."""
+
+    def refuse(reason: str) -> NoReturn:
+        raise typer.BadParameter(f"{path}: {key} {reason}", param_hint="--config")
+
+    kind = CONFIG_TYPES[key]
+    if kind is list:
+        return _config_rules(path, value)
+    if kind == "size":
+        if type(value) not in (int, str):
+            refuse(f'must be a number of bytes or a size string like "64K", not {reprlib.repr(value)}')
+        try:
+            size = parse_size(str(value))  # the option's parser: the same limits and messages
+        except typer.BadParameter as exc:
+            refuse(f"= {exc.message}")
+        if size < MIN_PIPE_SIZE:
+            refuse(f"= {value!r} is less than one page (4K)")
+        return size
+    if kind is bool:
+        if type(value) is not bool:
+            refuse(f"must be true or false, not {reprlib.repr(value)}")
+        return value
+    # type(), not isinstance(): a bool is an int, and a float is no integer here.
+    if kind is int and type(value) is not int:
+        refuse(f"must be an integer, not {reprlib.repr(value)}")
+    if kind is float and (type(value) not in (int, float) or math.isnan(value)):
+        refuse(f"must be a number of seconds, not {reprlib.repr(value)}")
+    low, high = _bounds(key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        refuse(f"= {value!r} is out of range ({f'{low} to {high}' if high is not None else f'{low} or more'})")
+    return value
+
+
+def _config_rules(path: Path, entries: Any) -> list[Rule]:
+    """The [[rule]] tables, each exactly two address strings, parsed as LISTEN and TARGET are."""
+    shape = f"{path}: each [[rule]] needs exactly listen = \"...\" and target = \"...\""
+    if type(entries) is not list:
+        raise typer.BadParameter(shape, param_hint="--config")
     rules = []
-    for entry in data.get("rule", []):
+    for n, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or set(entry) != {"listen", "target"}:
-            raise typer.BadParameter("each [[rule]] needs exactly listen = \"...\" and target = \"...\"",
-                                     param_hint="--config")
-        rules.append(Rule(address(str(entry["listen"]), listen=True), address(str(entry["target"]), listen=False)))
+            raise typer.BadParameter(f"{shape} (rule {n})", param_hint="--config")
+        ends = {}
+        for key in ("listen", "target"):
+            if type(entry[key]) is not str:  # str(5) would be taken as port 5
+                raise typer.BadParameter(f"{path}: rule {n}: {key} must be an address string, not "
+                                         f"{reprlib.repr(entry[key])}", param_hint="--config")
+            try:
+                ends[key] = address(entry[key], listen=key == "listen")
+            except typer.BadParameter as exc:
+                raise typer.BadParameter(f"{path}: rule {n}: {key}: {exc.message}", param_hint="--config") from None
+        rules.append(Rule(ends["listen"], ends["target"]))
     return rules
 
 
@@ -93,36 +161,32 @@ def forward(
 ) -> ExitCode:
     """Forward connections from LISTEN to TARGET, splicing payloads through pipes."""
     data = load_config(config) if config else {}
-    rules = _config_rules(data) + [_rule(text) for text in rule]
+    rules = data.get("rule", []) + [_rule(text) for text in rule]
     if (listen is None) != (target is None):
         raise typer.BadParameter("give both LISTEN and TARGET, or neither (with --rule or --config)")
     if listen is not None and target is not None:
         rules.insert(0, Rule(address(listen, listen=True), address(target, listen=False)))
     if not rules:
         raise typer.BadParameter("nothing to forward: give LISTEN TARGET, --rule or --config")
-    size = pipe_size if pipe_size is not None else str(data.get("pipe-size", "1M"))
+    size = parse_size(pipe_size) if pipe_size is not None else data.get("pipe-size", 1 << 20)
+    if size < MIN_PIPE_SIZE:
+        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
+    # The file's values are checked (load_config); the options' by typer.
     settings = ForwardConfig(
         rules=tuple(rules),
-        pipe_size=parse_size(size),
-        max_idle_pipes=int(_pick(max_idle_pipes, data, "max-idle-pipes", 16)),
-        max_conns=int(_pick(max_conns, data, "max-conns", 0)),
+        pipe_size=size,
+        max_idle_pipes=_pick(max_idle_pipes, data, "max-idle-pipes", 16),
+        max_conns=_pick(max_conns, data, "max-conns", 0),
         connect_timeout=_seconds(_pick(connect_timeout, data, "connect-timeout", 10.0)),
         idle_timeout=_seconds(_pick(idle_timeout, data, "idle-timeout", 0)),
         linger=_seconds(_pick(linger, data, "linger", 60.0)),
-        splice=not no_splice and bool(data.get("splice", True)),
-        nodelay=not no_nodelay and bool(data.get("nodelay", True)),
-        backlog=int(_pick(backlog, data, "backlog", 4096)),
+        splice=not no_splice and data.get("splice", True),
+        nodelay=not no_nodelay and data.get("nodelay", True),
+        backlog=_pick(backlog, data, "backlog", 4096),
         capture_dir=capture_directory(capture_dir),
         resolve_ttl=float(_pick(resolve_ttl, data, "resolve-ttl", 5.0)),
     )
-    if settings.resolve_ttl < 0:
-        raise typer.BadParameter(f"{settings.resolve_ttl:g} is not a number of seconds (0 or more)",
-                                 param_hint="--resolve-ttl")
-    if settings.pipe_size < 4096:
-        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
-    count = int(_pick(workers, data, "workers", 1))
-    if count < 1:
-        raise typer.BadParameter(f"{count} is not a number of workers (1 or more)", param_hint="--workers")
+    count = _pick(workers, data, "workers", 1)
     setup_logging(verbose, quiet)
     return run_forwarder(settings, workers=count)
 
