@@ -74,6 +74,11 @@ class FileChangedDuringBench(ZcrelayError):
     """The file shrank while a method was reading it."""
 
 
+class PayloadFailed(ZcrelayError):
+    """The temporary file could not be written (a full disk, an unwritable TMPDIR): the CLI's
+    OUTPUT_ERROR, with the path, where a bare "No space left on device" gave exit status 1."""
+
+
 @dataclass(frozen=True)
 class Run:
     """One transfer of the whole file by one method."""
@@ -168,7 +173,7 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
     tmpdir = None
     try:
         if path is None:
-            tmpdir = tempfile.mkdtemp(prefix="zcrelay-bench-")
+            tmpdir = _make_tmpdir(size)
             path = os.path.join(tmpdir, "payload")
             _write_payload(path, size)
         fd, real_size = open_file(path)
@@ -181,16 +186,45 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _make_tmpdir(size: int) -> str:
+    """A fresh directory under TMPDIR, once its file system is known to have room for `size`
+    bytes: a --size larger than the free space filled /tmp (a tmpfs: memory) before failing."""
+    try:
+        parent = tempfile.gettempdir()
+    except OSError as exc:  # no usable TMPDIR, /tmp, /var/tmp...
+        raise PayloadFailed(f"no temporary directory to write the file in: {exc.strerror or exc}") from None
+    try:
+        fs = os.statvfs(parent)
+    except OSError:
+        fs = None
+    if fs is not None and fs.f_bavail * fs.f_frsize < size:
+        free = fs.f_bavail * fs.f_frsize
+        raise PayloadFailed(f"{parent} has {_mib(free)} free, less than --size {_mib(size)}: "
+                            f"give a smaller --size, or TMPDIR on a larger file system")
+    try:
+        return tempfile.mkdtemp(prefix="zcrelay-bench-", dir=parent)
+    except OSError as exc:
+        raise PayloadFailed(f"cannot create a directory in {parent}: "
+                            f"{os.strerror(exc.errno) if exc.errno else exc}") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n} bytes" if n < 1 << 20 else f"{n / 2**20:.1f} MiB"
+
+
 def _write_payload(path: str, size: int) -> None:
     """Real bytes, not a sparse file: holes would be read as zero pages, not page cache."""
     block = os.urandom(min(size, CHUNK))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        done = 0
-        while done < size:
-            done += os.write(fd, block[: size - done])
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            done = 0
+            while done < size:
+                done += os.write(fd, block[: size - done])
+        finally:
+            os.close(fd)
+    except OSError as exc:  # ENOSPC (the room or the inodes went after _make_tmpdir looked), EFBIG...
+        raise PayloadFailed(f"writing {path}: {os.strerror(exc.errno) if exc.errno else exc}") from None
 
 
 def warm(fd: int, size: int) -> None:
@@ -400,7 +434,8 @@ def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
     runs: dict[str, list[Run]] = {m: [] for m in METHODS}
     with bench_file(path, size) as (real_path, fd, real_size):
         if real_size == 0:
-            raise InputFailed(f"{real_path} is empty: nothing to measure")
+            raise InputFailed(f"{real_path} reports size 0 (empty, or a procfs file): "
+                              f"nothing to measure")
         warm(fd, real_size)
         if on_file:
             on_file(real_path, real_size)

@@ -4,7 +4,8 @@ The file is opened once; every transfer reads it at explicit offsets (splice's o
 sendfile's offset), so concurrent clients share the fd without sharing a file position, and
 the file position of the fd is never touched. A file that shrinks mid-transfer is noticed by
 the mover (a 0 return before the expected end: no SIGBUS, unlike mmap) and ends that transfer
-with direct.FileShrank; bytes past the file's end are never sent.
+with direct.FileShrank; bytes past the file's end are never sent. A file that reports size 0
+(procfs) is sent to its EOF instead: its size says nothing.
 
 After the last byte the socket's write side is shut down and whatever the peer still sends is
 read and dropped until it closes (bounded by `linger`): closing with unread bytes would send a
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError
-from zcrelay.mover import SOURCE
+from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError, translate
+from zcrelay.mover import COPY_BUFSIZE, SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
+from zcrelay.syscalls import SPLICE_REFUSED
 
 log = logging.getLogger("zcrelay")
 
@@ -48,9 +50,17 @@ class SendConfig:
 
 def open_file(path: str) -> tuple[int, int]:
     """Open a regular file for sending; return (fd, size). Raises InputFailed with a message
-    naming the path: missing, unreadable, a directory, not a regular file."""
+    naming the path: missing, unreadable, a directory, not a regular file.
+
+    The path is checked before it is opened, and opened with O_NONBLOCK (cleared once the fd
+    is known to be a regular file) in case it was replaced in between: a plain open of a FIFO
+    blocks until a writer comes, so `send FIFO` hung before the check could refuse it, and
+    opening a device can act on it (a tape rewinds). O_NOCTTY: nor may a terminal become ours."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+            raise InputFailed(f"{path}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except IsADirectoryError:
         raise InputFailed(f"{path}: is a directory") from None
     except OSError as exc:
@@ -62,11 +72,17 @@ def open_file(path: str) -> tuple[int, int]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputFailed(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
     return fd, st.st_size
 
 
 def span(size: int, offset: int, length: int | None) -> tuple[int, int]:
-    """(offset, length) checked against the file's size; length None means to the end."""
+    """(offset, length) checked against the file's size; length None means to the end. A
+    file that reports size 0 is sent whole, to its EOF (see transfer): a span of it cannot be
+    checked, so a non-zero --offset or --length is refused."""
+    if size == 0 and (offset > 0 or length):
+        raise BadRange("the file reports size 0 (empty, or a procfs file whose size is unknown): "
+                       "--offset and --length need a known size")
     if offset > size:
         raise BadRange(f"--offset {offset} is past the end of the file ({size} bytes)")
     if length is None:
@@ -77,11 +93,18 @@ def span(size: int, offset: int, length: int | None) -> tuple[int, int]:
     return offset, length
 
 
-async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow: Flow,
+async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None, flow: Flow,
                    config: SendConfig) -> None:
-    """Send bytes [offset, offset + length) of `fd` to `sock`, then half-close and wait for the
-    peer to close (at most config.linger seconds). Raises FileShrank, InputFailed or
-    ConnectionLost. Closes nothing."""
+    """Send bytes [offset, offset + length) of `fd` to `sock` (length None: to EOF), then
+    half-close and wait for the peer to close (at most config.linger seconds). Raises
+    FileShrank, InputFailed or ConnectionLost. Closes nothing.
+
+    The whole of a file that reports size 0 (length 0 from offset 0, as span and `serve` give
+    it) is sent to EOF too: procfs files report 0 and have content, and sending 0 bytes of
+    /proc/self/status with exit status 0 was a silent lie. An empty file ends at once all the
+    same."""
+    if length == 0 and offset == 0 and os.fstat(fd).st_size == 0:
+        length = None
     pacer = RateLimit(config.rate_limit) if config.rate_limit else None
     blocking = waits.blocking()  # then `sock` is a stdlib socket (net.connect)
     if blocking:
@@ -89,19 +112,16 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow:
         # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups).
         sock.setblocking(True)
     try:
-        if config.method == "sendfile":
-            await direct.send_file_sendfile(fd, sock.fileno(), offset, length, flow, pacer)
+        if length is None:
+            await _send_to_eof(fd, sock.fileno(), offset, flow, config, pacer)
         else:
-            pipe = Pipe.open(min(config.pipe_size, max(length, 4096)))
-            try:
-                await direct.send_file_splice(fd, sock.fileno(), offset, length, pipe, flow, pacer)
-            finally:
-                pipe.close()  # ours alone, never pooled: it may hold bytes after an error
+            await _send_span(fd, sock.fileno(), offset, length, flow, config, pacer)
     except StreamError as exc:
         if exc.role == SOURCE:
             raise InputFailed(f"reading the file: {os.strerror(exc.errno)}") from None
         why = "the peer stopped reading" if exc.errno == errno.EPIPE else os.strerror(exc.errno).lower()
-        raise ConnectionLost(f"connection lost after {flow.bytes} of {length} bytes: {why}") from None
+        total = "" if length is None else f" of {length}"
+        raise ConnectionLost(f"connection lost after {flow.bytes}{total} bytes: {why}") from None
     finally:
         if blocking:
             sock.setblocking(False)  # the linger below waits with a deadline
@@ -114,9 +134,55 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int, flow:
         await direct.drain_discard(sock.fileno())
 
 
+async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
+                     pacer: RateLimit | None) -> None:
+    if config.method == "sendfile":
+        await direct.send_file_sendfile(fd, sock, offset, length, flow, pacer)
+        return
+    pipe = Pipe.open(min(config.pipe_size, max(length, 4096)))
+    try:
+        await direct.send_file_splice(fd, sock, offset, length, pipe, flow, pacer)
+    finally:
+        pipe.close()  # ours alone, never pooled: it may hold bytes after an error
+
+
+# A length no file reaches: the movers take a span and end at EOF with FileShrank.
+_TO_EOF = 1 << 62
+
+
+async def _send_to_eof(fd: int, sock: int, offset: int, flow: Flow, config: SendConfig,
+                       pacer: RateLimit | None) -> None:
+    """Send from `offset` to EOF, zero-copy where the file allows it. Files of /proc/PID
+    refuse splice and sendfile (EINVAL) before the first byte: then they are read at explicit
+    offsets (serve's clients share the fd) and written through user space, a fallback that
+    flow.fallback names."""
+    try:
+        await _send_span(fd, sock, offset, _TO_EOF, flow, config, pacer)
+    except direct.FileShrank:
+        return  # EOF: the end of a file of unknown size
+    except StreamError as exc:
+        if exc.role != SOURCE or flow.bytes or exc.errno not in SPLICE_REFUSED:
+            raise
+        flow.fallback = f"{config.method} refused the file ({errno.errorcode.get(exc.errno, exc.errno)})"
+    position = offset
+    chunk = min(COPY_BUFSIZE, pacer.chunk) if pacer is not None else COPY_BUFSIZE
+    while True:
+        try:
+            data = os.pread(fd, chunk, position)
+        except OSError as exc:
+            raise translate(exc, SOURCE, "pread") from exc
+        if not data:
+            return
+        await direct.write_waiting(sock, memoryview(data), flow)
+        position += len(data)
+        if pacer is not None:
+            await pacer.spent(len(data))
+
+
 async def send(path_fd: int, size: int, address: Address, offset: int, length: int | None,
                flow: Flow, config: SendConfig, connect_timeout: float | None) -> int:
-    """Connect to `address` and send the span; return the bytes sent."""
+    """Connect to `address` and send the span (to EOF for a file that reports size 0); return
+    the bytes sent."""
     offset, length = span(size, offset, length)
     sock = await net.connect(address, connect_timeout)
     with sock:

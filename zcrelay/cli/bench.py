@@ -2,6 +2,8 @@
 
 Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 - --file missing, unreadable, a directory or not a regular file: INPUT_ERROR (8)
+- the temporary file cannot be written, or --size exceeds the free space of its file system
+  (TMPDIR): OUTPUT_ERROR (9), refused before a byte is written in the second case
 - the file shrank while it was measured: FILE_CHANGED (10)
 - Ctrl-C or SIGTERM: INTERRUPTED (130), after the temporary file is removed
 """
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, BenchResult,
-                           FileChangedDuringBench, run_bench)
+                           FileChangedDuringBench, PayloadFailed, run_bench)
 from zcrelay.cli.app import app
 from zcrelay.cli.common import error, exit_code_for, parse_size, say
 from zcrelay.exitcodes import ExitCode
@@ -95,6 +97,8 @@ def bench(
         return error(str(exc), ExitCode.INPUT_ERROR)
     except FileChangedDuringBench as exc:
         return error(str(exc), ExitCode.FILE_CHANGED)
+    except PayloadFailed as exc:
+        return error(str(exc), ExitCode.OUTPUT_ERROR)
     except Exception as exc:  # the CLI boundary: a code and one line
         code, message = exit_code_for(exc)
         return error(message, code)

@@ -20,7 +20,7 @@ def show_progress(option: bool | None, data_fds: tuple[int, ...] = ()) -> bool:
     data or typed input would garble both (`zcrelay connect HOST:PORT` in a terminal)."""
     if option is not None:
         return option
-    if not sys.stderr.isatty():
+    if sys.stderr is None or not sys.stderr.isatty():  # None: fd 2 was closed at start-up
         return False
     return not any(_isatty(fd) for fd in data_fds)
 

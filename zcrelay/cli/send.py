@@ -53,13 +53,16 @@ def send(
         fd, size = open_file(file)
         try:
             first, total = span(size, start, count)
-            display = Display(show_progress(progress), [(os.path.basename(file), flow, total)])
+            # A file that reports size 0 (procfs) is sent to its EOF: no total to show.
+            display = Display(show_progress(progress), [(os.path.basename(file), flow, total if size else None)])
             started = time.monotonic()
             with display.ticking():
                 await send_file(fd, size, where, first, total, flow, config, connect_timeout or None)
             elapsed = time.monotonic() - started
             log.debug("sent %d bytes by %s in %.3fs (%.1f MB/s)", flow.bytes, method, elapsed,
                       flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0)
+            if flow.fallback:
+                log.debug("copied through user space: %s", flow.fallback)
         finally:
             os.close(fd)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Sequence
 
 from zcrelay.cli.common import error, run, setup_logging
@@ -26,6 +27,31 @@ from zcrelay.stats import Flow
 PIPE_SIZE = "1M"  # --pipe-size's default
 PIPE_SIZE_BYTES = 1 << 20  # parse_size(PIPE_SIZE), without importing re at start-up
 APPEND_FLAGS = ("--append", "-a")
+
+
+def keep_stderr() -> None:
+    """If fd 2 is closed (`2>&-`), put /dev/null there and give Python a sys.stderr for it.
+
+    Why: Python leaves sys.stderr None, and then `print(..., file=sys.stderr)` writes to stdout
+    (the data) and `sys.stderr.isatty()` raised, so every pipeline command failed without moving
+    a byte; and the first file or socket opened took fd 2 and got the error messages. Messages
+    are lost instead, as with GNU tee and nc. zcrelay.cli.main imports this module before it
+    opens anything, so the call below, at import, guards every command (its place is the top
+    of main(), in zcrelay/cli/__init__.py)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:  # fd 0 or 1 is closed too: leave it closed, the commands check them
+            os.dup2(fd, 2)
+            os.close(fd)
+        else:
+            os.set_inheritable(2, True)  # children (forward --workers) get it as their stderr
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+
+
+keep_stderr()
 
 
 def plain_tee(args: Sequence[str]) -> tuple[list[str], bool] | None:
@@ -50,12 +76,28 @@ def main(files: Sequence[str], append: bool) -> ExitCode:
     return run_pipeline_tee(files, append, None, PIPE_SIZE_BYTES, None)
 
 
+def _closed_stdio() -> ExitCode | None:
+    """A closed stdin or stdout is refused before any FILE is opened: the first FILE would
+    take its number, and the tee would then read its own output or report "standard output:
+    Invalid argument" about a file (`zcrelay tee o1 >&-`); a closed stdin was a traceback."""
+    for fd, name, code in ((0, "standard input", ExitCode.INPUT_ERROR),
+                           (1, "standard output", ExitCode.OUTPUT_ERROR)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return error(f"{name} is closed", code)
+    return None
+
+
 def run_pipeline_tee(files: Sequence[str], append: bool, output_error: str | None, pipe_size: int,
                      progress: bool | None) -> ExitCode:
     """Copy stdin to stdout and to each FILE; `output_error` is a valid mode or None (the
     default). Logging is set up by the caller."""
     from zcrelay.tee import DEFAULT, BrokenPipeExit, InputError, OutputErrorExit, TeeConfig, needs_trio, run_tee
 
+    closed = _closed_stdio()
+    if closed is not None:
+        return closed
     config = TeeConfig(files=tuple(files), append=append, output_error=output_error or DEFAULT,
                        pipe_size=pipe_size)
     broken_pipe = False
