@@ -52,8 +52,14 @@ class Address:
 _BRACKETED = re.compile(r"^\[([^\]]+)\]:(\w*)$")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '١٢٣' (which
+    int() reads as 123)."""
+    return text.isascii() and text.isdigit()
+
+
 def _port(text: str, original: str, allow_zero: bool) -> int:
-    if not text.isdigit():
+    if not _digits(text):
         raise AddressError(f"{original!r}: port {text!r} is not a number (expected {FORMS})")
     port = int(text)
     if port > 65535 or (port == 0 and not allow_zero):
@@ -75,9 +81,13 @@ def parse(text: str, *, listen: bool) -> Address:
         if len(path.encode()) > 107:
             raise AddressError(f"{original!r}: a unix socket path is at most 107 bytes")
         return Address(path=path)
-    if text.isdigit():
+    if _digits(text):
         return Address("127.0.0.1", _port(text, original, listen))
     match = _BRACKETED.match(text)
+    if not match and text.startswith("["):
+        if "]" not in text:
+            raise AddressError(f"{original!r}: no closing ']' after the IPv6 address")
+        raise AddressError(f"{original!r}: no port after ']' (expected [ADDR]:PORT)")
     if match:
         host, port = match.groups()
         try:

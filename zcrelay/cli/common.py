@@ -25,19 +25,24 @@ if TYPE_CHECKING:
 PROG = "zcrelay"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_LIMIT = float(1 << 62)  # no size here means anything near it; offsets stay in off_t
 
 
 def parse_size(text: str) -> int:
     """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same)."""
     import re  # here, not at the top: `zcrelay tee FILE...` starts without it (zcrelay.logs)
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if not match:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE | re.ASCII)
+    size = None
+    if match:
+        number, unit = match.groups()
+        size = float(number) * _UNITS[unit.upper()]  # inf for 400 digits: refused below
+    if size is None or not size < _SIZE_LIMIT:
         import typer
 
-        raise typer.BadParameter(f"{text!r} is not a size (examples: 65536, 512K, 1M)")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.upper()])
+        reason = "is not a size" if size is None else "is too large for a size"
+        raise typer.BadParameter(f"{text!r} {reason} (examples: 65536, 512K, 1M)")
+    return int(size)
 
 
 def size_option(value: str | None) -> int | None:
