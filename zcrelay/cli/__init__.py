@@ -46,12 +46,44 @@ def _invoked(argv: list[str]) -> set[str] | None:
     return set() if first is None and "--version" in argv else None
 
 
+def _refuse_nan(command) -> None:
+    """Every float option refuses 'nan', which click's min=0 lets through (nan < 0 is false):
+    a NaN timeout turned each connection into an internal error, or into no timeout at all."""
+    import math
+
+    from zcrelay.cli._click import FloatParamType
+
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        for param in cmd.params:
+            kind = param.type
+            if not isinstance(kind, FloatParamType) or getattr(kind, "refuses_nan", False):
+                continue
+
+            def convert(value, param, ctx, convert=kind.convert, kind=kind):
+                number = convert(value, param, ctx)
+                if isinstance(number, float) and math.isnan(number):
+                    kind.fail(f"{value!r} is not a number", param, ctx)
+                return number
+
+            kind.convert, kind.refuses_nan = convert, True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr and exit code 2, never a traceback.
     `zcrelay tee [-a] FILE...` runs without importing typer (see zcrelay.cli.teepipe)."""
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command set its own handling: start-up imports take 50-150 ms,
+        # and a SIGINT there printed a KeyboardInterrupt traceback.
+        sys.exit(ExitCode.INTERRUPTED)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     from zcrelay.cli import teepipe
 
+    teepipe.keep_stderr()
     plain = teepipe.plain_tee(args)
     if plain is not None:
         sys.exit(teepipe.main(*plain))
@@ -60,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     from zcrelay.cli._click import Abort, ClickException, UsageError
 
     command = typer.main.get_command(load(_invoked(args)))
+    _refuse_nan(command)
     try:
         result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
     except UsageError as exc:

@@ -1,13 +1,15 @@
-"""click's exception classes, wherever this typer keeps them: typer up to 0.2x depends on click,
-later versions vendor it as typer._click. Nothing else of click is used directly."""
+"""click's exception classes and float type, wherever this typer keeps them: typer up to 0.2x
+depends on click, later versions vendor it as typer._click. Nothing else of click is used
+directly."""
 
 try:
-    from typer._click import exceptions
+    from typer._click import exceptions, types
 except ImportError:  # typer that depends on the click package
-    from click import exceptions
+    from click import exceptions, types
 
 UsageError = exceptions.UsageError
 ClickException = exceptions.ClickException
+FloatParamType = types.FloatParamType
 import typer
 
 Abort = typer.Abort

@@ -35,9 +35,8 @@ def keep_stderr() -> None:
     Why: Python leaves sys.stderr None, and then `print(..., file=sys.stderr)` writes to stdout
     (the data) and `sys.stderr.isatty()` raised, so every pipeline command failed without moving
     a byte; and the first file or socket opened took fd 2 and got the error messages. Messages
-    are lost instead, as with GNU tee and nc. zcrelay.cli.main imports this module before it
-    opens anything, so the call below, at import, guards every command (its place is the top
-    of main(), in zcrelay/cli/__init__.py)."""
+    are lost instead, as with GNU tee and nc. zcrelay.cli.main calls it before it opens
+    anything."""
     try:
         os.fstat(2)
     except OSError:
@@ -49,9 +48,6 @@ def keep_stderr() -> None:
             os.set_inheritable(2, True)  # children (forward --workers) get it as their stderr
     if sys.stderr is None:
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
-
-
-keep_stderr()
 
 
 def plain_tee(args: Sequence[str]) -> tuple[list[str], bool] | None:
