@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import time
 
 import trio
 
@@ -153,3 +154,30 @@ async def test_a_second_signal_does_not_wait_for_the_workers(zcrelay):
     assert code == 130, err
     assert "Traceback" not in err and "stopped:" not in err
     wait_gone([first])
+
+
+def test_two_quick_signals_never_end_in_an_error(zcrelay):
+    """Two SIGINTs half a millisecond apart, as a terminal's double Ctrl-C or `timeout -s INT`
+    to the group can send: the second used to land between closing the workers' stop pipe and
+    forgetting it, closed it again, and ended in 'Bad file descriptor' and exit 1."""
+    for _ in range(5):
+        relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "32")
+        os.kill(relay.proc.pid, signal.SIGINT)
+        time.sleep(0.0005)  # the gap is the case under test, not a wait for readiness
+        os.kill(relay.proc.pid, signal.SIGINT)
+        code, err = finish(relay)
+        assert code in (0, 130), err
+        assert "error" not in err and "Traceback" not in err, err
+
+
+def test_workers_do_not_join_another_processes_port(zcrelay):
+    """SO_REUSEPORT lets same-user sockets share a port. A second `forward --workers 2` on a
+    port that a first one serves used to join its group, and the kernel split the connections
+    between two different targets. Now it is 'address in use', exit 3, as with one worker."""
+    first = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2")
+    done = run_zcrelay("forward", f"127.0.0.1:{first.port}", "127.0.0.1:7", "--workers", "2")
+    err = done.stderr.decode()
+    assert done.returncode == 3, err
+    assert "address already in use" in err and len(err.strip().splitlines()) == 1
+    code, err = finish(first, signal.SIGTERM)
+    assert code == 0, err

@@ -85,8 +85,13 @@ def bind_listeners(address: Address, count: int, backlog: int = BACKLOG) -> list
         family, sockaddr = _any_sockaddr(address)
     socks: list[socket.socket] = []
     try:
-        for _ in range(count):
-            socks.append(_bind(address, family, sockaddr, backlog, reuse_port=True))
+        for i in range(count):
+            # The first socket binds without SO_REUSEPORT, so a port already held by anyone,
+            # a SO_REUSEPORT group included (a second `zcrelay forward -w 2` on the same
+            # port), is EADDRINUSE as with one worker; it sets SO_REUSEPORT before listen(2)
+            # so that the others can join it.
+            socks.append(_bind(address, family, sockaddr, backlog, reuse_port=i > 0,
+                               share=count > 1))
             sockaddr = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])  # the real port
     except BaseException:
         for sock in socks:
@@ -96,8 +101,10 @@ def bind_listeners(address: Address, count: int, backlog: int = BACKLOG) -> list
 
 
 def _bind(address: Address, family: int, sockaddr: tuple, backlog: int, *,
-          reuse_port: bool = False) -> socket.socket:
-    """A non-blocking TCP listener; bind(2) does not block, so this is fine in a trio run."""
+          reuse_port: bool = False, share: bool = False) -> socket.socket:
+    """A non-blocking TCP listener; bind(2) does not block, so this is fine in a trio run.
+    `reuse_port`: SO_REUSEPORT before bind(2), to join a group; `share`: after it, so that
+    others may join this one."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -108,7 +115,9 @@ def _bind(address: Address, family: int, sockaddr: tuple, backlog: int, *,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         urgent_inline(sock)  # for every socket it accepts
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.listen(_backlog(backlog))
     except OSError as exc:
         sock.close()
         raise BindError(address, exc.errno or errno.EIO) from None
@@ -148,6 +157,12 @@ def _ipv6_works() -> bool:
         return False
 
 
+def _backlog(backlog: int) -> int:
+    """listen(2) takes an int and the kernel caps it at net.core.somaxconn: a larger --backlog
+    means "as large as the kernel allows", not an OverflowError."""
+    return min(backlog, 0x7FFFFFFF)
+
+
 def _bind_unix(address: Address, backlog: int) -> socket.socket:
     path = address.sockaddr_path
     if not path.startswith("\0"):
@@ -156,7 +171,7 @@ def _bind_unix(address: Address, backlog: int) -> socket.socket:
     try:
         sock.setblocking(False)
         sock.bind(path)
-        sock.listen(backlog)
+        sock.listen(_backlog(backlog))
     except OSError as exc:
         sock.close()
         raise BindError(address, exc.errno or errno.EIO) from None
@@ -174,15 +189,43 @@ def _remove_stale_socket(address: Address) -> None:
         raise BindError(address, exc.errno or errno.EIO) from None
     if not stat.S_ISSOCK(mode):
         raise BindError(address, errno.EADDRINUSE, "the path exists and is not a socket")
+    if _listed_as_listening(address.path):
+        raise BindError(address, errno.EADDRINUSE)
+    # Not listed: stale, or bound under another spelling of the path or in another network
+    # namespace. A connect tells; it would cost a live server a connection (a one-shot
+    # listener ends on it), which is why the listing is asked first. Non-blocking: a live
+    # server whose backlog is full answers EAGAIN, where a blocking connect would hang.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
         try:
             probe.connect(address.path)
         except ConnectionRefusedError:
             os.unlink(address.path)  # nobody listens: a stale socket file
             return
+        except BlockingIOError:
+            pass  # a backlog full: somebody listens
         except OSError as exc:
             raise BindError(address, exc.errno or errno.EIO) from None
     raise BindError(address, errno.EADDRINUSE)
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix's Flags of a listening socket
+
+
+def _listed_as_listening(path: str) -> bool:
+    """Whether /proc/net/unix (this network namespace's Unix sockets) lists a listening socket
+    bound to `path`, spelled as given or as its absolute path."""
+    names = {path, os.path.abspath(path)}
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.rstrip("\n").split(None, 7)
+                if len(fields) == 8 and fields[7] in names and int(fields[3], 16) & _SO_ACCEPTCON:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 async def connect(address: Address, timeout: float | None,

@@ -88,13 +88,21 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
     def stop() -> None:
         nonlocal stop_w
         state.stopping = True
-        if stop_w >= 0:
-            # A byte, not only the close: a worker that has not yet closed its inherited copy
-            # of this end (stopped right after the fork, say) would keep EOF from the others.
-            with contextlib.suppress(OSError):
-                os.write(stop_w, b"x")
-            os.close(stop_w)
-            stop_w = -1
+        # Called by the signal handler too: a second signal between the close and the `-1`
+        # re-entered here and closed the fd again (EBADF, exit 1 where 130 was due). The
+        # signals wait until the fd is closed and forgotten.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if stop_w >= 0:
+                # A byte, not only the close: a worker that has not yet closed its inherited
+                # copy of this end (stopped right after the fork, say) would keep EOF from
+                # the others.
+                with contextlib.suppress(OSError):
+                    os.write(stop_w, b"x")
+                os.close(stop_w)
+                stop_w = -1
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def on_signal(*_) -> None:
         state.signals += 1
@@ -105,7 +113,7 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
                         os.kill(worker.pid, signal.SIGKILL)
         stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
     try:
         for index in range(1, count + 1):
             report_r, report_w = os.pipe()
@@ -146,6 +154,9 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""Input that once ended in a traceback, a hang or a silent misreading, found by an adversarial
+review of the command line: each must be a one-line usage error (exit 2) or work as documented."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from zcrelay import addresses
+from tests.conftest import run_zcrelay
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    err = done.stderr.decode()
+    assert done.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:²", "²", "127.0.0.1:١٢٣", "١٢٣", "[::1]:²"])
+def test_a_port_is_ascii_digits_only(text):
+    """str.isdigit() takes '²' (int() then raised ValueError) and '١٢٣' (read as port 123)."""
+    with pytest.raises(addresses.AddressError):
+        addresses.parse(text, listen=True)
+    one_line_error(run_zcrelay("connect", text, stdin=subprocess.DEVNULL), 2)
+
+
+@pytest.mark.parametrize("text, says", [("[::1]", "no port after ']'"), ("[::1", "no closing ']'")])
+def test_a_bracketed_address_says_what_is_missing(text, says):
+    one_line_error(run_zcrelay("connect", text, stdin=subprocess.DEVNULL), 2, says)
+
+
+@pytest.mark.parametrize("size, says", [("9" * 400, "too large"), ("99999999T", "too large"),
+                                        ("١M", "not a size"), ("1.5.5M", "not a size")])
+def test_a_size_too_large_or_not_ascii_is_a_usage_error(size, says):
+    """400 digits made float() infinite, and int() raised OverflowError."""
+    one_line_error(run_zcrelay("forward", "--pipe-size", size, "0", "127.0.0.1:9"), 2, says)
+
+
+@pytest.mark.parametrize("argv", [
+    ["forward", "--connect-timeout", "nan", "0", "127.0.0.1:9"],
+    ["forward", "--idle-timeout", "NaN", "0", "127.0.0.1:9"],
+    ["forward", "--linger", "nan", "0", "127.0.0.1:9"],
+    ["connect", "--close-after", "nan", "127.0.0.1:9"],
+    ["send", "--linger", "nan", "/etc/hostname", "127.0.0.1:9"],
+])
+def test_nan_is_refused_by_every_float_option(argv):
+    """min=0 let NaN through (nan < 0 is false): a NaN connect timeout made every connection
+    an internal error; a NaN linger or idle timeout meant none."""
+    one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, "is not a number", argv[-3])
+
+
+def test_a_backlog_beyond_an_int_is_as_large_as_the_kernel_allows(zcrelay):
+    """listen(2) takes an int: 2**31 raised OverflowError inside the listener's nursery."""
+    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--backlog", str(2**31))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10):
+        pass
+    code, err = relay.stop()
+    assert code == 0, err
+
+
+def _unix_listener(path: str, backlog: int = 8) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(backlog)
+    return sock
+
+
+def test_a_live_unix_listener_is_in_use_and_costs_it_no_connection(tmp_path):
+    """Starting on a path a server listens on is exit 3. The check used to connect to the
+    server, which cost it a connection: a one-shot listener (socat UNIX-LISTEN) ended on it."""
+    path = str(tmp_path / "live.sock")
+    with _unix_listener(path) as live:
+        live.setblocking(False)
+        for cwd, name in ((None, path), (str(tmp_path), "live.sock")):  # absolute, relative
+            done = run_zcrelay("listen", f"unix:{name}", stdin=subprocess.DEVNULL, cwd=cwd)
+            one_line_error(done, 3, "address already in use")
+        with pytest.raises(BlockingIOError):
+            live.accept()  # nobody knocked
+
+
+def test_a_unix_listener_with_a_full_backlog_is_in_use_not_a_hang(tmp_path):
+    """Bound in another network namespace, or under a spelling /proc/net/unix does not show, a
+    live socket is found by connecting; a full backlog made that blocking connect hang. Here
+    the listing is hidden by binding through a symlinked directory."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with _unix_listener(str(real / "full.sock"), backlog=0) as live:
+        fillers = []
+        try:
+            for _ in range(4):  # a backlog of 0 takes one; the next connects would block
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                fillers.append(s)
+                try:
+                    s.connect(str(real / "full.sock"))
+                except BlockingIOError:
+                    break
+            done = run_zcrelay("listen", f"unix:{tmp_path / 'link' / 'full.sock'}",
+                               stdin=subprocess.DEVNULL, timeout=20)
+            one_line_error(done, 3, "address already in use")
+        finally:
+            for s in fillers:
+                s.close()
+
+
+def test_a_stale_unix_socket_file_is_replaced(tmp_path, zcrelay):
+    path = str(tmp_path / "stale.sock")
+    _unix_listener(path).close()  # the file stays; nobody listens
+    assert os.path.exists(path)
+    relay = zcrelay("forward", f"unix:{path}", "127.0.0.1:9")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+    code, err = relay.stop()
+    assert code == 0, err
+
+
+def test_ctrl_c_during_start_up_is_130_and_no_traceback():
+    """SIGINT while the interpreter imports typer, trio and the command's modules (50-150 ms)
+    printed a KeyboardInterrupt traceback; the man page promises 130 and nothing printed.
+    Signals are sent at stepped delays, the scenario itself, not a wait for readiness; one that
+    lands in the interpreter's own start-up (its 'Fatal Python error', or runpy compiling
+    __main__, before any zcrelay code runs) says nothing about zcrelay and is not counted."""
+    import signal
+    import time
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    counted = 0
+    for delay_ms in range(30, 260, 15):
+        proc = subprocess.Popen(zcrelay_argv("listen", "-k", "127.0.0.1:0"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=zcrelay_env())
+        time.sleep(delay_ms / 1000)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        text = err.decode(errors="replace")
+        if "Fatal Python error" in text or ("Traceback" in text and "zcrelay" not in text):
+            continue  # in the interpreter's start-up or runpy, before zcrelay's first line
+        counted += 1
+        assert "Traceback" not in text, (delay_ms, text)
+        # 0: the server's clean stop; 130, or death by the signal itself (the shell's 130):
+        # Ctrl-C before the server's handling was in place.
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay_ms, proc.returncode, text)
+    assert counted >= 5
