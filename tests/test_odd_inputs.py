@@ -304,3 +304,13 @@ def test_send_an_empty_file_sends_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     sink.join(TIMEOUT)
     assert sink.size == 0
+
+
+def test_length_zero_of_a_proc_file_sends_nothing():
+    """--length 0 asks for no byte, whatever the file's size says: it used to be read as "the
+    whole of a file that reports size 0", and sent /proc/sys/kernel/ostype whole."""
+    sink = Sink()
+    _, r = _send("/proc/sys/kernel/ostype", sink.port, "--length", "0")
+    assert r.returncode == 0, r.stderr
+    sink.join(TIMEOUT)
+    assert sink.size == 0

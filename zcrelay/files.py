@@ -76,17 +76,17 @@ def open_file(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def span(size: int, offset: int, length: int | None) -> tuple[int, int]:
+def span(size: int, offset: int, length: int | None) -> tuple[int, int | None]:
     """(offset, length) checked against the file's size; length None means to the end. A
-    file that reports size 0 is sent whole, to its EOF (see transfer): a span of it cannot be
-    checked, so a non-zero --offset or --length is refused."""
+    file that reports size 0 is sent whole, to its EOF (length None: see transfer); a span of
+    it cannot be checked, so a non-zero --offset or --length is refused."""
     if size == 0 and (offset > 0 or length):
         raise BadRange("the file reports size 0 (empty, or a procfs file whose size is unknown): "
                        "--offset and --length need a known size")
     if offset > size:
         raise BadRange(f"--offset {offset} is past the end of the file ({size} bytes)")
     if length is None:
-        return offset, size - offset
+        return offset, (size - offset) if size else None
     if offset + length > size:
         raise BadRange(f"--offset {offset} --length {length} goes past the end of the file "
                        f"({size} bytes)")
@@ -99,12 +99,9 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
     half-close and wait for the peer to close (at most config.linger seconds). Raises
     FileShrank, InputFailed or ConnectionLost. Closes nothing.
 
-    The whole of a file that reports size 0 (length 0 from offset 0, as span and `serve` give
-    it) is sent to EOF too: procfs files report 0 and have content, and sending 0 bytes of
-    /proc/self/status with exit status 0 was a silent lie. An empty file ends at once all the
-    same."""
-    if length == 0 and offset == 0 and os.fstat(fd).st_size == 0:
-        length = None
+    A file that reports size 0 is sent with length None (span and `serve` give it so):
+    procfs files report 0 and have content, and sending 0 bytes of /proc/self/status with exit
+    status 0 was a silent lie. An empty file ends at once all the same."""
     pacer = RateLimit(config.rate_limit) if config.rate_limit else None
     blocking = waits.blocking()  # then `sock` is a stdlib socket (net.connect)
     if blocking:

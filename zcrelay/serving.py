@@ -55,7 +55,8 @@ class FileServer:
         try:
             with sock:
                 size = os.fstat(self.fd).st_size
-                await transfer(self.fd, sock, 0, size, flow, self.config)
+                # A file that reports size 0 (procfs) is sent to its EOF: length None.
+                await transfer(self.fd, sock, 0, size or None, flow, self.config)
         except trio.Cancelled:
             outcome = "shutdown"
             raise
