@@ -340,7 +340,10 @@ through user space. The kernel's splice(2) moves the data from a socket into a p
 pipe into the other socket; only page references pass through the pipe, so the payload never
 enters the zcrelay process and costs no CPU copy. tee(2) duplicates what a pipe holds into a
 second pipe without consuming it, which is how **tee** captures a stream while it is relayed, and
-sendfile(2) sends a file's pages straight to a socket for **send** and **serve**.
+sendfile(2) sends a file's pages straight to a socket for **send** and **serve**. Those two take
+regular files only (a FIFO is refused at once, exit status 8); a file that reports size 0 but
+has content, as files in /proc do, is sent to its end, and **--offset** or **--length** on it is
+refused, since its size is unknown.
 
 Each stream in flight uses one pipe per direction; empty pipes are kept in a small pool and
 reused, and a pipe that still holds bytes is never reused. Each connection is relayed in both
@@ -401,7 +404,9 @@ again. Each address is tried in turn, IPv4 and IPv6 alike.
 **--workers** N serves with N processes, for loads one CPU cannot carry (many small
 requests). The first process binds every listener (a TCP listener N times with SO_REUSEPORT,
 so the kernel spreads new connections over the workers; a Unix listener once, shared), forks
-the workers and then only waits. Worker K numbers its connections K, K+N, K+2N..., so numbers
+the workers and then only waits. The first of the N binds without SO_REUSEPORT, so a port that
+another process holds, with SO_REUSEPORT or not, is "address already in use" (exit status 3) as
+with one process. Worker K numbers its connections K, K+N, K+2N..., so numbers
 and capture file names stay unique. Limits such as **--max-conns** apply to each worker. A
 SIGINT or SIGTERM to the first process stops every worker, and it prints one summary for all of
 them; a second one kills the workers at once and exits with status 130. The workers ignore
@@ -425,7 +430,12 @@ ADDRESS_FORMS = [
     ("HOST:PORT", "A host name or an IPv4 address. Names are resolved; a target's addresses are "
                   "tried in turn, IPv4 and IPv6."),
     ("[IPV6]:PORT", "An IPv6 address in brackets, e.g. [::1]:8080 or [fe80::1%eth0]:22."),
-    ("unix:PATH", "A Unix stream socket at PATH (at most 107 bytes)."),
+    ("unix:PATH", "A Unix stream socket at PATH (at most 107 bytes). To listen, a socket file "
+                  "left at PATH by a process that died is replaced; one that a process listens on "
+                  "is 'address already in use' (exit status 3). That is read from /proc/net/unix "
+                  "without connecting to it, or, for a socket not listed there (bound in another "
+                  "network namespace or under another spelling of the path), by a non-blocking "
+                  "connect."),
     ("unix:@NAME", "A Unix socket in Linux's abstract namespace: no file is created."),
 ]
 
