@@ -147,3 +147,15 @@ def test_ctrl_c_during_start_up_is_130_and_no_traceback():
         # Ctrl-C before the server's handling was in place.
         assert proc.returncode in (0, 130, -signal.SIGINT), (delay_ms, proc.returncode, text)
     assert counted >= 5
+
+
+def test_no_fd_for_the_socket_is_out_of_resources_not_a_failed_connect():
+    """Under `ulimit -n 8` the socket(2) for the target fails with EMFILE: exit 7 (out of
+    resources), where it used to be 6, which blames the target."""
+    import resource
+
+    def few_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+
+    done = run_zcrelay("connect", "127.0.0.1:9", stdin=subprocess.DEVNULL, preexec_fn=few_fds)
+    one_line_error(done, 7, "too many open files")

@@ -90,6 +90,8 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
             return ExitCode.NO_RESOURCES, str(exc)
         return ExitCode.ADDRESS_NOT_AVAILABLE, str(exc)
     if isinstance(exc, ConnectError):
+        if exc.reason in ("out-of-fds", "out-of-memory"):  # no fd or buffer: not the target's fault
+            return ExitCode.NO_RESOURCES, str(exc)
         return ExitCode.CONNECT_FAILED, str(exc)
     if isinstance(exc, ZcrelayError):
         return ExitCode.FAILURE, str(exc)
