@@ -57,9 +57,9 @@ def _notes(r: BenchResult) -> list[str]:
 def _size(value: Optional[str]) -> Optional[int]:
     if value is None:
         return None
-    size = parse_size(value)
+    size = parse_size(value, "--size")
     if size < 1:
-        raise typer.BadParameter(f"{value!r} is less than one byte")
+        raise typer.BadParameter(f"{value!r} is less than one byte", param_hint="--size")
     return size
 
 

@@ -28,8 +28,10 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_LIMIT = float(1 << 62)  # no size here means anything near it; offsets stay in off_t
 
 
-def parse_size(text: str) -> int:
-    """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same)."""
+def parse_size(text: str, option: str | None = None) -> int:
+    """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same).
+    `option` names the option in the error (a size parsed in the command's body has no click
+    parameter to name it)."""
     import re  # here, not at the top: `zcrelay tee FILE...` starts without it (zcrelay.logs)
 
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE | re.ASCII)
@@ -41,8 +43,21 @@ def parse_size(text: str) -> int:
         import typer
 
         reason = "is not a size" if size is None else "is too large for a size"
-        raise typer.BadParameter(f"{text!r} {reason} (examples: 65536, 512K, 1M)")
+        raise typer.BadParameter(f"{text!r} {reason} (examples: 65536, 512K, 1M)", param_hint=option)
     return int(size)
+
+
+MIN_PIPE_SIZE = 4096  # one page
+
+
+def pipe_size_value(text: str) -> int:
+    """--pipe-size, for every command that takes one: at least a page (tee and demo took 0)."""
+    size = parse_size(text, "--pipe-size")
+    if size < MIN_PIPE_SIZE:
+        import typer
+
+        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
+    return size
 
 
 def size_option(value: str | None) -> int | None:

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import parse_size, run, say
+from zcrelay.cli.common import parse_size, pipe_size_value, run, say
 from zcrelay.demo import DemoResult, run_demo
 from zcrelay.exitcodes import ExitCode
 
@@ -20,8 +20,8 @@ def demo(
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead, for comparison."),
 ) -> ExitCode:
     """Run a forward to a local echo target and check every byte: no setup, loopback only."""
-    total = parse_size(size)
-    pipe = parse_size(pipe_size)
+    total = parse_size(size, "--size")
+    pipe = pipe_size_value(pipe_size)
 
     async def main() -> ExitCode:
         result = await run_demo(total, connections, not no_splice, pipe,

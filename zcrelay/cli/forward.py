@@ -13,7 +13,8 @@ from typing import Any, NoReturn, Optional
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import address, failed, parse_size, run, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import (MIN_PIPE_SIZE, address, failed, parse_size, pipe_size_value, run, say,
+                                 serve_until_signal, setup_logging)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.stats import Totals
@@ -31,7 +32,6 @@ CONFIG_TYPES: dict[str, Any] = {
     "backlog": int, "workers": int, "rule": list,
 }
 CONFIG_KEYS = set(CONFIG_TYPES)
-MIN_PIPE_SIZE = 4096  # one page
 
 
 def _rule(text: str) -> Rule:
@@ -168,9 +168,7 @@ def forward(
         rules.insert(0, Rule(address(listen, listen=True), address(target, listen=False)))
     if not rules:
         raise typer.BadParameter("nothing to forward: give LISTEN TARGET, --rule or --config")
-    size = parse_size(pipe_size) if pipe_size is not None else data.get("pipe-size", 1 << 20)
-    if size < MIN_PIPE_SIZE:
-        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
+    size = pipe_size_value(pipe_size) if pipe_size is not None else data.get("pipe-size", 1 << 20)
     # The file's values are checked (load_config); the options' by typer.
     settings = ForwardConfig(
         rules=tuple(rules),

@@ -14,10 +14,10 @@ import typer
 
 from zcrelay import net
 from zcrelay.cli.app import PROGRESS, app
-from zcrelay.cli.common import address, error, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import address, error, pipe_size_value, say, serve_until_signal, setup_logging
 from zcrelay.cli.progress import Display, show_progress, stdin_size
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
-                                  method_value, pipe_size_value, rate_value, run_mapped)
+                                  method_value, rate_value, run_mapped)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file

@@ -13,10 +13,10 @@ from typing import Optional
 import typer
 
 from zcrelay.cli.app import PROGRESS, app
-from zcrelay.cli.common import address, parse_size, setup_logging
+from zcrelay.cli.common import address, parse_size, pipe_size_value, setup_logging
 from zcrelay.cli.progress import Display, show_progress
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
-                                  method_value, pipe_size_value, rate_value, run_mapped)
+                                  method_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file, send as send_file, span
 from zcrelay.stats import Flow
@@ -42,8 +42,8 @@ def send(
     """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
     method = method_value(method)
     where = address(target, listen=False)
-    start = parse_size(offset)
-    count = parse_size(length) if length is not None else None
+    start = parse_size(offset, "--offset")
+    count = parse_size(length, "--length") if length is not None else None
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
                         linger=linger)
     setup_logging(verbose, quiet)

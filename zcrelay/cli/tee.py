@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from zcrelay.cli.app import PROGRESS, app
-from zcrelay.cli.common import address, parse_size, setup_logging
+from zcrelay.cli.common import address, pipe_size_value, setup_logging
 from zcrelay.cli.teepipe import APPEND_FLAGS, PIPE_SIZE, run_pipeline_tee
 from zcrelay.exitcodes import ExitCode
 from zcrelay.tee import DEFAULT, MODES
@@ -51,7 +51,7 @@ def tee(
 ) -> ExitCode:
     """Copy standard input to standard output and to each FILE with tee(2) and splice(2)."""
     setup_logging(verbose, quiet)
-    size = parse_size(pipe_size)
+    size = pipe_size_value(pipe_size)
     if listen is not None or target is not None or capture_dir is not None:
         if files:
             raise typer.BadParameter("FILE arguments do not go with --listen/--target/--capture-dir")

@@ -75,14 +75,9 @@ def method_value(method: str) -> str:
 def rate_value(text: Optional[str]) -> Optional[int]:
     if text is None:
         return None
-    rate = parse_size(text)
+    rate = parse_size(text, "--rate-limit")
     if rate <= 0:
-        raise typer.BadParameter("must be more than 0", param_hint="--rate-limit")
+        raise typer.BadParameter(f"{text!r} is less than one byte per second", param_hint="--rate-limit")
     return rate
 
 
-def pipe_size_value(text: str) -> int:
-    size = parse_size(text)
-    if size < 4096:
-        raise typer.BadParameter("the pipe size must be at least one page (4K)", param_hint="--pipe-size")
-    return size
