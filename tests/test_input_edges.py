@@ -176,3 +176,25 @@ def test_a_bad_size_names_its_option_and_every_pipe_is_a_page_at_least(argv, opt
     message said "Invalid value: '-1' is not a size" without saying which. tee and demo took a
     --pipe-size of 0, which every other command refuses."""
     one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, f"Invalid value for {option}")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_unix_listeners_socket_file_is_removed_at_exit(tmp_path, zcrelay, workers):
+    """As socat's unlink-close: a socket file left behind made clients get ECONNREFUSED and
+    misled ls. With --workers, the parent removes it once, after its workers."""
+    path = tmp_path / "gone.sock"
+    relay = zcrelay("forward", f"unix:{path}", "127.0.0.1:9", "--workers", workers)
+    assert path.exists()
+    code, err = relay.stop()
+    assert code == 0, err
+    assert not path.exists()
+
+
+def test_a_socket_file_someone_else_put_there_since_is_left_alone(tmp_path, zcrelay):
+    path = tmp_path / "theirs.sock"
+    relay = zcrelay("forward", f"unix:{path}", "127.0.0.1:9")
+    path.unlink()
+    with _unix_listener(str(path)):  # another server took the path meanwhile
+        code, err = relay.stop()
+        assert code == 0, err
+        assert path.exists()

@@ -171,11 +171,35 @@ def _bind_unix(address: Address, backlog: int) -> socket.socket:
     try:
         sock.setblocking(False)
         sock.bind(path)
+        if not path.startswith("\0"):
+            st = os.stat(path)
+            _bound_files[path] = (os.getpid(), st.st_dev, st.st_ino)
         sock.listen(_backlog(backlog))
     except OSError as exc:
         sock.close()
         raise BindError(address, exc.errno or errno.EIO) from None
     return sock
+
+
+# Socket files this process bound: path -> (pid, st_dev, st_ino).
+_bound_files: dict[str, tuple[int, int, int]] = {}
+
+
+def remove_bound_socket_files() -> None:
+    """Remove the socket files this process bound, as socat does (unlink-close): left behind,
+    one is replaced at the next start, but it misleads ls, tab completion and clients, which
+    get ECONNREFUSED. Not a worker's (forked: another pid), nor a file that another process
+    has put at the path since (another inode)."""
+    for path, (pid, dev, ino) in list(_bound_files.items()):
+        if pid != os.getpid():
+            continue
+        del _bound_files[path]
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def _remove_stale_socket(address: Address) -> None:

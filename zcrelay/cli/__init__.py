@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         # Ctrl-C before a command set its own handling: start-up imports take 50-150 ms,
         # and a SIGINT there printed a KeyboardInterrupt traceback.
         sys.exit(ExitCode.INTERRUPTED)
+    finally:
+        net = sys.modules.get("zcrelay.net")  # imported only by commands that open sockets
+        if net is not None:
+            net.remove_bound_socket_files()
 
 
 def _main(argv: list[str] | None) -> None:

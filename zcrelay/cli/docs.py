@@ -435,7 +435,8 @@ ADDRESS_FORMS = [
                   "is 'address already in use' (exit status 3). That is read from /proc/net/unix "
                   "without connecting to it, or, for a socket not listed there (bound in another "
                   "network namespace or under another spelling of the path), by a non-blocking "
-                  "connect."),
+                  "connect. The socket file is removed at exit, unless another one has taken "
+                  "its place."),
     ("unix:@NAME", "A Unix socket in Linux's abstract namespace: no file is created."),
 ]
 
