@@ -198,3 +198,19 @@ def test_a_socket_file_someone_else_put_there_since_is_left_alone(tmp_path, zcre
         code, err = relay.stop()
         assert code == 0, err
         assert path.exists()
+
+
+def test_listen_keep_open_prints_a_servers_summary_when_stopped(zcrelay):
+    """The man page's SIGNALS: servers print a summary when SIGINT or SIGTERM stops them;
+    listen --keep-open printed none."""
+    import signal
+
+    relay = zcrelay("listen", "-k", "127.0.0.1:0")  # stdin: /dev/null
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as client:
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(10) == b""  # stdin is /dev/null: EOF at once
+    code, err = relay.stop(signal.SIGINT)
+    assert code == 0, err
+    assert "stopped: 2 connections, up 0 bytes, down 10 bytes" in err, err

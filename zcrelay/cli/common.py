@@ -20,6 +20,10 @@ from zcrelay.logs import configure, log
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from zcrelay.stats import Totals
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
     from zcrelay.addresses import Address
 
 PROG = "zcrelay"
@@ -175,3 +179,13 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
                 async for _ in signals:
                     break
             nursery.cancel_scope.cancel()
+
+
+def summary(totals: "Totals") -> str:
+    """The line a server prints when it stops (forward, tee --listen, listen --keep-open)."""
+    fallbacks = sum(totals.fallbacks.values())
+    text = (f"stopped: {totals.connections} connections, up {totals.up} bytes, down {totals.down} "
+            f"bytes, {100 * totals.spliced_ratio:.2f}% spliced, {fallbacks} fallbacks")
+    if fallbacks:
+        text += " (" + ", ".join(f"{reason}: {n}" for reason, n in totals.fallbacks.items()) + ")"
+    return text

@@ -14,7 +14,7 @@ import typer
 
 from zcrelay.cli.app import app
 from zcrelay.cli.common import (MIN_PIPE_SIZE, address, failed, parse_size, pipe_size_value, run, say,
-                                 serve_until_signal, setup_logging)
+                                 serve_until_signal, setup_logging, summary)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.stats import Totals
@@ -229,11 +229,3 @@ def capture_directory(path: str | None) -> str | None:
         raise typer.BadParameter(f"{path!r} is not a directory", param_hint="--capture-dir")
     return path
 
-
-def summary(totals: Totals) -> str:
-    fallbacks = sum(totals.fallbacks.values())
-    text = (f"stopped: {totals.connections} connections, up {totals.up} bytes, down {totals.down} "
-            f"bytes, {100 * totals.spliced_ratio:.2f}% spliced, {fallbacks} fallbacks")
-    if fallbacks:
-        text += " (" + ", ".join(f"{reason}: {n}" for reason, n in totals.fallbacks.items()) + ")"
-    return text

@@ -14,7 +14,7 @@ import typer
 
 from zcrelay import net
 from zcrelay.cli.app import PROGRESS, app
-from zcrelay.cli.common import address, error, pipe_size_value, say, serve_until_signal, setup_logging
+from zcrelay.cli.common import address, error, pipe_size_value, say, serve_until_signal, setup_logging, summary
 from zcrelay.cli.progress import Display, show_progress, stdin_size
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
                                   method_value, rate_value, run_mapped)
@@ -23,7 +23,7 @@ from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file
 from zcrelay.pipeline import STDIN, STDOUT, ConnectionLost, PipelineConfig, grow_pipe, plan, run_pipeline
 from zcrelay.serving import FileServer
-from zcrelay.stats import Flow
+from zcrelay.stats import Flow, Totals
 
 log = logging.getLogger("zcrelay")
 
@@ -75,7 +75,8 @@ def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], 
     return config, stdin_plan, stdout_plan
 
 
-async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool, peer: str) -> None:
+async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool, peer: str,
+                          totals: Totals | None = None) -> None:
     up, down = Flow(), Flow()
     display = Display(progress, [("sent", up, stdin_size(STDIN)), ("received", down, None)])
     started = trio.current_time()
@@ -88,6 +89,8 @@ async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool,
                 log.debug("%s by copy: %s", name, flow.fallback)
         log.debug("peer=%s sent=%d received=%d spliced=%d copied=%d duration=%.3fs", peer, up.bytes,
                   down.bytes, up.spliced + down.spliced, up.copied + down.copied, elapsed)
+        if totals is not None:
+            totals.add(up, down, "ended")
     log.debug("ended: %s", end.reason)
 
 
@@ -150,6 +153,8 @@ def listen(
         log.debug("connection from %s", name)
         return sock, name
 
+    totals = Totals()
+
     async def main() -> None:
         listener = await net.open_listener(bind, backlog=16)
         if not keep_open:
@@ -167,11 +172,12 @@ def listen(
                     sock, name = await accept_one(listener)
                     with sock:
                         try:
-                            await _one_connection(sock, config, stdin_plan, stdout_plan, show, name)
+                            await _one_connection(sock, config, stdin_plan, stdout_plan, show, name, totals)
                         except ConnectionLost as exc:
                             log.warning("%s: %s", name, exc)
 
         await serve_until_signal(serve, lambda bound: say(f"listening on {bound}"))
+        say(summary(totals))  # a server's summary, as the man page's SIGNALS says
 
     return run_mapped(main)
 
