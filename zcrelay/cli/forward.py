@@ -13,8 +13,8 @@ from typing import Any, NoReturn, Optional
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import (MIN_PIPE_SIZE, address, failed, parse_size, pipe_size_value, run, say,
-                                 serve_until_signal, setup_logging, summary)
+from zcrelay.cli.common import (address, failed, pipe_size_value, run, say, serve_until_signal, setup_logging,
+                                 summary)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.stats import Totals
@@ -83,12 +83,9 @@ def _checked(path: Path, key: str, value: Any) -> Any:
         if type(value) not in (int, str):
             refuse(f'must be a number of bytes or a size string like "64K", not {reprlib.repr(value)}')
         try:
-            size = parse_size(str(value))  # the option's parser: the same limits and messages
+            return pipe_size_value(str(value))  # the option's parser: the same limits and messages
         except typer.BadParameter as exc:
-            refuse(f"= {exc.message}")
-        if size < MIN_PIPE_SIZE:
-            refuse(f"= {value!r} is less than one page (4K)")
-        return size
+            refuse(f"= {value!r}: {exc.message}")
     if kind is bool:
         if type(value) is not bool:
             refuse(f"must be true or false, not {reprlib.repr(value)}")
