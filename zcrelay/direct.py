@@ -301,6 +301,26 @@ async def copy_waiting(src: int, dst: int, flow: Flow, pacer: Pacer | None = Non
             await checkpoint()
 
 
+async def copy_file_waiting(file_fd: int, offset: int, dst: int, flow: Flow, pacer: Pacer | None = None,
+                            bufsize: int = COPY_BUFSIZE) -> None:
+    """Copy `file_fd` from `offset` to EOF into `dst` through user space, read at explicit
+    offsets: concurrent transfers (serve) share the fd, so its position is never used. The
+    fallback for a file that refuses splice and sendfile (the files of /proc/PID)."""
+    chunk = _chunk(bufsize, pacer)
+    position = offset
+    while True:
+        try:
+            data = os.pread(file_fd, chunk, position)
+        except OSError as exc:
+            raise translate(exc, SOURCE, "pread") from exc
+        if not data:
+            return
+        await write_waiting(dst, memoryview(data), flow)
+        position += len(data)
+        if pacer is not None:
+            await pacer.spent(len(data))
+
+
 async def write_waiting(dst: int, data: memoryview, flow: Flow) -> None:
     """Write all of `data` to `dst` (blocking or not) without the event loop sleeping in a
     write (see copy_waiting)."""

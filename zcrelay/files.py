@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError, translate
-from zcrelay.mover import COPY_BUFSIZE, SOURCE
+from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError
+from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
@@ -161,19 +161,7 @@ async def _send_to_eof(fd: int, sock: int, offset: int, flow: Flow, config: Send
         if exc.role != SOURCE or flow.bytes or exc.errno not in SPLICE_REFUSED:
             raise
         flow.fallback = f"{config.method} refused the file ({errno.errorcode.get(exc.errno, exc.errno)})"
-    position = offset
-    chunk = min(COPY_BUFSIZE, pacer.chunk) if pacer is not None else COPY_BUFSIZE
-    while True:
-        try:
-            data = os.pread(fd, chunk, position)
-        except OSError as exc:
-            raise translate(exc, SOURCE, "pread") from exc
-        if not data:
-            return
-        await direct.write_waiting(sock, memoryview(data), flow)
-        position += len(data)
-        if pacer is not None:
-            await pacer.spent(len(data))
+    await direct.copy_file_waiting(fd, offset, sock, flow, pacer)
 
 
 async def send(path_fd: int, size: int, address: Address, offset: int, length: int | None,
