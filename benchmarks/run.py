@@ -118,7 +118,14 @@ class Relay:
     label: str
     needs: tuple[str, ...]
     launch: Optional[Callable[[fb.Launch], fb.RunningRelay]]  # None: direct
+    only: Optional[tuple[str, ...]] = None  # the workloads it runs (None: all of them)
 
+
+# The A/A control: a second HAProxy-splice, identical to the first, on the single-stream
+# workloads, whose targets sit within this machine's noise. Its ratio to the first is 1 by
+# construction; how far this run moves it shows how far the measurement alone moves a ratio.
+CONTROL = "haproxy-splice-again"
+CONTROLLED = "haproxy-splice"
 
 RELAYS: tuple[Relay, ...] = (
     Relay("direct", "direct (no relay)", (), None),
@@ -134,6 +141,8 @@ RELAYS: tuple[Relay, ...] = (
           lambda l: fb.launch_haproxy(l, False)),
     Relay("haproxy-splice", "HAProxy tcp, splice", ("haproxy",),
           lambda l: fb.launch_haproxy(l, True)),
+    Relay(CONTROL, "HAProxy tcp, splice, again (A/A control)", ("haproxy",),
+          lambda l: fb.launch_haproxy(l, True), only=("iperf1-fwd", "iperf1-rev")),
     Relay("trio-relay", "trio recv/send relay", (), launch_trio_relay),
     Relay("splice-floor", "splice floor (barest Python loop)", (), launch_splice_floor),
 )
@@ -530,8 +539,9 @@ def start_instances(relays: Sequence[Relay], env: Env, skipped: list[str],
             skipped.append(f"{relay.name}: {' '.join(missing)} not installed")
             continue
         inst = Instance(relay)
+        upstreams = {w.upstream for w in WORKLOADS if relay.only is None or w.name in relay.only}
         for upstream, server in (("iperf", env.iperf), ("http", env.nginx)):
-            if server is None:
+            if server is None or upstream not in upstreams:
                 continue
             if relay.launch is None:
                 running = fb.RunningRelay(relay.name, server.port)
@@ -610,13 +620,15 @@ def run_suite(args, relays: list[Relay], workloads: list[Workload],
         for rnd in range(args.repeat):
             for wl in usable:
                 for inst in fb.rotated(instances, rnd, args.repeat):
+                    if inst.relay.only is not None and wl.name not in inst.relay.only:
+                        continue
                     run = measure(inst, wl, env)
                     run.round = rnd
                     res.runs.append(run)
                     progress(describe(run, f"[{rnd + 1}/{args.repeat}]"))
         if do_strace:
             for inst in instances:
-                if inst.relay.launch is None:
+                if inst.relay.launch is None or inst.relay.only is not None:
                     continue
                 run = strace_relay(inst, env)
                 res.straces.append(run)
@@ -798,6 +810,7 @@ class Target:
     target: str
     met: Optional[bool]
     paired: Optional[float] = None  # the median of the same ratio taken round by round
+    control: Optional[float] = None  # the same ratio for the A/A control (see CONTROL)
 
 
 HAPROXIES = ("haproxy-splice", "haproxy-nosplice")
@@ -839,21 +852,22 @@ def targets(cells: dict[tuple[str, str], Cell], runs: Sequence[Run] = ()) -> lis
 
     out = []
 
-    def add(label, value, op, bound, pair=None):
+    def add(label, value, op, bound, pair=None, control=None):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        out.append(Target(label, value, f"{op} {bound:g}", met, pair))
+        out.append(Target(label, value, f"{op} {bound:g}", met, pair, control))
 
     for wl, d in (("iperf1-fwd", "c->s"), ("iperf1-rev", "s->c")):
         zc = val("zcrelay", wl)
         add(f"single stream {d}: zcrelay / haproxy-splice throughput",
-            r(zc, val("haproxy-splice", wl)), ">=", 1.05, paired(wl, "haproxy-splice"))
+            r(zc, val("haproxy-splice", wl)), ">=", 1.05, paired(wl, "haproxy-splice"),
+            r(val(CONTROL, wl), val(CONTROLLED, wl)))
         add(f"single stream {d}: zcrelay / socat throughput", r(zc, val("socat", wl)), ">=", 2.0,
             paired(wl, "socat"))
         add(f"single stream {d}: zcrelay / trio-relay throughput",
             r(zc, val("trio-relay", wl)), ">=", 1.5, paired(wl, "trio-relay"))
         add(f"single stream {d}: zcrelay / haproxy-splice CPU-s per GB",
             r(val("zcrelay", wl, "cost"), val("haproxy-splice", wl, "cost")), "<=", 1.0,
-            paired(wl, "haproxy-splice", "cost"))
+            paired(wl, "haproxy-splice", "cost"), r(val(CONTROL, wl, "cost"), val(CONTROLLED, wl, "cost")))
     for wl, name, hb, sb in (("http-keepalive", "keep-alive", 0.9, 1.2),
                               ("http-close", "Connection: close", 0.5, 2.0)):
         zc = val("zcrelay", wl)
@@ -1049,9 +1063,10 @@ def git_rev() -> str:
 
 
 def render_targets(tg: list[Target]) -> str:
-    return md_table(["target", "measured", "round by round", "wanted", "verdict"],
-                    [[t.label, fmt(t.value), fmt(t.paired), t.target, f"**{verdict(t)}**"] for t in tg],
-                    "lrrrl")
+    return md_table(["target", "measured", "round by round", "A/A control", "wanted", "verdict"],
+                    [[t.label, fmt(t.value), fmt(t.paired), fmt(t.control) if t.control else "",
+                      t.target, f"**{verdict(t)}**"] for t in tg],
+                    "lrrrrl")
 
 
 def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[str],
@@ -1085,7 +1100,11 @@ def render_markdown(res: Results, cells, tg: list[Target], args, plot: Optional[
             "\"best HAProxy\" is the faster of the two HAProxy rows for that workload; "
             "\"socat\" is socat with its default 8 KiB buffer. \"measured\" is the ratio of the "
             "medians, on which the verdict rests; \"round by round\" is the median of the same "
-            "ratio taken within each round, where both sides ran minutes apart at most.",
+            "ratio taken within each round, where both sides ran minutes apart at most. "
+            "\"A/A control\" is the same ratio of medians for a second HAProxy-splice, identical "
+            "to the first, run in the same rounds: 1 by construction, so how far it lands from 1 "
+            "is how far this run's measurement alone moves a ratio (a verdict nearer to its bound "
+            "than that says nothing about the relays).",
             "",
         ]
     if tg_tools:
@@ -1133,7 +1152,8 @@ def render_text(res: Results, cells, tg: list[Target], tg_tools: Sequence[Target
         parts += [title, table, ""]
     parts += ["Targets:"]
     parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (round by round {fmt(t.paired)}; "
-              f"want {t.target})" for t in tg]
+              + (f"A/A control {fmt(t.control)}; " if t.control else "")
+              + f"want {t.target})" for t in tg]
     parts += [f"  {verdict(t):8} {t.label}: {fmt(t.value)} (want {t.target})" for t in tg_tools]
     if res.skipped:
         parts += ["", "Skipped:"] + [f"  {s}" for s in res.skipped]
@@ -1170,7 +1190,7 @@ def make_plot(res: Results, cells, path: Path) -> Optional[str]:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
-    relays = [n for n in relay_order(res) if n != "direct"]
+    relays = [n for n in relay_order(res) if n not in ("direct", CONTROL)]
     wls = [w for w in WORKLOADS if any(k[1] == w.name for k in cells)]
     tools = tool_ratios(res)
     panels = bool(relays and wls) + bool(tools)
