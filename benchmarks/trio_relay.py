@@ -4,20 +4,24 @@ zcrelay must beat).  Usage: python trio_relay.py LISTEN_PORT TARGET_HOST:PORT
 import sys
 import trio
 
-async def pump(src, dst):
-    while data := await src.receive_some(65536):
-        await dst.send_all(data)
-    await dst.send_eof()
+async def pump(src, dst, scope):
+    try:
+        while data := await src.receive_some(65536):
+            await dst.send_all(data)
+        await dst.send_eof()
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        scope.cancel()  # peer reset: drop this connection only
 
 async def main(port, host, target_port):
     async def handle(client):
-        try:
-            async with client, await trio.open_tcp_stream(host, target_port) as up:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pump, client, up)
-                    nursery.start_soon(pump, up, client)
-        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # peer reset or target down: drop this connection only
+        async with client:
+            try:
+                up = await trio.open_tcp_stream(host, target_port)
+            except OSError:
+                return  # target down: drop this connection only
+            async with up, trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, up, nursery.cancel_scope)
+                nursery.start_soon(pump, up, client, nursery.cancel_scope)
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     print(f"listening on 127.0.0.1:{listeners[0].socket.getsockname()[1]}",
           file=sys.stderr, flush=True)
