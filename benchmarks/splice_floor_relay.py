@@ -1,6 +1,6 @@
 """The barest Python splice relay: a reference for what any Python relay that splices can reach.
 
-Usage: python splice_floor_relay.py LISTEN_PORT TARGET_HOST:PORT
+Usage: python splice_floor_relay.py LISTEN_PORT TARGET_HOST:PORT [RCVLOWAT]
 (LISTEN_PORT 0 picks a free port; prints "listening on 127.0.0.1:PORT" on stderr).
 
 Not a relay to use: a floor to measure against. Per message it makes the fewest calls a
@@ -12,6 +12,11 @@ connect, and a stalled destination stalls every connection (it waits in select(2
 pipe is empty). Whatever zcrelay's Python costs above this floor is what a leaner zcrelay
 could save; whatever this floor costs above HAProxy is out of reach of any Python relay that
 splices.
+
+RCVLOWAT (an experiment of the fifteenth session, see README.md; off by default): after a
+drain of 64 KiB or more, the source's SO_RCVLOWAT is set to RCVLOWAT bytes, so epoll reports
+it only once that much has come (or its FIN); back to 1 after a smaller drain, and on every
+source after 2 ms with no event at all, so a tail under the mark is delivered late, never lost.
 """
 
 import fcntl
@@ -22,9 +27,11 @@ import sys
 
 SPLICE, NONBLOCK = os.splice, os.SPLICE_F_NONBLOCK
 MAX = 1 << 20
+BULK = 64 << 10  # a drain this large sets the source's SO_RCVLOWAT (if RCVLOWAT is given)
+FALLBACK = 0.002  # seconds with no event after which every source's mark drops back to 1
 
 
-def main(port: int, host: str, target_port: int) -> None:
+def main(port: int, host: str, target_port: int, rcvlowat: int = 0) -> None:
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     listener.setblocking(False)
     epoll = select.epoll()
@@ -33,8 +40,14 @@ def main(port: int, host: str, target_port: int) -> None:
     route: dict[int, tuple[int, int, int]] = {}
     socks: dict[int, socket.socket] = {}
     print(f"listening on 127.0.0.1:{listener.getsockname()[1]}", file=sys.stderr, flush=True)
+    marked: set[int] = set()  # sources whose SO_RCVLOWAT is rcvlowat
     while True:
-        for fd, _ in epoll.poll():
+        events = epoll.poll(FALLBACK if marked else -1)
+        if not events and marked:
+            for fd in marked:
+                socks[fd].setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            marked.clear()
+        for fd, _ in events:
             hop = route.get(fd)
             if hop is None:
                 if fd == listener.fileno():
@@ -48,14 +61,19 @@ def main(port: int, host: str, target_port: int) -> None:
             except OSError:
                 n = 0
             if n == 0:
+                marked.discard(fd)
                 close_direction(fd, epoll, route, socks)
                 continue
+            if rcvlowat and (n >= BULK) != (fd in marked):
+                socks[fd].setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, rcvlowat if n >= BULK else 1)
+                (marked.add if n >= BULK else marked.discard)(fd)
             while n:
                 try:
                     n -= SPLICE(r, dst, n, None, None, NONBLOCK)
                 except BlockingIOError:
                     select.select([], [dst], [])
                 except OSError:
+                    marked.discard(fd)
                     close_direction(fd, epoll, route, socks)
                     break
 
@@ -96,6 +114,6 @@ def close_direction(fd, epoll, route, socks) -> None:
 if __name__ == "__main__":
     target_host, _, target = sys.argv[2].rpartition(":")
     try:
-        main(int(sys.argv[1]), target_host, int(target))
+        main(int(sys.argv[1]), target_host, int(target), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     except KeyboardInterrupt:
         pass
