@@ -167,3 +167,39 @@ def test_each_sender_moves_exactly_the_file(tmp_path, method):
         into.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     assert calls >= 1
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_closed_stdout_is_broken_pipe_without_a_message(tmp_path, fmt):
+    """`zcrelay bench --json | head -1` whose reader is gone before the results come: 141 and
+    no message, as the man page says (click made it 1, rich 1, Python's exit-time flush 120
+    with "Exception ignored ... BrokenPipeError")."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    r, w = os.pipe()
+    os.close(r)  # no reader: the first write of the results gets EPIPE
+    try:
+        result = subprocess.run(zcrelay_argv("bench", "--size", "64K", "--repeat", "1",
+                                             *(["--json"] if fmt == "json" else [])),
+                                stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+                                env=zcrelay_env(TMPDIR=str(tmpdir), PYTHONUNBUFFERED=""))
+    finally:
+        os.close(w)
+    assert result.returncode == 141, result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith("zcrelay: moving")] == []
+    assert list(tmpdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_stdout_closed_at_start_is_an_output_error(tmp_path, fmt):
+    """`zcrelay bench >&-`: exit 9 and one line before anything is measured (--json was a
+    traceback, and the table was lost in silence with exit status 0)."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    json_flag = "--json" if fmt == "json" else ""
+    result = subprocess.run(["bash", "-c", f'"$@" {json_flag} >&-', "bash",
+                             *zcrelay_argv("bench", "--size", "64K", "--repeat", "1")],
+                            capture_output=True, text=True, timeout=60, env=zcrelay_env(TMPDIR=str(tmpdir)))
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.splitlines() == ["zcrelay: error: stdout is closed"]
+    assert list(tmpdir.iterdir()) == []

@@ -6,11 +6,15 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
   (TMPDIR): OUTPUT_ERROR (9), refused before a byte is written in the second case
 - the file shrank while it was measured: FILE_CHANGED (10)
 - Ctrl-C or SIGTERM: INTERRUPTED (130), after the temporary file is removed
+- stdout is closed at start (`>&-`): OUTPUT_ERROR (9), before anything is measured
+- stdout's reader went away before the results were written (`| head -1`): BROKEN_PIPE (141),
+  with no message
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Optional
@@ -84,6 +88,8 @@ def bench(
     if size is not None and file is not None:
         raise typer.BadParameter("give --size or --file, not both", param_hint="'--size'")
     total = DEFAULT_SIZE if size is None else int(size)  # _size parsed it
+    if sys.stdout is None:  # `>&-`: fd 1 is closed, and the file or a socket would take it
+        return error("stdout is closed", ExitCode.OUTPUT_ERROR)
 
     # SIGTERM unwinds like Ctrl-C, so the temporary file is removed either way.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -104,11 +110,21 @@ def bench(
         return error(message, code)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if as_json:
-        json.dump(to_json(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _table(result)
+    try:
+        if as_json:
+            json.dump(to_json(result), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            _table(result)
+        sys.stdout.flush()  # here, not at exit, where an EPIPE could no longer be handled
+    except BrokenPipeError:
+        # As connect's stdout (zcrelay.cli.transfer): 141 and no message, where click made it
+        # 1 and rich 1 (or Python's exit-time flush 120 and a message). stdout now points at
+        # /dev/null, so what is still buffered cannot fail again (Python's note on SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.BROKEN_PIPE
     return ExitCode.OK
 
 
@@ -169,4 +185,12 @@ def _table(r: BenchResult) -> None:
         table.add_row(m.method, f"{m.throughput / 1e9:.2f}", f"{m.cpu_per_gb:.3f}",
                       f"{m.syscalls:,.0f}", f"{m.voluntary:.0f}/{m.involuntary:.0f}",
                       m.claim.cpu_copies_text, m.claim.context_switches, _chunk(m.chunk))
-    Console(soft_wrap=False).print(table)
+    _Console(soft_wrap=False).print(table)
+
+
+class _Console(Console):
+    """rich's Console, but a closed stdout raises BrokenPipeError for `bench` to map, instead of
+    rich's own SystemExit(1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
