@@ -231,6 +231,20 @@ def test_capture_dir_must_exist(tmp_path):
     assert b"not a directory" in r.stderr
 
 
+@pytest.mark.parametrize("option", [["-a"], ["--append"], ["-p"], ["--output-error", "exit"],
+                                    ["--output-error", "bogus"]])
+def test_capture_refuses_the_pipeline_modes_options(tmp_path, option):
+    """-a, -p and --output-error (a bad MODE too) were ignored in silence by relay capture,
+    which then ran as if they had not been given."""
+    r = subprocess.run(zcrelay_argv("tee", *option, "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9",
+                                    "--capture-dir", str(tmp_path)),
+                       capture_output=True, text=True, env=zcrelay_env(), timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "not for relay capture" in r.stderr, r.stderr
+    assert "listening on" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_capture_payload_moves_only_by_tee_and_splice(zcrelay, tmp_path):
     """Must-show 4 for relay capture: under strace -f -yy, the payload's sockets, pipes and
     capture files see no read/write-family call (trio's wake-up socketpair moves 1 byte)."""

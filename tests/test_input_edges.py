@@ -170,12 +170,47 @@ def test_no_fd_for_the_socket_is_out_of_resources_not_a_failed_connect():
     (["send", "--length", "x", "/etc/hostname", "127.0.0.1:9"], "--length"),
     (["send", "--rate-limit", "0.5", "/etc/hostname", "127.0.0.1:9"], "--rate-limit"),
     (["bench", "--size", "1.5.5"], "--size"),
+    (["send", "--offset", "0.5", "/etc/hostname", "127.0.0.1:9"], "--offset"),
+    (["send", "--length", "1.7", "/etc/hostname", "127.0.0.1:9"], "--length"),
 ])
 def test_a_bad_size_names_its_option_and_every_pipe_is_a_page_at_least(argv, option):
     """Sizes are parsed in the commands' bodies, where click has no parameter to name: the
     message said "Invalid value: '-1' is not a size" without saying which. tee and demo took a
     --pipe-size of 0, which every other command refuses."""
     one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, f"Invalid value for {option}")
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["tee", "-l", "0", "-t", "nope", "--capture-dir", "d"], "--target"),
+    (["tee", "-l", "nope", "-t", "127.0.0.1:9", "--capture-dir", "d"], "--listen"),
+    (["forward", "0", "nope"], "TARGET"),
+    (["forward", "nope", "127.0.0.1:9"], "LISTEN"),
+    (["forward", "--rule", "0=nope"], "--rule"),
+    (["serve", "/etc/hostname", "-l", "nope"], "--listen"),
+    (["connect", "nope"], "ADDR"),
+])
+def test_a_bad_address_names_which_one(argv, name):
+    """`tee -l 0 -t nope` said "Invalid value: 'nope'", not which of its two addresses."""
+    one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, f"Invalid value for {name}: 'nope'")
+
+
+def test_a_size_is_counted_in_whole_bytes_and_exactly():
+    """A float took an --offset of '0.5' as 0 bytes and '1.7' as 1, silently, and rounded
+    offsets past 2**53. An offset or a length must be a whole number of bytes; a pipe size or
+    a rate may round down ('1.1M')."""
+    import typer
+
+    from zcrelay.cli.common import parse_size
+
+    assert parse_size("9007199254740993", exact=True) == 2**53 + 1
+    assert parse_size("1.5K", exact=True) == parse_size("00001.500kib", exact=True) == 1536
+    assert parse_size("1.1M") == 1153433
+    for text in ("0.5", "1.7", "1.1M"):
+        with pytest.raises(typer.BadParameter, match="not a whole number of bytes"):
+            parse_size(text, "--offset", exact=True)
+    for text in ("9" * 30, "4194304T"):  # 2**62
+        with pytest.raises(typer.BadParameter, match="too large"):
+            parse_size(text)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -187,6 +222,25 @@ def test_a_unix_listeners_socket_file_is_removed_at_exit(tmp_path, zcrelay, work
     assert path.exists()
     code, err = relay.stop()
     assert code == 0, err
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("argv, sig", [
+    (["listen"], "SIGTERM"), (["listen"], "SIGHUP"), (["listen", "-k"], "SIGHUP"),
+    (["serve", "/etc/hostname", "--listen"], "SIGHUP"),
+])
+def test_a_listener_killed_by_a_signal_removes_its_socket_file(tmp_path, zcrelay, argv, sig):
+    """The man page: SIGTERM ends a one-shot `listen` by its default action, SIGHUP every
+    command, and a socket file is removed at exit; dying of the signal left the file behind.
+    Still 128 + signum."""
+    import signal
+
+    path = tmp_path / "gone.sock"
+    relay = zcrelay(*argv, f"unix:{path}")  # stdin: /dev/null
+    assert path.exists()
+    code, err = relay.stop(getattr(signal, sig))
+    assert code == -getattr(signal, sig), err  # died of the signal (a shell says 128 + signum)
+    assert "Traceback" not in err
     assert not path.exists()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 from zcrelay.cli.common import PROG
@@ -71,6 +73,9 @@ def _refuse_nan(command) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a usage error is one line on stderr and exit code 2, never a traceback.
     `zcrelay tee [-a] FILE...` runs without importing typer (see zcrelay.cli.teepipe)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:  # not one ignored on purpose (nohup)
+            signal.signal(signum, _clean_up_then_die)
     try:
         _main(argv)
     except KeyboardInterrupt:
@@ -78,9 +83,23 @@ def main(argv: list[str] | None = None) -> None:
         # and a SIGINT there printed a KeyboardInterrupt traceback.
         sys.exit(ExitCode.INTERRUPTED)
     finally:
-        net = sys.modules.get("zcrelay.net")  # imported only by commands that open sockets
-        if net is not None:
-            net.remove_bound_socket_files()
+        _remove_socket_files()
+
+
+def _clean_up_then_die(signum: int, frame: object) -> None:
+    """SIGTERM (where a command does not stop on it) and SIGHUP end zcrelay by their default
+    action (the man page's SIGNALS), which skipped the removal of the unix:PATH socket files it
+    bound (a one-shot `listen`, `serve`, `listen -k` on SIGHUP): remove them, then die of the
+    signal all the same (status 128 + signum)."""
+    _remove_socket_files()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _remove_socket_files() -> None:
+    net = sys.modules.get("zcrelay.net")  # imported only by commands that open sockets
+    if net is not None:
+        net.remove_bound_socket_files()
 
 
 def _main(argv: list[str] | None) -> None:

@@ -29,26 +29,35 @@ if TYPE_CHECKING:
 PROG = "zcrelay"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_LIMIT = float(1 << 62)  # no size here means anything near it; offsets stay in off_t
+_SIZE_LIMIT = 1 << 62  # no size here means anything near it; offsets stay in off_t
 
 
-def parse_size(text: str, option: str | None = None) -> int:
+def parse_size(text: str, option: str | None = None, *, exact: bool = False) -> int:
     """'1M' → 1048576. Suffixes K, M, G, T (powers of 1024, 'KiB' and 'KB' read the same).
     `option` names the option in the error (a size parsed in the command's body has no click
-    parameter to name it)."""
+    parameter to name it). A fraction of a byte ('1.1M') is rounded down, or with `exact`
+    (an offset, a length) refused."""
     import re  # here, not at the top: `zcrelay tee FILE...` starts without it (zcrelay.logs)
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE | re.ASCII)
-    size = None
+    match = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE | re.ASCII)
+    reason = "is not a size"
     if match:
-        number, unit = match.groups()
-        size = float(number) * _UNITS[unit.upper()]  # inf for 400 digits: refused below
-    if size is None or not size < _SIZE_LIMIT:
-        import typer
+        whole, fraction, unit = match.groups()
+        fraction = (fraction or "").rstrip("0")
+        if len(whole.lstrip("0")) + len(fraction) > 24:  # far past the limit, and int() has its own
+            reason = "is too large for a size"
+        else:  # in integers: a float rounded offsets past 2**53 and took "0.5" as 0 bytes
+            scale = 10 ** len(fraction)
+            size, part = divmod((int(whole) * scale + int(fraction or 0)) * _UNITS[unit.upper()], scale)
+            if part and exact:
+                reason = "is not a whole number of bytes"
+            elif size >= _SIZE_LIMIT:
+                reason = "is too large for a size"
+            else:
+                return size
+    import typer
 
-        reason = "is not a size" if size is None else "is too large for a size"
-        raise typer.BadParameter(f"{text!r} {reason} (examples: 65536, 512K, 1M)", param_hint=option)
-    return int(size)
+    raise typer.BadParameter(f"{text!r} {reason} (examples: 65536, 512K, 1.5M)", param_hint=option)
 
 
 MIN_PIPE_SIZE = 4096  # one page
@@ -68,7 +77,9 @@ def size_option(value: str | None) -> int | None:
     return None if value is None else parse_size(value)
 
 
-def address(text: str, *, listen: bool) -> Address:
+def address(text: str, *, listen: bool, option: str | None = None) -> Address:
+    """`option` (--target, ADDR...) names the address in the error: `tee -l 0 -t nope` said only
+    "Invalid value: 'nope'", not which of its two addresses was wrong."""
     from zcrelay.addresses import AddressError, parse
 
     try:
@@ -76,7 +87,7 @@ def address(text: str, *, listen: bool) -> Address:
     except AddressError as exc:
         import typer
 
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def setup_logging(verbose: int, quiet: bool, *, lazy: bool = False) -> None:

@@ -473,14 +473,19 @@ FILES = [
 
 SIGNALS = """
 **SIGINT** and **SIGTERM** stop a running relay cleanly: zcrelay stops accepting new connections,
-closes the open ones, prints a summary (connections, bytes each way, the share spliced and the
-fallbacks with their reasons) on standard error and exits with status 0. A SIGINT that arrives
-before the command is running exits with status 130.
+closes the open ones, prints a summary on standard error and exits with status 0. The summary
+gives the connections, the bytes each way, the share spliced and the fallbacks with their
+reasons; serve's gives the connections, the bytes sent and the clients that failed. A SIGINT
+that arrives before the command is running exits with status 130.
 
 That is for the servers: forward, serve, listen --keep-open and tee --listen. The pipeline
 commands (connect, listen, send, and tee on standard input) behave as netcat and GNU tee do:
 SIGINT ends them with status 130 and prints nothing, and SIGTERM ends them by its default
 action (status 143 in a shell).
+
+**SIGHUP** ends every command by its default action (status 129 in a shell), unless it was
+ignored when zcrelay started (as under nohup). Ended by SIGINT, SIGTERM or SIGHUP, zcrelay first
+removes the unix:PATH socket files it bound (SIGKILL leaves them, to be replaced at the next start).
 
 A write to a peer that has gone away ends that direction of that connection (EPIPE is handled, not
 fatal); the other connections go on.

@@ -38,7 +38,7 @@ def _rule(text: str) -> Rule:
     listen, sep, target = text.partition("=")
     if not sep:
         raise typer.BadParameter(f"{text!r}: a rule is LISTEN=TARGET")
-    return Rule(address(listen, listen=True), address(target, listen=False))
+    return Rule(address(listen, listen=True, option="--rule"), address(target, listen=False, option="--rule"))
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -162,7 +162,8 @@ def forward(
     if (listen is None) != (target is None):
         raise typer.BadParameter("give both LISTEN and TARGET, or neither (with --rule or --config)")
     if listen is not None and target is not None:
-        rules.insert(0, Rule(address(listen, listen=True), address(target, listen=False)))
+        rules.insert(0, Rule(address(listen, listen=True, option="LISTEN"),
+                             address(target, listen=False, option="TARGET")))
     if not rules:
         raise typer.BadParameter("nothing to forward: give LISTEN TARGET, --rule or --config")
     size = pipe_size_value(pipe_size) if pipe_size is not None else data.get("pipe-size", 1 << 20)

@@ -16,8 +16,8 @@ from zcrelay import net
 from zcrelay.cli.app import PROGRESS, app
 from zcrelay.cli.common import address, error, pipe_size_value, say, serve_until_signal, setup_logging, summary
 from zcrelay.cli.progress import Display, show_progress, stdin_size
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, NO_SPLICE, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
-                                  method_value, rate_value, run_mapped)
+from zcrelay.cli.transfer import (CLIENT_RATE, CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, NO_SPLICE, PIPE_SIZE, QUIET,
+                                  RATE, TARGET, VERBOSE, method_value, rate_value, run_mapped)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file
@@ -108,7 +108,7 @@ def connect(
     quiet: bool = QUIET,
 ) -> ExitCode:
     """Connect to ADDR; stdin goes to the socket and the socket to stdout, spliced."""
-    where = address(target, listen=False)
+    where = address(target, listen=False, option="ADDR")
     setup_logging(verbose, quiet)
     code = _stdio_ready()
     if code is not None:
@@ -139,7 +139,7 @@ def listen(
     """Accept a connection on ADDR; stdin goes to it and it goes to stdout, spliced.
 
     Prints "listening on HOST:PORT" on stderr once bound."""
-    bind = address(where, listen=True)
+    bind = address(where, listen=True, option="ADDR")
     setup_logging(verbose, quiet)
     code = _stdio_ready()
     if code is not None:
@@ -188,8 +188,8 @@ def serve(
     listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
     method: str = METHOD,
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
-    rate_limit: Optional[str] = RATE,
-    pipe_size: str = PIPE_SIZE,
+    rate_limit: Optional[str] = CLIENT_RATE,
+    pipe_size: str = FILE_PIPE_SIZE,
     verbose: int = VERBOSE,
     quiet: bool = QUIET,
 ) -> ExitCode:
@@ -197,7 +197,7 @@ def serve(
 
     One log line per connection. SIGINT or SIGTERM stop it with exit code 0."""
     method = method_value(method)
-    bind = address(listen_on, listen=True)
+    bind = address(listen_on, listen=True, option="--listen")
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
                         linger=linger)
     setup_logging(verbose, quiet)

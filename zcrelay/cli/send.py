@@ -15,7 +15,7 @@ import typer
 from zcrelay.cli.app import PROGRESS, app
 from zcrelay.cli.common import address, parse_size, pipe_size_value, setup_logging
 from zcrelay.cli.progress import Display, show_progress
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, METHOD, PIPE_SIZE, QUIET, RATE, TARGET, VERBOSE,
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, QUIET, RATE, TARGET, VERBOSE,
                                   method_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file, send as send_file, span
@@ -35,15 +35,15 @@ def send(
     connect_timeout: float = CONNECT_TIMEOUT,
     rate_limit: Optional[str] = RATE,
     progress: Optional[bool] = PROGRESS,
-    pipe_size: str = PIPE_SIZE,
+    pipe_size: str = FILE_PIPE_SIZE,
     verbose: int = VERBOSE,
     quiet: bool = QUIET,
 ) -> ExitCode:
     """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
     method = method_value(method)
-    where = address(target, listen=False)
-    start = parse_size(offset, "--offset")
-    count = parse_size(length, "--length") if length is not None else None
+    where = address(target, listen=False, option="ADDR")
+    start = parse_size(offset, "--offset", exact=True)
+    count = parse_size(length, "--length", exact=True) if length is not None else None
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
                         linger=linger)
     setup_logging(verbose, quiet)

@@ -60,7 +60,14 @@ def tee(
         if progress:
             raise typer.BadParameter("relay capture logs a line per connection; --progress is for "
                                      "the pipeline mode", param_hint="--progress")
-        return _relay_capture(address(listen, listen=True), address(target, listen=False),
+        # Options of the pipeline mode alone: relay capture ignored them, a bad MODE included.
+        for name, given in (("--append", append), ("--output-error", output_error is not None),
+                            ("-p", nopipe)):
+            if given:
+                raise typer.BadParameter("this is for the pipeline mode (stdin to FILEs), not for "
+                                         "relay capture", param_hint=name)
+        return _relay_capture(address(listen, listen=True, option="--listen"),
+                              address(target, listen=False, option="--target"),
                               capture_dir, size)
     mode = "warn-nopipe" if nopipe and output_error is None else (output_error or DEFAULT)
     if mode not in MODES and mode != DEFAULT:
