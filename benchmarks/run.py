@@ -933,6 +933,8 @@ def tables(res: Results, cells) -> list[tuple[str, str]]:
         for w in http:
             heads += [f"{w.label} req/s (ratio)", f"{w.label} µs CPU/req"]
         for n in relays:
+            if not any((n, w.name) in cells for w in http):
+                continue  # the A/A control runs one stream only
             row = [label_of(n)]
             for w in http:
                 c = cells.get((n, w.name))
