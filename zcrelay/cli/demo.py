@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import parse_size, pipe_size_value, run, say
+from zcrelay.cli.common import parse_size, pipe_size_value, run, say, setup_logging
 from zcrelay.demo import DemoResult, run_demo
 from zcrelay.exitcodes import ExitCode
 
@@ -22,6 +22,9 @@ def demo(
     """Run a forward to a local echo target and check every byte: no setup, loopback only."""
     total = parse_size(size, "--size")
     pipe = pipe_size_value(pipe_size)
+    # Warnings (a pipe size the kernel cut down) as every command gives them, "zcrelay: ...";
+    # unset, logging printed them bare. Not the per-connection lines: the table says it all.
+    setup_logging(0, quiet=True)
 
     async def main() -> ExitCode:
         result = await run_demo(total, connections, not no_splice, pipe,
