@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -434,6 +436,71 @@ async def test_max_conns_holds_extra_clients_in_the_backlog(zcrelay):
         sock.close()
     code, err = relay.stop()
     assert err.count("accepted from") == 3, err
+
+
+async def test_max_conns_reached_is_said_once_even_with_quiet(zcrelay):
+    """Clients held in the backlog by --max-conns were a silent mystery: the limit is now a
+    warning (so -q shows it), given once however often the relay fills up again."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--max-conns", "1",
+                    "--linger", "0.2", "-q")
+    clients = []
+    for _ in range(3):
+        c = trio.socket.socket()
+        await c.connect(("127.0.0.1", relay.port))
+        clients.append(c)
+    with trio.fail_after(10):
+        for client in clients:  # each is served once the one before has ended: full 3 times
+            target, _ = await listener.accept()
+            client.close()  # half-closes it; --linger ends it and frees the slot
+            target.close()
+    code, err = relay.stop()  # the warning came at the first accept: stop reads all the rest
+    assert code == 0, err
+    assert err.count("--max-conns 1 reached: further clients wait in the listen backlog") == 1, err
+    assert "stopped: 3 connections" in err and not conn_lines(err), err
+
+
+async def test_a_connect_errno_without_a_word_of_its_own_is_logged_with_its_cause(zcrelay, tmp_path):
+    """ENOTDIR (a unix: target under a regular file) was logged as a bare close=error."""
+    (tmp_path / "file").write_bytes(b"")
+    relay = zcrelay("forward", "127.0.0.1:0", f"unix:{tmp_path / 'file' / 'target.sock'}")
+    client = trio.socket.socket()
+    with client:
+        await client.connect(("127.0.0.1", relay.port))
+        with trio.fail_after(10):
+            assert await read_to_eof(client) == b""
+    relay.wait_for_lines(" close=", 1)
+    code, err = relay.stop()
+    assert [m.group(6) for m in conn_lines(err)] == ["error (not a directory)"], err
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost"])  # the reactor's connect, a task's
+def test_a_target_that_resets_before_its_connect_is_seen_is_a_reset_passed_on(zcrelay, target):
+    """A target that accepts and resets before the relay sees the connect complete (strace
+    holds the relay in connect(2) meanwhile) was logged close=error and the client got a FIN;
+    it is a reset by the target, passed on to the client, as when the relay already runs."""
+    if shutil.which("strace") is None:
+        if os.environ.get("CI"):
+            pytest.fail("strace is not installed (.ci/run installs it)")
+        pytest.skip("strace is not installed")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(20)
+        relay = zcrelay("forward", "127.0.0.1:0", f"{target}:{listener.getsockname()[1]}",
+                        prefix=["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=connect",
+                                "-e", "inject=connect:delay_exit=500000"])
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as client:
+            accepted, _ = listener.accept()
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            accepted.close()
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+        relay.wait_for_lines(" close=", 1)
+        code, err = relay.stop()
+    assert [m.group(6) for m in conn_lines(err)] == ["reset by target"], err
 
 
 async def test_unix_target_with_full_backlog_is_retried_not_refused(zcrelay, tmp_path):

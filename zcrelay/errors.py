@@ -72,11 +72,13 @@ class BindError(ZcrelayError):
 
 class ConnectError(ZcrelayError):
     """A target could not be reached. `reason` is one word for logs: refused, unreachable,
-    timeout, resolve, no-socket, out-of-fds, error."""
+    timeout, resolve, no-socket, reset (it accepted, then reset, before the connect was seen
+    to complete), out-of-fds, out-of-memory, error; `detail` says why in words."""
 
     def __init__(self, address: Address, reason: str, detail: str) -> None:
         self.address = address
         self.reason = reason
+        self.detail = detail
         super().__init__(f"cannot connect to {address}: {detail}")
 
 

@@ -20,7 +20,7 @@ import trio
 
 from zcrelay import capture, mover, net
 from zcrelay.addresses import Address, format_sockname
-from zcrelay.errors import NO_RESOURCES
+from zcrelay.errors import NO_RESOURCES, ConnectError
 from zcrelay.excgroups import first_error, split_cancelled
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
@@ -39,6 +39,16 @@ _CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 _ACCEPT_BATCH = 64
 # Connect failures that say a resolved name's addresses may be stale: resolve it again.
 _TARGET_GONE = frozenset({"refused", "unreachable", "timeout", "no-socket"})
+
+
+def _unreached(exc: ConnectError) -> str:
+    """The close= of a connection whose target was not reached: the connect's one word; a
+    target that accepted, then reset, before the connect was seen to complete, said as a reset
+    of a running relay is; an errno with no word of its own, with its text (ENOTDIR on a unix:
+    target was a bare "error")."""
+    if exc.reason == "reset":
+        return "reset by target"
+    return f"error ({exc.detail})" if exc.reason == "error" else exc.reason
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ class Forwarder:
         self._sweeper: Timer | None = None
         self._listeners: list[_Listener] = []
         self._nursery: trio.Nursery | None = None
+        self._said_full = False  # the --max-conns warning is given once
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind every rule's listener, report them with task_status.started(list[Bound]),
@@ -208,6 +219,14 @@ class Forwarder:
     def _full(self) -> bool:
         return bool(self.config.max_conns) and self.totals.active >= self.config.max_conns
 
+    def _at_limit(self) -> None:
+        """Accepting stops at --max-conns: say so, once, so that clients left waiting in the
+        backlog are not a silent mystery, and a relay that runs at its limit logs no flood."""
+        if not self._said_full:
+            self._said_full = True
+            log.warning("--max-conns %d reached: further clients wait in the listen backlog until "
+                        "a connection ends (said once)", self.config.max_conns)
+
     def _finished(self, conn: Connection) -> None:
         """Count and log a connection that ended (either path); never raises."""
         if conn.close == "out-of-fds":
@@ -233,8 +252,10 @@ class Forwarder:
                 listener = self._listeners[conn.rule - 1]
                 try:
                     target = await net.connect(conn.target, config.connect_timeout, listener.remember)
-                except net.ConnectError as exc:
-                    conn.close = exc.reason
+                except ConnectError as exc:
+                    conn.close = _unreached(exc)
+                    if exc.reason == "reset":
+                        net.abort(client)  # pass it on, as once the relay runs
                     return
                 with target:
                     if config.nodelay:
@@ -320,8 +341,11 @@ class _Listener:
         forwarder = self.forwarder
         accept, family = self.sock._accept, self.family
         for _ in range(_ACCEPT_BATCH):
-            if forwarder._full or self.paused:
-                return  # the rest wait in the backlog; _finished or the timer resumes us
+            if self.paused:
+                return  # the rest wait in the backlog; the timer resumes us
+            if forwarder._full:
+                forwarder._at_limit()
+                return  # the rest wait in the backlog; _finished resumes us
             try:
                 # The C-level accept: socket.accept() would also turn the listener's family and
                 # type into enums on every call, a measurable share of a short connection.
@@ -499,7 +523,10 @@ class _Link:
         self._finish("timeout")
 
     def _fail(self, err: int) -> None:
-        self._finish(net.connect_reason(err))
+        exc = net.connect_error(self.conn.target, err)
+        if exc.reason == "reset":
+            net.abort(self.client)  # pass it on, as once the relay runs
+        self._finish(_unreached(exc))
 
     def abandon(self, why: str) -> None:
         """End now (the forwarder is shutting down)."""

@@ -35,6 +35,7 @@ _CONNECT_REASONS = {
     errno.EADDRNOTAVAIL: "unreachable",
     errno.ETIMEDOUT: "timeout",
     errno.ENOENT: "no-socket",
+    errno.ECONNRESET: "reset",  # the target accepted, then reset, before the connect was seen
     errno.EMFILE: "out-of-fds",
     errno.ENFILE: "out-of-fds",
     errno.ENOBUFS: "out-of-memory",

@@ -395,6 +395,22 @@ on the command line win over the file.
 For each listener zcrelay prints "listening on ADDRESS -> TARGET" on standard error once it
 accepts connections; port 0 picks a free port and the line shows which.
 
+Each connection is logged in one line on standard error when it ends (not with **--quiet**;
+**--verbose** adds a line when it is accepted): conn=N rule=R peer=ADDRESS target=TARGET
+up=BYTES down=BYTES spliced=BYTES copied=BYTES duration=SECONDSs close=REASON, and
+fallback="WHY" when a direction was copied through user space. up counts the bytes from the
+client to the target, down those back; spliced and copied split both ways' bytes by how they
+moved. REASON is eof (both sides closed), reset by client or reset by target (passed on to the
+other side as a reset), idle (**--idle-timeout**), linger (**--linger**), timeout
+(**--connect-timeout**), refused, unreachable, no-socket (no socket at a unix: target),
+resolve (the name does not resolve), out-of-fds, out-of-memory, shutdown (SIGINT or SIGTERM),
+or an error with its cause in parentheses: error (...) for a connect, and for a relay the
+errno's name and the side, as in eio on target (...).
+
+With **--max-conns**, accepting stops at the limit and further clients wait in the listen
+backlog (**--backlog**) until a connection ends; the first time the limit is reached, zcrelay
+says so in one warning.
+
 A TARGET given by name is resolved when a connection needs it, and the addresses found serve
 the connections of the next **--resolve-ttl** seconds (5 by default; 0 resolves for every
 connection). Such a connection costs a quarter to a third of the CPU of one that resolves. A connection
