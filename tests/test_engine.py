@@ -220,6 +220,22 @@ async def test_mid_stream_errors_are_translated_once(monkeypatch, err, kind):
     assert info.value.role == mover.SOURCE and info.value.errno == err
 
 
+@pytest.mark.parametrize("err,reason,said", [
+    (errno.ECONNRESET, "reset", "reset by target"), (errno.EPIPE, "reset", "reset by target"),
+    (errno.ETIMEDOUT, "lost", "lost on target (destination: splice: "),
+    (errno.EHOSTUNREACH, "lost", "lost on target (destination: splice: "),
+])
+def test_a_peer_that_vanished_is_lost_not_reset(err, reason, said):
+    """A connection that timed out mid-stream (or whose host became unreachable) was logged
+    "reset by target": a reset it never sent. It is "lost on target", with its cause."""
+    from zcrelay.errors import translate
+    from zcrelay.relay import RelayEnd
+
+    error = translate(OSError(err, os.strerror(err)), mover.DESTINATION, "splice")
+    assert isinstance(error, PeerGone) and error.reason == reason
+    assert RelayEnd(error.reason, "b", str(error)).describe("client", "target").startswith(said)
+
+
 async def test_cancelled_mid_stream_destroys_the_pipe_holding_bytes():
     """A pump blocked on a full destination is cancelled: the pipe with bytes in it is
     destroyed, never pooled for another stream."""

@@ -32,11 +32,13 @@ class StreamError(ZcrelayError):
 
 
 class PeerGone(StreamError):
-    """The peer reset the connection or stopped reading (ECONNRESET, EPIPE, ENOTCONN...)."""
+    """The peer reset the connection or stopped reading (ECONNRESET, EPIPE, ENOTCONN...): "reset";
+    or it vanished, its connection timed out or its host became unreachable (ETIMEDOUT,
+    EHOSTUNREACH, ENETUNREACH): "lost", which a log must not call a reset."""
 
     @property
     def reason(self) -> str:
-        return "reset"
+        return "lost" if self.errno in PEER_LOST else "reset"
 
 
 class OutOfResources(StreamError):
@@ -98,8 +100,9 @@ class ConnectionLost(ZcrelayError):
     """The peer reset the connection or stopped reading before the transfer was over."""
 
 
+PEER_LOST = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED,
-                       errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN})
+                       errno.ESHUTDOWN}) | PEER_LOST
 NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 

@@ -39,6 +39,8 @@ _CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 _ACCEPT_BATCH = 64
 # Connect failures that say a resolved name's addresses may be stale: resolve it again.
 _TARGET_GONE = frozenset({"refused", "unreachable", "timeout", "no-socket"})
+# A relay that ended so (PeerGone's reasons) passes a reset on to the other side.
+PEER_ENDS = frozenset({"reset", "lost"})
 
 
 def _unreached(exc: ConnectError) -> str:
@@ -267,7 +269,7 @@ class Forwarder:
                                       idle=config.idle_timeout, linger=config.linger,
                                       captures=session.captures if session else (None, None))
                     conn.close = end.describe("client", "target")
-                    if end.reason == "reset":
+                    if end.reason in PEER_ENDS:
                         # Pass the reset on, as the peer would have seen it without a relay.
                         net.abort(target if end.side == "a" else client)
         except Exception as exc:  # a bug must not take the other connections down
@@ -514,7 +516,7 @@ class _Link:
             log.debug("connection %d failed", self.conn.number, exc_info=exc)
             self._finish(f"internal-error ({type(exc).__name__}: {exc})")
             return
-        if end.reason == "reset":
+        if end.reason in PEER_ENDS:
             # Pass the reset on, as the peer would have seen it without a relay.
             net.abort(self.target if end.side == "a" else self.client)
         self._finish(end.describe("client", "target"))

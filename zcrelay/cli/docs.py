@@ -401,7 +401,8 @@ up=BYTES down=BYTES spliced=BYTES copied=BYTES duration=SECONDSs close=REASON, a
 fallback="WHY" when a direction was copied through user space. up counts the bytes from the
 client to the target, down those back; spliced and copied split both ways' bytes by how they
 moved. REASON is eof (both sides closed), reset by client or reset by target (passed on to the
-other side as a reset), idle (**--idle-timeout**), linger (**--linger**), timeout
+other side as a reset), lost on client or lost on target (its connection timed out or its
+host became unreachable; also passed on as a reset), idle (**--idle-timeout**), linger (**--linger**), timeout
 (**--connect-timeout**), refused, unreachable, no-socket (no socket at a unix: target),
 resolve (the name does not resolve), out-of-fds, out-of-memory, shutdown (SIGINT or SIGTERM),
 or an error with its cause in parentheses: error (...) for a connect, and for a relay the
