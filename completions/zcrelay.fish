@@ -46,7 +46,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'L
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s w -l workers -x -d 'Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'Only warnings and errors on stderr (no per-connection lines)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'No per-connection lines: only the listening lines, warnings, errors and the summary on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Show this message and exit'
 
 # connect
@@ -58,7 +58,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-progress -l p
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
-complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s q -l quiet -d 'Only warnings and errors on stderr (and a listener\'s listening line and summary)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s h -l help -d 'Show this message and exit'
 
 # listen
@@ -70,7 +70,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-progress -l pr
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l pipe-size -x -d 'Pipe buffer for file transfers; inherited stdio pipes are grown to it'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
-complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s q -l quiet -d 'Only warnings and errors on stderr (and a listener\'s listening line and summary)'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s h -l help -d 'Show this message and exit'
 
 # send
@@ -83,7 +83,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from send' -l rate-limit -x -d 'C
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l pipe-size -x -d 'The pipe a file is spliced through (K/M suffixes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
-complete -c zcrelay -n '__fish_seen_subcommand_from send' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -s q -l quiet -d 'Only warnings and errors on stderr (and a listener\'s listening line and summary)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -s h -l help -d 'Show this message and exit'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -F
 
@@ -94,7 +94,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l linger -x -d 'Afte
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l rate-limit -x -d 'Cap each client\'s throughput, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l pipe-size -x -d 'The pipe a file is spliced through (K/M suffixes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'
-complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s q -l quiet -d 'Only warnings and errors on stderr (and a listener\'s listening line and summary)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s h -l help -d 'Show this message and exit'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -F
 
@@ -108,6 +108,6 @@ complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s t -l target -x -d 'R
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Relay capture mode: write each direction of each connection to its own file in DIR (see \'zcrelay forward --capture-dir\')'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s v -l verbose -d 'Say how stdin and the outputs are handled (pipe sizes, fallbacks)'
-complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s q -l quiet -d 'Only warnings and errors on stderr'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s q -l quiet -d 'Only warnings and errors on stderr (and, with --listen, the listening line and the summary)'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s h -l help -d 'Show this message and exit'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -F

@@ -154,7 +154,7 @@ def forward(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  [default: 1]", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (no per-connection lines)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-connection lines: only the listening lines, warnings, errors and the summary on stderr."),
 ) -> ExitCode:
     """Forward connections from LISTEN to TARGET, splicing payloads through pipes."""
     data = load_config(config) if config else {}

@@ -47,7 +47,7 @@ def tee(
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Relay capture mode: write each direction of each connection to its own file in DIR (see 'zcrelay forward --capture-dir').", show_default=False),
     progress: Optional[bool] = PROGRESS,
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Say how stdin and the outputs are handled (pipe sizes, fallbacks)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (and, with --listen, the listening line and the summary)."),
 ) -> ExitCode:
     """Copy standard input to standard output and to each FILE with tee(2) and splice(2)."""
     setup_logging(verbose, quiet)

@@ -38,7 +38,7 @@ _CODES: list[tuple[type, ExitCode]] = [
 
 # Options connect, listen, send and serve share.
 VERBOSE = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (the method each direction uses, a summary).")
-QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
+QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (and a listener's listening line and summary).")
 RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded).", show_default=False)
 NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison).")
 PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
