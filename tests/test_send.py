@@ -174,3 +174,47 @@ def test_send_bounds_its_connect_and_linger_without_trio(tmp_path):
     assert rc == 0, err
     assert 0.5 <= elapsed < 5, elapsed
     assert bytes(got) == b"payload" * 1000
+
+
+def _limit_free_fds(pid: int, free: int) -> None:
+    """Lower `pid`'s RLIMIT_NOFILE until exactly `free` fd numbers are left below it."""
+    import resource
+
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    limit = next(n for n in range(1, 1 << 16) if n - len({fd for fd in taken if fd < n}) == free)
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+
+
+def test_serve_out_of_fds_is_an_error_said_once_not_a_bug(zcrelay, tmp_path):
+    """A client accepted with the last free fd, whose pipe could not be made, was logged as
+    "internal-error (OSError: [Errno 24] ...)"; and while accept itself failed for want of an
+    fd, "out of file descriptors" was logged at every retry, ten lines a second."""
+    import resource
+    import socket
+
+    data = random_file(tmp_path / "data", 1 << 20)
+    server = zcrelay("serve", str(data), "--listen", "127.0.0.1:0")
+    pid = server.proc.pid
+    original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    _limit_free_fds(pid, 1)  # the client's socket, and no fd left for its pipe
+    with socket.create_connection(("127.0.0.1", server.port)) as first:
+        assert first.recv(1) == b""
+    server.wait_for_lines("conn=1 ", 1)
+    _limit_free_fds(pid, 0)  # accept itself fails
+    with socket.create_connection(("127.0.0.1", server.port)) as second:
+        server.wait_for_lines("out of file descriptors", 1)
+        time.sleep(0.5)  # the retries under test (one each 0.1 s), not a wait for readiness
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+        received = b""
+        while chunk := second.recv(1 << 20):
+            received += chunk
+    assert hashlib.sha256(received).hexdigest() == sha256_file(data)
+    server.wait_for_lines("conn=2 ", 1)
+    code, err = server.stop()
+    assert code == 0, err
+    first_line = next(line for line in err.splitlines() if "conn=1 " in line)
+    assert first_line.endswith("error (out of resources: Too many open files)"), err
+    assert "internal-error" not in err and "Traceback" not in err
+    assert err.count("out of file descriptors") == 1, err
+    assert "stopped: 2 connections, 1048576 bytes sent, 1 failed" in err

@@ -18,6 +18,8 @@ from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
 
+_RECOVERED = 1.0  # seconds without a refused accept that end an fd shortage (its log line)
+
 
 class FileServer:
     """Serves one file to every client of one listener, concurrently. One log line per client."""
@@ -36,15 +38,25 @@ class FileServer:
         listener = await net.open_listener(self.address)
         with listener:
             task_status.started(net.local_name(listener))
+            # Out of fds, said once per shortage, as forward does: a retry every 0.1 s logged a
+            # line each time, ten a second for as long as it lasted. The shortage is over at an
+            # accept _RECOVERED seconds after the last refusal (a client accepted with the last
+            # free fd, then closed for want of a pipe, would otherwise end it every 0.1 s).
+            short_at: float | None = None  # the last accept refused for want of an fd
             async with trio.open_nursery() as nursery:
                 while True:
                     try:
                         sock, peer = await listener.accept()
                     except OSError as exc:
                         if exc.errno in NO_RESOURCES:
-                            log.warning("out of file descriptors: pausing accepts for 0.1 s")
+                            if short_at is None:
+                                log.warning("out of file descriptors: pausing accepts until some are freed")
+                            short_at = trio.current_time()
                             await trio.sleep(0.1)
                         continue
+                    if short_at is not None and trio.current_time() - short_at > _RECOVERED:
+                        log.warning("accepting again on %s", self.address)
+                        short_at = None
                     self.connections += 1
                     nursery.start_soon(self._handle, sock, net.peer_name(sock, peer), self.connections)
 
@@ -63,8 +75,12 @@ class FileServer:
         except (direct.FileShrank, InputFailed, ConnectionLost) as exc:
             outcome = f"error ({exc})"
             self.failed += 1
-        except Exception as exc:  # a bug must not take the other clients down
-            outcome = f"internal-error ({type(exc).__name__}: {exc})"
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in NO_RESOURCES:
+                # No fd or memory for the file's pipe: the process's limit, not a bug.
+                outcome = f"error (out of resources: {os.strerror(exc.errno)})"
+            else:  # a bug must not take the other clients down
+                outcome = f"internal-error ({type(exc).__name__}: {exc})"
             self.failed += 1
         finally:
             self.sent += flow.bytes
