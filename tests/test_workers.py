@@ -181,3 +181,38 @@ def test_workers_do_not_join_another_processes_port(zcrelay):
     assert "address already in use" in err and len(err.strip().splitlines()) == 1
     code, err = finish(first, signal.SIGTERM)
     assert code == 0, err
+
+
+def test_a_signal_while_the_workers_start_stops_cleanly(monkeypatch):
+    """A SIGTERM between two forks (zcrelay started with many workers, stopped at once) closed
+    the stop pipe in the parent; the next worker closed its copy again (EBADF), exited 1, and
+    zcrelay exited 1 without a word. In process: the first fork signals the parent, as a signal
+    landing there would."""
+    import threading
+
+    from zcrelay.addresses import parse
+    from zcrelay.cli import workers as pool
+    from zcrelay.exitcodes import ExitCode
+    from zcrelay.forward import ForwardConfig, Rule
+    from zcrelay.stats import Totals
+
+    real_fork = os.fork
+    forked: list[int] = []
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+            if len(forked) == 1:  # to the main thread: pytest's other threads would take it at once
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        return pid
+
+    def work(settings, socks, worker, stop_fd):  # in the child: serve until told to stop
+        select.select([stop_fd], [], [])
+        return ExitCode.OK, Totals()
+
+    monkeypatch.setattr(os, "fork", fork)
+    rule = Rule(parse("127.0.0.1:0", listen=True), parse("127.0.0.1:9", listen=False))
+    code = pool.serve(ForwardConfig(rules=(rule,)), 4, Totals(), lambda bound: None, work)
+    assert code == ExitCode.OK
+    assert len(forked) == 1  # told to stop: no more workers started

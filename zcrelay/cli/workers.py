@@ -116,14 +116,28 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
     try:
         for index in range(1, count + 1):
-            report_r, report_w = os.pipe()
-            sys.stderr.flush()  # nothing buffered may be written twice
-            pid = os.fork()
+            # The stop signals wait while a worker is forked. A stop in the parent just before
+            # the fork left the child closing the closed stop_w: that worker ended at once with
+            # status 1 and no message, and so did zcrelay for a SIGTERM during start-up. And
+            # the parent's handler must not run in the child before it ignores them.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            pid = -1
+            try:
+                if not state.stopping:  # else a signal came during start-up: start no more
+                    report_r, report_w = os.pipe()
+                    sys.stderr.flush()  # nothing buffered may be written twice
+                    pid = os.fork()
+            finally:
+                if pid != 0:  # the parent; the child lets them through once it ignores them
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if pid < 0:
+                break
             if pid == 0:  # the worker: never returns into the parent's code
                 code = ExitCode.FAILURE
                 try:
                     for sig in previous:
                         signal.signal(sig, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                     os.close(stop_w)
                     os.close(report_r)
                     for other in workers:
