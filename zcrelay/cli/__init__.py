@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from zcrelay.cli.common import PROG
+from zcrelay.cli.common import PROG, interrupted
 from zcrelay.exitcodes import ExitCode
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) == signal.SIG_DFL:  # not one ignored on purpose (nohup)
             signal.signal(signum, _clean_up_then_die)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup &)
+        signal.signal(signal.SIGINT, interrupted)  # counts a Ctrl-C that Python might swallow
+        sys.unraisablehook = _unraisable
     try:
         _main(argv)
     except KeyboardInterrupt:
@@ -84,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.INTERRUPTED)
     finally:
         _remove_socket_files()
+
+
+def _unraisable(unraisable) -> None:
+    """A KeyboardInterrupt that Python swallowed in a callback (see common.interrupted) is
+    counted, and acted on once the command starts: not an "Exception ignored" traceback."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def _clean_up_then_die(signum: int, frame: object) -> None:

@@ -132,6 +132,19 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     raise exc
 
 
+_interrupts = 0  # SIGINTs seen by interrupted() since start-up
+
+
+def interrupted(signum: int, frame: object) -> None:
+    """The CLI's SIGINT handler until a command installs its own: Python's KeyboardInterrupt, and
+    a count. Raised inside a callback (a weakref's, while an import takes its module lock),
+    Python prints "Exception ignored" and goes on: a Ctrl-C in start-up was lost, and a server
+    came up and served. `run` checks the count before the command starts."""
+    global _interrupts
+    _interrupts += 1
+    raise KeyboardInterrupt
+
+
 def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True, hosted: bool = False) -> ExitCode:
     """Run `main` under trio (or, `with_trio=False`, with blocking waits and without importing
     trio: see zcrelay.waits); turn any failure into a one-line message and an exit code.
@@ -140,6 +153,14 @@ def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = Tru
     whose bytes the reactor moves (forward). ZCRELAY_LOOP=trio runs them under trio.run
     instead, for tests and comparisons."""
     try:
+        if _interrupts:  # a Ctrl-C in start-up whose KeyboardInterrupt Python swallowed
+            raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGINT) is interrupted:
+            # Python's own again: trio protects its internals from KeyboardInterrupt only if
+            # it finds that one installed (trio._core._ki).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if _interrupts:  # one that came in between
+                raise KeyboardInterrupt
         if not with_trio:
             from zcrelay.waits import run_blocking
 
