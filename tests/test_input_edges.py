@@ -154,6 +154,33 @@ def test_ctrl_c_during_start_up_is_130_and_no_traceback():
     assert counted >= 5
 
 
+@pytest.mark.parametrize("argv", [
+    ["forward", "127.0.0.1:0", "127.0.0.1:9"], ["forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2"],
+    ["tee", "-l", "127.0.0.1:0", "-t", "127.0.0.1:9", "--capture-dir", "."],
+    ["listen", "-k", "127.0.0.1:0"], ["serve", "-l", "127.0.0.1:0", "/etc/hostname"],
+], ids=["forward", "workers", "tee", "listen-k", "serve"])
+def test_a_second_sigterm_while_stopping_is_ignored(tmp_path, argv):
+    """timeout(1) sends SIGTERM to its child and to the group, a service manager may repeat
+    it: the second killed a stopping server by the default action (status 143), often before
+    its summary. It is ignored now: exit 0 and the summary, whatever the gap."""
+    import signal
+    import time
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+
+    for gap_ms in (0.5, 5, 20):
+        proc = subprocess.Popen(zcrelay_argv(*argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=zcrelay_env(), cwd=tmp_path)
+        assert "listening on" in proc.stderr.readline().decode()  # ready
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(gap_ms / 1000)  # the gap is the case under test, not a wait for readiness
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        text = err.decode(errors="replace")
+        assert proc.returncode == 0, (gap_ms, proc.returncode, text)
+        assert "stopped:" in text and "Traceback" not in text, (gap_ms, text)
+
+
 def test_no_fd_for_the_socket_is_out_of_resources_not_a_failed_connect():
     """Under `ulimit -n 8` the socket(2) for the target fails with EMFILE: exit 7 (out of
     resources), where it used to be 6, which blames the target."""

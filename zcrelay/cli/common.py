@@ -211,6 +211,17 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
                 async for _ in signals:
                     break
             nursery.cancel_scope.cancel()
+        if signals is not None:
+            # Stopping: a second SIGTERM (timeout(1) sends one to its child and one to the
+            # group; a service manager may repeat it) killed the process by the default action
+            # once the receiver was closed, before or during its summary (status 143, or no
+            # summary at all). From here on it is ignored: blocked until then, so that the
+            # receiver's restored handler never runs, and discarded once ignored. A second
+            # SIGINT still ends it at once with 130 (KeyboardInterrupt, see zcrelay.cli.main).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if signals is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def summary(totals: "Totals") -> str:

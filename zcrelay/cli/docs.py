@@ -426,7 +426,8 @@ another process holds, with SO_REUSEPORT or not, is "address already in use" (ex
 with one process. Worker K numbers its connections K, K+N, K+2N..., so numbers
 and capture file names stay unique. Limits such as **--max-conns** apply to each worker. A
 SIGINT or SIGTERM to the first process stops every worker, and it prints one summary for all of
-them; a second one kills the workers at once and exits with status 130. The workers ignore
+them; a second SIGINT kills the workers at once and exits with status 130 (a second SIGTERM is
+ignored, see SIGNALS). The workers ignore
 those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
 worker's status, or 1 if it was killed by a signal.
@@ -493,7 +494,9 @@ SIGNALS = """
 closes the open ones, prints a summary on standard error and exits with status 0. The summary
 gives the connections, the bytes each way, the share spliced and the fallbacks with their
 reasons; serve's gives the connections, the bytes sent and the clients that failed. A SIGINT
-that arrives before the command is running exits with status 130.
+that arrives before the command is running exits with status 130. While a server stops, a
+second SIGTERM is ignored (timeout(1) sends one to zcrelay and one to its process group, and
+a service manager may repeat it), and a second SIGINT ends it at once (status 130).
 
 That is for the servers: forward, serve, listen --keep-open and tee --listen. The pipeline
 commands (connect, listen, send, and tee on standard input) behave as netcat and GNU tee do:

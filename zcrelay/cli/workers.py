@@ -104,7 +104,9 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    def on_signal(*_) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        if state.signals and signum == signal.SIGTERM:
+            return  # repeated by tools (timeout(1) signals its child and the group): no hurry
         state.signals += 1
         if state.signals > 1:  # asked twice: do not wait for the workers to finish
             for worker in workers:
@@ -165,6 +167,8 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
             if worker.status is None:  # a fork or the wait failed: the closed pipe stops it
                 os.waitpid(worker.pid, 0)
             os.close(worker.report)
+        if state.signals:  # stopped by a signal: a SIGTERM repeated from here on is ignored too
+            previous[signal.SIGTERM] = signal.SIG_IGN
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
