@@ -228,7 +228,7 @@ def test_capture_dir_must_exist(tmp_path):
                                                            "--capture-dir", str(tmp_path / "nope"))],
                        capture_output=True, env=zcrelay_env(), timeout=30)
     assert r.returncode == 2
-    assert b"not a directory" in r.stderr
+    assert b"does not exist" in r.stderr
 
 
 @pytest.mark.parametrize("option", [["-a"], ["--append"], ["-p"], ["--output-error", "exit"],

@@ -23,6 +23,7 @@ from zcrelay import addresses
 from zcrelay.cli import load
 from zcrelay.cli import docs
 from zcrelay.exitcodes import DESCRIPTIONS, ExitCode
+from tests.conftest import zcrelay_argv, zcrelay_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man" / "zcrelay.1"
@@ -100,6 +101,24 @@ def test_man_page_documents_every_command(command):
 def test_man_page_documents_every_option(command, option):
     section = man_section(command, "SS") if command else man_section("Global options", "SS")
     assert f"\\fB{roff_name(option)}\\fR" in section
+
+
+def _written_defaults(command: str) -> list[str]:
+    """The "[default: ...]" each option of `command` writes into its own help text."""
+    group = typer.main.get_command(load())
+    return [m.group() for p in group.commands[command].params
+            for m in re.finditer(r"\[default: [^\]]*\]", docs._unescape(getattr(p, "help", "")))]
+
+
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if _written_defaults(c)))
+def test_help_shows_the_defaults_written_into_help_texts(command):
+    """--help renders help texts as rich markup, where an unescaped "[default: 1M]" is a style
+    tag and vanishes: the man page would say the default and --help would not."""
+    out = subprocess.run(zcrelay_argv(command, "--help"), capture_output=True, text=True,
+                         env=zcrelay_env(COLUMNS="1000"), timeout=30).stdout
+    shown = " ".join(out.split())
+    missing = [d for d in _written_defaults(command) if d not in shown]
+    assert not missing, f"zcrelay {command} --help drops {missing}"
 
 
 @pytest.mark.parametrize("path", [BASH, ZSH, FISH], ids=lambda p: p.name)

@@ -226,6 +226,19 @@ def test_a_bad_address_names_which_one(argv, name):
     one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, f"Invalid value for {name}: 'nope'")
 
 
+@pytest.mark.parametrize("make, said", [(None, "does not exist (create it first)"),
+                                         ("file", "is not a directory")])
+def test_a_capture_dir_that_is_missing_says_so(tmp_path, make, said):
+    """A missing --capture-dir was called "not a directory", which sent the user looking for a
+    file in its place; the README's example now creates it first."""
+    path = tmp_path / "capture"
+    if make:
+        path.write_bytes(b"")
+    for argv in (["tee", "-l", "0", "-t", "127.0.0.1:9"], ["forward", "0", "127.0.0.1:9"]):
+        one_line_error(run_zcrelay(*argv, "--capture-dir", str(path), stdin=subprocess.DEVNULL), 2,
+                       f"Invalid value for --capture-dir: '{path}' {said}")
+
+
 def test_a_size_is_counted_in_whole_bytes_and_exactly():
     """A float took an --offset of '0.5' as 0 bytes and '1.7' as 1, silently, and rounded
     offsets past 2**53. An offset or a length must be a whole number of bytes; a pipe size or

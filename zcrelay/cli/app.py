@@ -30,4 +30,4 @@ def _root(
     moving payloads with splice(2), tee(2) and sendfile(2) so they never enter user space."""
 
 
-PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  [default: when stderr is a terminal and the data's stdin and stdout are not]", show_default=False)
+PROGRESS = typer.Option(None, "--progress/--no-progress", help="Show a progress display on stderr.  \\[default: when stderr is a terminal and the data's stdin and stdout are not]", show_default=False)

@@ -517,6 +517,7 @@ EXAMPLES = [
     ("Forward on every interface, and a second rule to a Unix socket:",
      "zcrelay forward :2222 gateway.example.net:22 --rule :5433=unix:/run/postgresql/.s.PGSQL.5432"),
     ("Relay port 9000 to a backend and capture both directions of every connection:",
+     "mkdir -p /var/tmp/capture   # the directory must exist\n"
      "zcrelay tee --listen :9000 --target backend:9000 --capture-dir /var/tmp/capture"),
     ("Copy a stream to two files on its way through a pipeline, without copying it through user space:",
      "producer | zcrelay tee a.bin b.bin | consumer"),

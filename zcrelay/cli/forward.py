@@ -141,17 +141,17 @@ def forward(
     target: Optional[str] = typer.Argument(None, metavar="TARGET", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
     rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable).", show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=r"TOML file with options and \[\[rule]] tables; the command line wins.", dir_okay=False),
-    pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  [default: 1M]", show_default=False),
-    max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  [default: 0]", show_default=False),
-    max_idle_pipes: Optional[int] = typer.Option(None, "--max-idle-pipes", min=0, metavar="N", help="Empty pipes kept for reuse.  [default: 16]", show_default=False),
-    connect_timeout: Optional[float] = typer.Option(None, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the target (0: none).  [default: 10]", show_default=False),
-    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=0, metavar="SECONDS", help="Close a connection after this many seconds without a byte (0: never).  [default: 0]", show_default=False),
-    linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may live (0: no limit).  [default: 60]", show_default=False),
-    resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  [default: 5]", show_default=False),
+    pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  \\[default: 1M]", show_default=False),
+    max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  \\[default: 0]", show_default=False),
+    max_idle_pipes: Optional[int] = typer.Option(None, "--max-idle-pipes", min=0, metavar="N", help="Empty pipes kept for reuse.  \\[default: 16]", show_default=False),
+    connect_timeout: Optional[float] = typer.Option(None, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the target (0: none).  \\[default: 10]", show_default=False),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=0, metavar="SECONDS", help="Close a connection after this many seconds without a byte (0: never).  \\[default: 0]", show_default=False),
+    linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may live (0: no limit).  \\[default: 60]", show_default=False),
+    resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  \\[default: 5]", show_default=False),
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison, odd kernels)."),
     no_nodelay: bool = typer.Option(False, "--no-nodelay", help="Leave Nagle's algorithm on (TCP_NODELAY is set on both sides by default)."),
-    backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  [default: 4096]", show_default=False),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  [default: 1]", show_default=False),
+    backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  \\[default: 4096]", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  \\[default: 1]", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-connection lines: only the listening lines, warnings, errors and the summary on stderr."),
@@ -223,7 +223,9 @@ def _work(settings: ForwardConfig, listeners: list | None, worker: tuple[int, in
 
 
 def capture_directory(path: str | None) -> str | None:
+    """--capture-dir must exist: zcrelay does not create it (a typo would capture elsewhere)."""
     if path is not None and not os.path.isdir(path):
-        raise typer.BadParameter(f"{path!r} is not a directory", param_hint="--capture-dir")
+        why = "is not a directory" if os.path.exists(path) else "does not exist (create it first)"
+        raise typer.BadParameter(f"{path!r} {why}", param_hint="--capture-dir")
     return path
 

@@ -30,7 +30,7 @@ def send(
     target: str = TARGET,
     method: str = METHOD,
     offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
-    length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  [default: to the end]", show_default=False),
+    length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  \\[default: to the end]", show_default=False),
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
     connect_timeout: float = CONNECT_TIMEOUT,
     rate_limit: Optional[str] = RATE,
