@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 
-from zcrelay.cli.common import PROG, interrupted
+from zcrelay.cli.common import PROG, interrupted, remove_socket_files, terminated
 from zcrelay.exitcodes import ExitCode
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     `zcrelay tee [-a] FILE...` runs without importing typer (see zcrelay.cli.teepipe)."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) == signal.SIG_DFL:  # not one ignored on purpose (nohup)
-            signal.signal(signum, _clean_up_then_die)
+            signal.signal(signum, terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup &)
         signal.signal(signal.SIGINT, interrupted)  # counts a Ctrl-C that Python might swallow
         sys.unraisablehook = _unraisable
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         # and a SIGINT there printed a KeyboardInterrupt traceback.
         sys.exit(ExitCode.INTERRUPTED)
     finally:
-        _remove_socket_files()
+        remove_socket_files()
 
 
 def _unraisable(unraisable) -> None:
@@ -96,20 +95,6 @@ def _unraisable(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
-def _clean_up_then_die(signum: int, frame: object) -> None:
-    """SIGTERM (where a command does not stop on it) and SIGHUP end zcrelay by their default
-    action (the man page's SIGNALS), which skipped the removal of the unix:PATH socket files it
-    bound (a one-shot `listen`, `serve`, `listen -k` on SIGHUP): remove them, then die of the
-    signal all the same (status 128 + signum)."""
-    _remove_socket_files()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
-def _remove_socket_files() -> None:
-    net = sys.modules.get("zcrelay.net")  # imported only by commands that open sockets
-    if net is not None:
-        net.remove_bound_socket_files()
 
 
 def _main(argv: list[str] | None) -> None:

@@ -133,6 +133,7 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
 
 
 _interrupts = 0  # SIGINTs seen by interrupted() since start-up
+_stopping = False  # a server was stopped by a signal (serve_until_signal)
 
 
 def interrupted(signum: int, frame: object) -> None:
@@ -145,6 +146,25 @@ def interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def terminated(signum: int, frame: object) -> None:
+    """The CLI's SIGTERM and SIGHUP handler where they were left to their default action: the
+    same end (death by the signal, status 128 + signum), but first the unix:PATH socket files
+    zcrelay bound are removed (a one-shot `listen`, `serve`, `listen -k` on SIGHUP). A SIGTERM
+    that comes while a server stops is ignored (see serve_until_signal)."""
+    if _stopping and signum == signal.SIGTERM:
+        return
+    remove_socket_files()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def remove_socket_files() -> None:
+    """Remove the unix:PATH socket files this process bound (zcrelay.net), if any."""
+    net = sys.modules.get("zcrelay.net")  # imported only by commands that open sockets
+    if net is not None:
+        net.remove_bound_socket_files()
+
+
 def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True, hosted: bool = False) -> ExitCode:
     """Run `main` under trio (or, `with_trio=False`, with blocking waits and without importing
     trio: see zcrelay.waits); turn any failure into a one-line message and an exit code.
@@ -153,14 +173,12 @@ def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = Tru
     whose bytes the reactor moves (forward). ZCRELAY_LOOP=trio runs them under trio.run
     instead, for tests and comparisons."""
     try:
-        if _interrupts:  # a Ctrl-C in start-up whose KeyboardInterrupt Python swallowed
-            raise KeyboardInterrupt
         if signal.getsignal(signal.SIGINT) is interrupted:
             # Python's own again: trio protects its internals from KeyboardInterrupt only if
             # it finds that one installed (trio._core._ki).
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if _interrupts:  # one that came in between
-                raise KeyboardInterrupt
+        if _interrupts:  # a Ctrl-C in start-up whose KeyboardInterrupt Python swallowed
+            raise KeyboardInterrupt
         if not with_trio:
             from zcrelay.waits import run_blocking
 
@@ -202,6 +220,7 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
     # The receiver is open before `start` runs, so a signal during start-up is not lost.
     receiver = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if stop_fd is None \
         else contextlib.nullcontext()
+    global _stopping
     with receiver as signals:
         async with trio.open_nursery() as nursery:
             on_ready(await nursery.start(start))
@@ -210,18 +229,17 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
             else:
                 async for _ in signals:
                     break
+                # Stopping: a second SIGTERM (timeout(1) sends one to its child and one to the
+                # group; a service manager may repeat it) found the default action back once
+                # the receiver closed, and killed the process before or during its summary
+                # (status 143). The handler the receiver restores, `terminated`, now ignores
+                # it, and then SIG_IGN does, which outlives Python's finalization (it puts
+                # SIG_DFL back for Python-level handlers). A second SIGINT still ends it at
+                # once (130, see zcrelay.cli.main).
+                _stopping = True
             nursery.cancel_scope.cancel()
-        if signals is not None:
-            # Stopping: a second SIGTERM (timeout(1) sends one to its child and one to the
-            # group; a service manager may repeat it) killed the process by the default action
-            # once the receiver was closed, before or during its summary (status 143, or no
-            # summary at all). From here on it is ignored: blocked until then, so that the
-            # receiver's restored handler never runs, and discarded once ignored. A second
-            # SIGINT still ends it at once with 130 (KeyboardInterrupt, see zcrelay.cli.main).
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    if signals is not None:
+    if _stopping:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def summary(totals: "Totals") -> str:
