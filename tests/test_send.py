@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -174,6 +175,41 @@ def test_send_bounds_its_connect_and_linger_without_trio(tmp_path):
     assert rc == 0, err
     assert 0.5 <= elapsed < 5, elapsed
     assert bytes(got) == b"payload" * 1000
+
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_receiver_that_closes_without_reading_everything_is_a_failure(tmp_path, method):
+    """Every byte is in the receiver's socket buffer, which it closes unread (as a receiver
+    that gives up does): the kernel resets the connection and the bytes are lost. `send`
+    sees the reset while it waits for the peer's FIN (--linger) and must say so (exit 1, one
+    line), not exit 0; it never prints on stdout."""
+    import socket
+    import threading
+
+    payload = os.urandom(64 << 10)  # fits in loopback's socket buffers
+    (tmp_path / "small").write_bytes(payload)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def give_up():
+            conn, _ = listener.accept()
+            with conn:  # wait until all of it has arrived, read none of it, close: a reset
+                assert len(conn.recv(len(payload), socket.MSG_PEEK | socket.MSG_WAITALL)) == len(payload)
+
+        peer = threading.Thread(target=give_up)
+        peer.start()
+        sender = shell(f"$Z send small 127.0.0.1:{listener.getsockname()[1]} --method {method}", tmp_path,
+                       stdout=subprocess.PIPE)
+        out, err = sender.proc.communicate(timeout=60)
+        peer.join()
+    assert sender.proc.returncode == 1, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: connection lost after the last of "
+                                                   f"{len(payload)} bytes"), err
+    assert "reset" in lines[0], err
 
 
 def _limit_free_fds(pid: int, free: int) -> None:

@@ -380,7 +380,8 @@ class _Side:
 async def drain_discard(sock: int, limit: int = 1 << 20) -> int:
     """Read and drop what a socket still receives until EOF (at most `limit` bytes), so that
     closing it afterwards sends a FIN, not a reset that could destroy bytes still queued for
-    the peer. Returns the bytes dropped."""
+    the peer. Returns the bytes dropped. Raises a StreamError (SOURCE) when the socket fails
+    instead, a reset above all: the peer closed before it read everything sent to it."""
     dropped = 0
     while dropped < limit:
         try:
@@ -388,8 +389,8 @@ async def drain_discard(sock: int, limit: int = 1 << 20) -> int:
         except BlockingIOError:
             await wait_readable(sock)
             continue
-        except OSError:
-            break
+        except OSError as exc:
+            raise translate(exc, SOURCE, "read") from exc
         if n == 0:
             break
         dropped += n

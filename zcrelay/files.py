@@ -123,12 +123,24 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
         if blocking:
             sock.setblocking(False)  # the linger below waits with a deadline
     flow.end = "eof"
+    # Every byte is with the kernel now. A reset from here on, instead of the peer's FIN, means
+    # the peer closed before it read them all (Linux resets a connection that receives bytes
+    # after its close, or is closed with bytes unread): they were lost, and `send` said 0.
     try:
         sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return
-    with waits.move_on_after(config.linger if config.linger is not None else float("inf")):
-        await direct.drain_discard(sock.fileno())
+    except OSError as exc:  # ENOTCONN: the reset came first; SO_ERROR still holds it
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or errno.EIO
+        raise _lost_after_the_last_byte(flow, err) from None
+    try:
+        with waits.move_on_after(config.linger if config.linger is not None else float("inf")):
+            await direct.drain_discard(sock.fileno())
+    except StreamError as exc:
+        raise _lost_after_the_last_byte(flow, exc.errno) from None
+
+
+def _lost_after_the_last_byte(flow: Flow, err: int) -> ConnectionLost:
+    return ConnectionLost(f"connection lost after the last of {flow.bytes} bytes, before the peer "
+                          f"closed (it may not have read them all): {os.strerror(err).lower()}")
 
 
 async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,

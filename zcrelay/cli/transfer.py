@@ -8,7 +8,8 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 - stdout's reader went away (`| head -c 100`): BROKEN_PIPE (141, as a program killed by
   SIGPIPE reports), with no message
 - the file shrank during `send`: FILE_CHANGED (10)
-- the connection was reset or the peer stopped reading mid-transfer: FAILURE (1)
+- the connection was reset or the peer stopped reading mid-transfer, or (send, serve) it was
+  reset after the last byte instead of closed: FAILURE (1)
 """
 
 from __future__ import annotations
