@@ -542,3 +542,44 @@ def test_devnull_output_takes_no_private_pipe(tmp_path, monkeypatch, with_file):
     assert null.written == len(data)
     if with_file:
         assert (tmp_path / "f").read_bytes() == data
+
+
+def _socket_reader_leaves(tmp_path, name: str, argv: list[str]) -> tuple[int, bytes, str]:
+    """8 MB through `argv ... FILE` whose stdout is a socket; its reader takes 10 bytes and
+    shuts its side down (a close with bytes unread could make the first error ECONNRESET):
+    every write after that fails with EPIPE, as on a pipe. Returns (status, FILE, stderr)."""
+    import socket
+
+    out = tmp_path / f"{name}.out"
+    ours, theirs = socket.socketpair()
+    with open(tmp_path / "in", "rb") as stdin:
+        proc = subprocess.Popen([*argv, str(out)], stdin=stdin, stdout=theirs.fileno(),
+                                stderr=subprocess.PIPE, env=zcrelay_env())
+    theirs.close()
+    try:
+        ours.recv(10)
+        ours.shutdown(socket.SHUT_RD)
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        ours.close()
+    return (128 - code if code < 0 else code), out.read_bytes(), err
+
+
+@pytest.mark.parametrize("opts", [[], ["-p"], ["--output-error=warn"], ["--output-error=exit"],
+                                  ["--output-error=exit-nopipe"]])
+def test_socket_stdout_whose_reader_leaves_is_a_closed_pipe_as_for_gnu_tee(tmp_path, opts):
+    """EPIPE on a socket output is "a pipe" to GNU tee's modes (it tests errno, not the fd's
+    type): -p and exit-nopipe go on silently and exit 0, the default dies of SIGPIPE (141).
+    zcrelay diagnosed it and exited 9 in every mode."""
+    data = os.urandom(8_000_000)
+    (tmp_path / "in").write_bytes(data)
+    gnu = _socket_reader_leaves(tmp_path, "gnu", ["tee", *opts])
+    zc = _socket_reader_leaves(tmp_path, "zc", [*zcrelay_argv("tee"), *opts])
+    assert zc[0] == {0: 0, 1: 9, 141: 141}[gnu[0]], zc[2]
+    if gnu[1] == data:  # modes that go on writing the file
+        assert zc[1] == data
+    else:
+        assert data.startswith(zc[1]) and len(zc[1]) < len(data)
+    assert ("Broken pipe" in gnu[2]) == ("Broken pipe" in zc[2]), zc[2]

@@ -55,7 +55,11 @@ class TeeOutcome:
 
 
 def _is_pipe_error(sink: teeing.Sink, exc: StreamError) -> bool:
-    return sink.kind == teeing.PIPE and exc.errno == errno.EPIPE
+    """EPIPE on any output, as GNU tee decides (coreutils tee.c tests errno, not the fd's type):
+    a socket whose reader went away is "a pipe" to its modes as well. -p diagnosed it and
+    exited 9 where GNU tee -p is silent and exits 0, and the default went on without it where
+    GNU tee dies of SIGPIPE."""
+    return exc.errno == errno.EPIPE
 
 
 def _message(name: str, err: int) -> str:
