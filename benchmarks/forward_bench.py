@@ -535,6 +535,55 @@ def rotated(items: Sequence, rnd: int, rounds: int) -> list:
     return items[k:] + items[:k]
 
 
+Row = dict  # one run's figures by column (per-GB rates, Gbit/s...)
+
+
+def interleaved_rounds(
+    specs: Sequence[RelaySpec], rounds: int,
+    one_run: Callable[[RunningRelay, str, "IperfServer", Path], "Row | str"],
+    line: Callable[[str, str, Row], str],
+) -> tuple[dict[tuple[str, str], list[Optional[Row]]], list[str], list[str]]:
+    """Every relay of `specs`, both directions, in `rounds` rotated rounds against one iperf3 -s
+    (the loop of the narrower tools: stream_syscalls.py, system_cpu.py). `one_run(relay,
+    direction, server, workdir)` gives a run's row or why it failed; each is printed as it ends
+    (`line`). Returns the rows by (relay, direction), None for a failed run so the rounds stay
+    aligned, the started relays' names, and why the others were skipped."""
+    rows: dict[tuple[str, str], list[Optional[Row]]] = {}
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="zc-rounds-") as tmp:
+        workdir = Path(tmp)
+        server = IperfServer(workdir)
+        server.start()
+        try:
+            with started_relays(specs, server.port, workdir, skipped) as running:
+                names = [r.name for r in running]
+                for rnd in range(rounds):
+                    for relay in rotated(running, rnd, rounds):
+                        for direction in DIRECTIONS:
+                            row = one_run(relay, direction, server, workdir)
+                            runs = rows.setdefault((relay.name, direction), [])
+                            if isinstance(row, str):
+                                print(f"{direction_label(direction):10} {relay.name:20} failed: {row}", flush=True)
+                                runs.append(None)
+                                continue
+                            runs.append(row)
+                            print(line(relay.name, direction, row), flush=True)
+        finally:
+            server.close()
+    return rows, names, skipped
+
+
+def print_medians(rows: dict[tuple[str, str], list[Optional[Row]]], names: Sequence[str],
+                  line: Callable[[str, str, Row], str]) -> None:
+    """interleaved_rounds' rows: each relay's median of every column, per direction."""
+    print("\nmedians:")
+    for direction in DIRECTIONS:
+        for name in names:
+            good = [r for r in rows.get((name, direction), []) if r]
+            if good:
+                print(line(name, direction, {k: statistics.median(r[k] for r in good) for k in good[0]}))
+
+
 def progress(rnd: int, repeat: int, m: Measurement) -> None:
     if m.ok:
         cpu = f"{m.cpu_per_gb:.3f} CPU-s/GB" if m.cpu_per_gb is not None else ""

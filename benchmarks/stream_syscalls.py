@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -98,37 +96,16 @@ def main() -> int:
             return 0
     by_name = {r.name: r for r in run.RELAYS}
     specs = [fb.RelaySpec(n, by_name[n].needs, by_name[n].launch) for n in args.relays]
-    rows: dict[tuple[str, str], list[dict]] = {}
-    skipped: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="zc-perf-") as tmp:
-            workdir = Path(tmp)
-            server = fb.IperfServer(workdir)
-            server.start()
-            try:
-                with fb.started_relays(specs, server.port, workdir, skipped) as running:
-                    for rnd in range(args.rounds):
-                        for relay in fb.rotated(running, rnd, args.rounds):
-                            for direction in fb.DIRECTIONS:
-                                row = one_run(relay, direction, args.seconds, server, workdir)
-                                if isinstance(row, str):
-                                    print(f"{fb.direction_label(direction):10} {relay.name:18} failed: "
-                                          f"{row}", flush=True)
-                                    continue
-                                rows.setdefault((relay.name, direction), []).append(row)
-                                print(line(relay.name, direction, row), flush=True)
-            finally:
-                server.close()
+        rows, names, skipped = fb.interleaved_rounds(
+            specs, args.rounds,
+            lambda relay, direction, server, workdir: one_run(relay, direction, args.seconds, server, workdir),
+            line)
     except KeyboardInterrupt:
         return 130
     for reason in skipped:
         print(f"skipped: {reason}")
-    print("\nmedians:")
-    for direction in fb.DIRECTIONS:
-        for name in args.relays:
-            runs = rows.get((name, direction))
-            if runs:
-                print(line(name, direction, {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
+    fb.print_medians(rows, names, line)
     return 0
 
 

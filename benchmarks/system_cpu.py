@@ -29,7 +29,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,40 +122,16 @@ def main() -> int:
     if not shutil.which("iperf3"):
         print("iperf3 not found (apt-get install iperf3)", file=sys.stderr)
         return 0
-    rows: dict[tuple[str, str], list[dict | None]] = {}
-    names: list[str] = []
-    skipped: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="zc-syscpu-") as tmp:
-            server = fb.IperfServer(Path(tmp))
-            server.start()
-            try:
-                with fb.started_relays(specs(args), server.port, Path(tmp), skipped) as running:
-                    names = [r.name for r in running]
-                    for rnd in range(args.rounds):
-                        for relay in fb.rotated(running, rnd, args.rounds):
-                            for direction in fb.DIRECTIONS:
-                                row = one_run(relay, direction, args.seconds, server)
-                                runs = rows.setdefault((relay.name, direction), [])
-                                if isinstance(row, str):
-                                    print(f"{fb.direction_label(direction):10} {relay.name:20} failed: {row}",
-                                          flush=True)
-                                    runs.append(None)  # keeps the rounds aligned for the ratios
-                                    continue
-                                runs.append(row)
-                                print(line(relay.name, direction, row), flush=True)
-            finally:
-                server.close()
+        rows, names, skipped = fb.interleaved_rounds(
+            specs(args), args.rounds,
+            lambda relay, direction, server, _workdir: one_run(relay, direction, args.seconds, server),
+            line)
     except KeyboardInterrupt:
         return 130
     for reason in skipped:
         print(f"skipped: {reason}")
-    print("\nmedians:")
-    for direction in fb.DIRECTIONS:
-        for name in names:
-            good = [r for r in rows.get((name, direction), []) if r]
-            if good:
-                print(line(name, direction, {k: statistics.median(r[k] for r in good) for k in COLUMNS}))
+    fb.print_medians(rows, names, line)
     if len(names) > 1:
         print(f"\nper round, to {names[0]} (median, range):")
         for direction in fb.DIRECTIONS:
