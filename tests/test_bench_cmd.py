@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,20 @@ def test_json_has_every_metric_per_method(tmp_path):
     by_name = {m["method"]: m for m in data["methods"]}
     assert by_name["read+write"]["syscalls"] >= 32
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_every_json_key_is_documented_in_the_man_page(tmp_path):
+    """--json's keys, at every level, are named in bench's section of the man page (its help
+    only says "JSON"): a new key fails here until it is described in zcrelay/cli/docs.py."""
+    result = _bench(tmp_path, "--size", "64K", "--repeat", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    keys = set(data) | set(data["methods"][0]) | set(data["methods"][0]["runs"][0])
+    page = (Path(__file__).resolve().parents[1] / "man" / "zcrelay.1").read_text()
+    section = page.split('.SS "zcrelay bench"')[1].split(".SS")[0].replace("\\-", "-")
+    section = " ".join(section.split())
+    missing = sorted(k for k in keys if not re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", section))
+    assert missing == []
 
 
 @pytest.mark.parametrize("spread", [False, True], ids=["one-cpu", "spread"])
@@ -167,6 +183,27 @@ def test_each_sender_moves_exactly_the_file(tmp_path, method):
         into.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     assert calls >= 1
+
+
+@pytest.mark.parametrize("method", ["read+write", "mmap+write"])
+def test_a_failed_write_propagates_its_own_error(tmp_path, method):
+    """A write that raises mid-file (here EAGAIN from a clogged non-blocking socket; in a run,
+    Ctrl-C's KeyboardInterrupt) comes out as itself. mmap+write's slices of the mapping used to
+    stay alive in the traceback, so closing the mapping raised BufferError in its place, and an
+    interrupted bench printed a traceback and exited 1 instead of 130."""
+    path = tmp_path / "payload"
+    path.write_bytes(os.urandom(4 * bench.CHUNK))
+    out, clogged = socket.socketpair()  # nobody reads `clogged`: the buffers fill
+    out.setblocking(False)
+    fd = os.open(path, os.O_RDONLY)
+    senders = {"read+write": bench.send_read_write, "mmap+write": bench.send_mmap_write}
+    try:
+        with pytest.raises(BlockingIOError):
+            senders[method](fd, out.fileno(), 4 * bench.CHUNK)
+    finally:
+        os.close(fd)
+        out.close()
+        clogged.close()
 
 
 @pytest.mark.parametrize("fmt", ["table", "json"])

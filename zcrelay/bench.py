@@ -243,11 +243,20 @@ def warm(fd: int, size: int) -> None:
 # the number of system calls it made. A 0 from the file before `size` means it shrank.
 
 def _write_all(out: int, view: memoryview) -> int:
+    """Write all of `view`, a slice the caller hands over: it is released here, with the slice
+    of it still unwritten, even when a write raises (EPIPE, or Ctrl-C's KeyboardInterrupt). A
+    traceback keeps this frame alive, and a live slice of a mapping makes mmap's close raise
+    BufferError ("exported pointers exist"), which replaced the real error with a traceback."""
     calls = 0
-    while view:
-        n = os.write(out, view)
-        calls += 1
-        view = view[n:]
+    rest = view
+    try:
+        while rest:
+            n = os.write(out, rest)
+            calls += 1
+            rest = rest[n:]
+    finally:
+        rest.release()
+        view.release()
     return calls
 
 

@@ -432,6 +432,24 @@ those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
 worker's status, or 1 if it was killed by a signal.
 """,
+    "bench": """
+With **--json**, the results are one JSON object on standard output. GB is 1,000,000,000
+bytes, and every per-method figure is the median over its runs. The object's keys: file (the path moved),
+temporary (true when the file was created for the run and is removed), bytes (its size),
+repeat (runs per method), statistic ("median"), cache ("warm"), cpu_measured and sink (how the
+CPU was measured and what the sink is, in words), cpu (the CPU the sender and the sink were
+pinned to, or null with **--spread**), pipe_size (the splice pipe's bytes, as the kernel
+granted them), notes (the table's notes, a list of strings) and methods, a list with one object
+per method. Each has method (read+write, mmap+write, sendfile or splice),
+throughput_bytes_per_s, throughput_gbit_per_s, cpu_seconds_per_gb (the sending thread's user
+plus system time), cpu_user_seconds_per_gb, cpu_system_seconds_per_gb,
+sink_cpu_seconds_per_gb (the receiving thread's), syscalls, voluntary_context_switches and
+involuntary_context_switches (the sender's, per run of the whole file), cpu_copies (an integer),
+cpu_copies_articles and context_switches_articles (the counts the articles give per chunk, as
+strings, not measured), chunk_bytes (bytes asked for per call; 0: the rest of the file) and
+runs, one object per run: seconds, cpu_user, cpu_system, sink_cpu (CPU seconds), syscalls,
+voluntary_context_switches and involuntary_context_switches.
+""",
 }
 
 ADDRESSES_INTRO = """
