@@ -204,6 +204,9 @@ def test_no_fd_for_the_socket_is_out_of_resources_not_a_failed_connect():
     (["bench", "--size", "1.5.5"], "--size"),
     (["send", "--offset", "0.5", "/etc/hostname", "127.0.0.1:9"], "--offset"),
     (["send", "--length", "1.7", "/etc/hostname", "127.0.0.1:9"], "--length"),
+    (["bench", "--size", "1.5"], "--size"),
+    (["demo", "--size", "0.5K1"], "--size"),
+    (["demo", "--size", "100.5"], "--size"),
 ])
 def test_a_bad_size_names_its_option_and_every_pipe_is_a_page_at_least(argv, option):
     """Sizes are parsed in the commands' bodies, where click has no parameter to name: the

@@ -61,7 +61,7 @@ def _notes(r: BenchResult) -> list[str]:
 def _size(value: Optional[str]) -> Optional[int]:
     if value is None:
         return None
-    size = parse_size(value, "--size")
+    size = parse_size(value, "--size", exact=True)
     if size < 1:
         raise typer.BadParameter(f"{value!r} is less than one byte", param_hint="--size")
     return size

@@ -20,7 +20,7 @@ def demo(
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead, for comparison."),
 ) -> ExitCode:
     """Run a forward to a local echo target and check every byte: no setup, loopback only."""
-    total = parse_size(size, "--size")
+    total = parse_size(size, "--size", exact=True)
     pipe = pipe_size_value(pipe_size)
     # Warnings (a pipe size the kernel cut down) as every command gives them, "zcrelay: ...";
     # unset, logging printed them bare. Not the per-connection lines: the table says it all.
