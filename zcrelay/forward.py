@@ -24,7 +24,7 @@ from zcrelay.errors import NO_RESOURCES, ConnectError
 from zcrelay.excgroups import first_error, split_cancelled
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
-from zcrelay.relay import Engine, Pair, relay
+from zcrelay.relay import Engine, Pair, RelayEnd, relay
 from zcrelay.stats import Flow, Totals
 
 log = logging.getLogger("zcrelay")
@@ -40,17 +40,26 @@ _ACCEPT_BATCH = 64
 # Connect failures that say a resolved name's addresses may be stale: resolve it again.
 _TARGET_GONE = frozenset({"refused", "unreachable", "timeout", "no-socket"})
 # A relay that ended so (PeerGone's reasons) passes a reset on to the other side.
-PEER_ENDS = frozenset({"reset", "lost"})
+_PEER_ENDS = frozenset({"reset", "lost"})
 
 
-def _unreached(exc: ConnectError) -> str:
+def _unreached(exc: ConnectError, client: socket.socket) -> str:
     """The close= of a connection whose target was not reached: the connect's one word; a
-    target that accepted, then reset, before the connect was seen to complete, said as a reset
-    of a running relay is; an errno with no word of its own, with its text (ENOTDIR on a unix:
-    target was a bare "error")."""
+    target that accepted, then reset, before the connect was seen to complete, said and passed
+    on to the client as a reset of a running relay is; an errno with no word of its own, with
+    its text (ENOTDIR on a unix: target was a bare "error"). Both paths (_handle, _Link)."""
     if exc.reason == "reset":
+        net.abort(client)
         return "reset by target"
     return f"error ({exc.detail})" if exc.reason == "error" else exc.reason
+
+
+def _relay_ended(end: RelayEnd, client: socket.socket, target: socket.socket) -> str:
+    """The close= of a relay that ran; a reset or a lost peer is passed on to the other side
+    as a reset, as that peer would have seen it without a relay. Both paths (_handle, _Link)."""
+    if end.reason in _PEER_ENDS:
+        net.abort(target if end.side == "a" else client)
+    return end.describe("client", "target")
 
 
 @dataclass(frozen=True)
@@ -255,9 +264,7 @@ class Forwarder:
                 try:
                     target = await net.connect(conn.target, config.connect_timeout, listener.remember)
                 except ConnectError as exc:
-                    conn.close = _unreached(exc)
-                    if exc.reason == "reset":
-                        net.abort(client)  # pass it on, as once the relay runs
+                    conn.close = _unreached(exc, client)
                     return
                 with target:
                     if config.nodelay:
@@ -268,10 +275,7 @@ class Forwarder:
                     end = await relay(client, target, self.engine, conn.up, conn.down,
                                       idle=config.idle_timeout, linger=config.linger,
                                       captures=session.captures if session else (None, None))
-                    conn.close = end.describe("client", "target")
-                    if end.reason in PEER_ENDS:
-                        # Pass the reset on, as the peer would have seen it without a relay.
-                        net.abort(target if end.side == "a" else client)
+                    conn.close = _relay_ended(end, client, target)
         except Exception as exc:  # a bug must not take the other connections down
             conn.close = f"internal-error ({type(exc).__name__}: {exc})"
             log.debug("connection %d failed", conn.number, exc_info=True)
@@ -516,19 +520,13 @@ class _Link:
             log.debug("connection %d failed", self.conn.number, exc_info=exc)
             self._finish(f"internal-error ({type(exc).__name__}: {exc})")
             return
-        if end.reason in PEER_ENDS:
-            # Pass the reset on, as the peer would have seen it without a relay.
-            net.abort(self.target if end.side == "a" else self.client)
-        self._finish(end.describe("client", "target"))
+        self._finish(_relay_ended(end, self.client, self.target))
 
     def timed_out(self) -> None:
         self._finish("timeout")
 
     def _fail(self, err: int) -> None:
-        exc = net.connect_error(self.conn.target, err)
-        if exc.reason == "reset":
-            net.abort(self.client)  # pass it on, as once the relay runs
-        self._finish(_unreached(exc))
+        self._finish(_unreached(net.connect_error(self.conn.target, err), self.client))
 
     def abandon(self, why: str) -> None:
         """End now (the forwarder is shutting down)."""
