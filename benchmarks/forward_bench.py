@@ -542,12 +542,12 @@ def interleaved_rounds(
     specs: Sequence[RelaySpec], rounds: int,
     one_run: Callable[[RunningRelay, str, "IperfServer", Path], "Row | str"],
     line: Callable[[str, str, Row], str],
-) -> tuple[dict[tuple[str, str], list[Optional[Row]]], list[str], list[str]]:
+) -> tuple[dict[tuple[str, str], list[Optional[Row]]], list[str]]:
     """Every relay of `specs`, both directions, in `rounds` rotated rounds against one iperf3 -s
     (the loop of the narrower tools: stream_syscalls.py, system_cpu.py). `one_run(relay,
     direction, server, workdir)` gives a run's row or why it failed; each is printed as it ends
-    (`line`). Returns the rows by (relay, direction), None for a failed run so the rounds stay
-    aligned, the started relays' names, and why the others were skipped."""
+    (`line`), and at the end why any relay was skipped. Returns the rows by (relay, direction),
+    None for a failed run so the rounds stay aligned, and the started relays' names."""
     rows: dict[tuple[str, str], list[Optional[Row]]] = {}
     skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="zc-rounds-") as tmp:
@@ -570,7 +570,9 @@ def interleaved_rounds(
                             print(line(relay.name, direction, row), flush=True)
         finally:
             server.close()
-    return rows, names, skipped
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    return rows, names
 
 
 def print_medians(rows: dict[tuple[str, str], list[Optional[Row]]], names: Sequence[str],

@@ -97,14 +97,12 @@ def main() -> int:
     by_name = {r.name: r for r in run.RELAYS}
     specs = [fb.RelaySpec(n, by_name[n].needs, by_name[n].launch) for n in args.relays]
     try:
-        rows, names, skipped = fb.interleaved_rounds(
+        rows, names = fb.interleaved_rounds(
             specs, args.rounds,
             lambda relay, direction, server, workdir: one_run(relay, direction, args.seconds, server, workdir),
             line)
     except KeyboardInterrupt:
         return 130
-    for reason in skipped:
-        print(f"skipped: {reason}")
     fb.print_medians(rows, names, line)
     return 0
 

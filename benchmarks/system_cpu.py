@@ -123,14 +123,12 @@ def main() -> int:
         print("iperf3 not found (apt-get install iperf3)", file=sys.stderr)
         return 0
     try:
-        rows, names, skipped = fb.interleaved_rounds(
+        rows, names = fb.interleaved_rounds(
             specs(args), args.rounds,
             lambda relay, direction, server, _workdir: one_run(relay, direction, args.seconds, server),
             line)
     except KeyboardInterrupt:
         return 130
-    for reason in skipped:
-        print(f"skipped: {reason}")
     fb.print_medians(rows, names, line)
     if len(names) > 1:
         print(f"\nper round, to {names[0]} (median, range):")
