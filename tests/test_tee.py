@@ -567,19 +567,27 @@ def _socket_reader_leaves(tmp_path, name: str, argv: list[str]) -> tuple[int, by
     return (128 - code if code < 0 else code), out.read_bytes(), err
 
 
-@pytest.mark.parametrize("opts", [[], ["-p"], ["--output-error=warn"], ["--output-error=exit"],
-                                  ["--output-error=exit-nopipe"]])
-def test_socket_stdout_whose_reader_leaves_is_a_closed_pipe_as_for_gnu_tee(tmp_path, opts):
+@pytest.mark.parametrize("opts, status, whole_file, said", [
+    ([], 141, False, False),  # dies of SIGPIPE
+    (["-p"], 0, True, False),
+    (["--output-error=warn"], 9, True, True),  # GNU tee: 1, zcrelay's output error is 9
+    (["--output-error=exit"], 9, False, True),
+    (["--output-error=exit-nopipe"], 0, True, False),
+])
+def test_socket_stdout_whose_reader_leaves_is_a_closed_pipe_as_for_gnu_tee(tmp_path, opts, status,
+                                                                           whole_file, said):
     """EPIPE on a socket output is "a pipe" to GNU tee's modes (it tests errno, not the fd's
-    type): -p and exit-nopipe go on silently and exit 0, the default dies of SIGPIPE (141).
-    zcrelay diagnosed it and exited 9 in every mode."""
+    type): -p and exit-nopipe go on silently and exit 0, the default dies of SIGPIPE (141),
+    warn and exit say "Broken pipe". zcrelay diagnosed it and exited 9 in every mode. The
+    expectations are GNU tee 9.1's results on this setup; GNU tee itself is not run beside
+    it: in its default mode it sometimes wrote the whole input and exited 0 here (1 run in 3),
+    which made a live comparison fail at random."""
     data = os.urandom(8_000_000)
     (tmp_path / "in").write_bytes(data)
-    gnu = _socket_reader_leaves(tmp_path, "gnu", ["tee", *opts])
-    zc = _socket_reader_leaves(tmp_path, "zc", [*zcrelay_argv("tee"), *opts])
-    assert zc[0] == {0: 0, 1: 9, 141: 141}[gnu[0]], zc[2]
-    if gnu[1] == data:  # modes that go on writing the file
-        assert zc[1] == data
+    code, written, err = _socket_reader_leaves(tmp_path, "zc", [*zcrelay_argv("tee"), *opts])
+    assert code == status, err
+    if whole_file:  # modes that go on writing the file
+        assert written == data
     else:
-        assert data.startswith(zc[1]) and len(zc[1]) < len(data)
-    assert ("Broken pipe" in gnu[2]) == ("Broken pipe" in zc[2]), zc[2]
+        assert data.startswith(written) and len(written) < len(data)
+    assert ("Broken pipe" in err) == said, err
