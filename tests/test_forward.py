@@ -354,7 +354,22 @@ async def test_sigint_prints_summary_and_exits_zero(zcrelay):
     relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9")
     code, err = relay.stop(signal.SIGINT)
     assert code == 0
-    assert "stopped: 0 connections" in err
+    # Nothing moved: no share of nothing (it read "100.00% spliced").
+    assert "stopped: 0 connections, up 0 bytes, down 0 bytes, nothing moved, 0 fallbacks" in err, err
+
+
+@pytest.mark.parametrize(("spliced", "copied", "text"), [
+    (0, 0, "nothing moved"),
+    (5, 0, "100.00% spliced"),
+    (0, 5, "0.00% spliced"),
+    (1, 1, "50.00% spliced"),
+    (256 * MiB - 1, 1, ">99.99% spliced"),  # one urgent byte copied is not "100.00%"
+    (1, 256 * MiB - 1, "<0.01% spliced"),
+    (9999, 1, "99.99% spliced"),
+])
+def test_summary_share_never_rounds_to_all_or_nothing(spliced, copied, text):
+    from zcrelay.cli.common import spliced_share
+    assert spliced_share(spliced, copied) == text
 
 
 @pytest.mark.parametrize("how", ["hosted", "trio", "workers"])

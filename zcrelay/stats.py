@@ -99,8 +99,3 @@ class Totals:
                 mine.update(record[name])
             else:
                 setattr(self, name, mine + record[name])
-
-    @property
-    def spliced_ratio(self) -> float:
-        moved = self.spliced + self.copied
-        return self.spliced / moved if moved else 1.0

@@ -242,11 +242,28 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def spliced_share(spliced: int, copied: int) -> str:
+    """"99.50% spliced", rounded so that it never reads 100.00% when a byte was copied nor
+    0.00% when one was spliced (one urgent byte in 256 MiB is ">99.99%"), and "nothing moved"
+    rather than a share of nothing."""
+    moved = spliced + copied
+    if not moved:
+        return "nothing moved"
+    share = 100 * spliced / moved
+    if copied and share > 99.99:
+        text = ">99.99"
+    elif spliced and share < 0.01:
+        text = "<0.01"
+    else:
+        text = f"{share:.2f}"
+    return f"{text}% spliced"
+
+
 def summary(totals: "Totals") -> str:
     """The line a server prints when it stops (forward, tee --listen, listen --keep-open)."""
     fallbacks = sum(totals.fallbacks.values())
     text = (f"stopped: {totals.connections} connections, up {totals.up} bytes, down {totals.down} "
-            f"bytes, {100 * totals.spliced_ratio:.2f}% spliced, {fallbacks} fallbacks")
+            f"bytes, {spliced_share(totals.spliced, totals.copied)}, {fallbacks} fallbacks")
     if fallbacks:
         text += " (" + ", ".join(f"{reason}: {n}" for reason, n in totals.fallbacks.items()) + ")"
     return text

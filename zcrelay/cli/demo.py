@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import parse_size, pipe_size_value, run, say, setup_logging
+from zcrelay.cli.common import parse_size, pipe_size_value, run, say, setup_logging, spliced_share
 from zcrelay.demo import DemoResult, run_demo
 from zcrelay.exitcodes import ExitCode
 
@@ -42,7 +42,6 @@ def _report(r: DemoResult) -> None:
     table.add_row("bytes through the relay", f"{moved:,} ({moved / 2**30:.2f} GiB, both ways)")
     table.add_row("time", f"{r.seconds:.2f} s")
     table.add_row("throughput (hashing included)", f"{moved * 8 / r.seconds / 1e9:.2f} Gbit/s")
-    share = r.spliced / (r.spliced + r.copied) if r.spliced + r.copied else 0.0
-    table.add_row("spliced (zero-copy)", f"{100 * share:.2f}% ({r.copied:,} bytes copied)")
+    table.add_row("zero-copy", f"{spliced_share(r.spliced, r.copied)} ({r.copied:,} bytes copied)")
     table.add_row("SHA-256 echo check", f"{r.intact}/{r.connections} intact" + ("" if r.ok else "  FAILED"))
     Console(stderr=True).print(table)
