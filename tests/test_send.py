@@ -178,6 +178,78 @@ def test_send_bounds_its_connect_and_linger_without_trio(tmp_path):
 
 
 
+def test_serve_opens_the_file_for_each_client(zcrelay, tmp_path):
+    """A file replaced after serve started (an editor's save, a new build: a rename over it)
+    is what the next client gets; serve kept sending the inode it opened at start. A client
+    that comes while the file is missing gets an error line, and serve goes on."""
+    import socket
+
+    path = tmp_path / "data"
+    first = random_file(path, 3 << 20)
+    first_sum = sha256_file(first)
+    server = zcrelay("serve", str(path), "--listen", "127.0.0.1:0")
+
+    def fetch() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.shutdown(socket.SHUT_WR)
+            return b"".join(iter(lambda: sock.recv(1 << 20), b""))
+
+    assert hashlib.sha256(fetch()).hexdigest() == first_sum
+    random_file(tmp_path / "new", 5 << 20)
+    os.rename(tmp_path / "new", path)
+    second = fetch()
+    assert len(second) == 5 << 20 and hashlib.sha256(second).hexdigest() == sha256_file(path)
+    path.unlink()
+    assert fetch() == b""
+    server.wait_for_lines("conn=3 ", 1)
+    path.write_bytes(b"back")
+    assert fetch() == b"back"
+    code, err = server.stop()
+    assert code == 0, err
+    third = next(line for line in err.splitlines() if "conn=3 " in line)
+    assert third.endswith(f"error (cannot open {path}: No such file or directory)"), err
+    assert "stopped: 4 connections" in err and "1 failed" in err, err
+
+
+def test_send_waits_for_a_talkative_peer_to_close(tmp_path):
+    """After its last byte `send` reads and drops what the peer still sends, until the peer's
+    FIN or --linger. It stopped after 1 MiB and closed with bytes unread, which resets the
+    connection: a peer that replies with more (an echo, a log) saw its reply fail."""
+    import hashlib
+    import socket
+    import threading
+
+    payload = os.urandom(3 << 20)
+    (tmp_path / "data").write_bytes(payload)
+    reply = os.urandom(16 << 20)  # larger than both sockets' buffers
+    outcome = {}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def talkative():
+            conn, _ = listener.accept()
+            with conn:
+                got = hashlib.sha256()
+                reader = threading.Thread(target=lambda: [got.update(c) for c in iter(lambda: conn.recv(1 << 16), b"")])
+                reader.start()
+                try:
+                    conn.sendall(reply)
+                    conn.shutdown(socket.SHUT_WR)
+                    outcome["reply"] = "sent"
+                except OSError as exc:
+                    outcome["reply"] = repr(exc)
+                reader.join()
+                outcome["got"] = got.hexdigest()
+
+        peer = threading.Thread(target=talkative)
+        peer.start()
+        rc, err = shell(f"$Z send data 127.0.0.1:{listener.getsockname()[1]}", tmp_path).wait()
+        peer.join()
+    assert rc == 0, err
+    assert outcome == {"reply": "sent", "got": hashlib.sha256(payload).hexdigest()}, outcome
+
+
 @pytest.mark.parametrize("method", ["splice", "sendfile"])
 def test_receiver_that_closes_without_reading_everything_is_a_failure(tmp_path, method):
     """Every byte is in the receiver's socket buffer, which it closes unread (as a receiver

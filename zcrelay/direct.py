@@ -377,13 +377,15 @@ class _Side:
         return waited
 
 
-async def drain_discard(sock: int, limit: int = 1 << 20) -> int:
-    """Read and drop what a socket still receives until EOF (at most `limit` bytes), so that
-    closing it afterwards sends a FIN, not a reset that could destroy bytes still queued for
-    the peer. Returns the bytes dropped. Raises a StreamError (SOURCE) when the socket fails
-    instead, a reset above all: the peer closed before it read everything sent to it."""
+async def drain_discard(sock: int) -> int:
+    """Read and drop what a socket still receives until EOF, so that closing it afterwards
+    sends a FIN, not a reset that could destroy bytes still queued for the peer. Returns the
+    bytes dropped. Raises a StreamError (SOURCE) when the socket fails instead, a reset above
+    all: the peer closed before it read everything sent to it. Bounded in time by the caller
+    (--linger), not in bytes: stopping after some amount closed the socket with bytes unread,
+    which resets the connection under a peer that was still replying."""
     dropped = 0
-    while dropped < limit:
+    while True:
         try:
             n = len(os.read(sock, 65536))
         except BlockingIOError:
