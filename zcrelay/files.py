@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import ConnectionLost, InputFailed, StreamError, ZcrelayError
+from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
@@ -50,7 +50,8 @@ class SendConfig:
 
 def open_file(path: str) -> tuple[int, int]:
     """Open a regular file for sending; return (fd, size). Raises InputFailed with a message
-    naming the path: missing, unreadable, a directory, not a regular file.
+    naming the path: missing, unreadable, a directory, not a regular file; and the OSError
+    itself when the process is out of fds or memory.
 
     The path is checked before it is opened, and opened with O_NONBLOCK (cleared once the fd
     is known to be a regular file) in case it was replaced in between: a plain open of a FIFO
@@ -64,6 +65,8 @@ def open_file(path: str) -> tuple[int, int]:
     except IsADirectoryError:
         raise InputFailed(f"{path}: is a directory") from None
     except OSError as exc:
+        if exc.errno in NO_RESOURCES:
+            raise  # out of fds or memory: the process's state, not the file's (exit code 7)
         raise InputFailed(f"cannot open {path}: {os.strerror(exc.errno or errno.EIO)}") from None
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):

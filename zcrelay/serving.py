@@ -13,7 +13,7 @@ import trio
 from zcrelay import direct, net
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
-from zcrelay.files import SendConfig, transfer
+from zcrelay.files import SendConfig, open_file, transfer
 from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
@@ -22,10 +22,10 @@ _RECOVERED = 1.0  # seconds without a refused accept that end an fd shortage (it
 
 
 class FileServer:
-    """Serves one file to every client of one listener, concurrently. One log line per client."""
+    """Serves one file to every client of one listener, concurrently, opening it for each.
+    One log line per client."""
 
-    def __init__(self, fd: int, path: str, address: Address, config: SendConfig) -> None:
-        self.fd = fd
+    def __init__(self, path: str, address: Address, config: SendConfig) -> None:
         self.path = path
         self.address = address
         self.config = config
@@ -66,9 +66,15 @@ class FileServer:
         outcome = "ok"
         try:
             with sock:
-                size = os.fstat(self.fd).st_size
-                # A file that reports size 0 (procfs) is sent to its EOF: length None.
-                await transfer(self.fd, sock, 0, size or None, flow, self.config)
+                # Opened for each client, as socat and nginx do: a file replaced since serve
+                # started (an editor's save, a new build, a rotated log) is served as it is
+                # now, not the inode serve opened first, forever.
+                fd, size = open_file(self.path)
+                try:
+                    # A file that reports size 0 (procfs) is sent to its EOF: length None.
+                    await transfer(fd, sock, 0, size or None, flow, self.config)
+                finally:
+                    os.close(fd)
         except trio.Cancelled:
             outcome = "shutdown"
             raise

@@ -195,7 +195,8 @@ def serve(
 ) -> ExitCode:
     """Send FILE to every client that connects to --listen, concurrently, zero-copy.
 
-    One log line per connection. SIGINT or SIGTERM stop it with exit code 0."""
+    FILE is opened for each client, so each gets it as it is then (replaced, grown or
+    shrunk). One log line per connection. SIGINT or SIGTERM stop it with exit code 0."""
     method = method_value(method)
     bind = address(listen_on, listen=True, option="--listen")
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
@@ -204,13 +205,10 @@ def serve(
     state: dict = {}
 
     async def main() -> None:
-        fd, _ = open_file(file)
-        try:
-            server = FileServer(fd, file, bind, config)
-            state["server"] = server
-            await serve_until_signal(server.serve, lambda bound: say(f"listening on {bound}"))
-        finally:
-            os.close(fd)
+        os.close(open_file(file)[0])  # a missing or unreadable FILE is an error before listening
+        server = FileServer(file, bind, config)
+        state["server"] = server
+        await serve_until_signal(server.serve, lambda bound: say(f"listening on {bound}"))
 
     code = run_mapped(main)
     server = state.get("server")
