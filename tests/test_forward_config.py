@@ -6,6 +6,9 @@ before, `max-conns = "ten"` was a ValueError traceback, `splice = "no"` read as 
 from __future__ import annotations
 
 import math
+import os
+import resource
+import socket
 
 import pytest
 import trio
@@ -172,3 +175,230 @@ async def test_a_config_file_with_every_kind_of_value_forwards(zcrelay, tmp_path
     code, err = relay.stop()
     assert code == 0 and "Traceback" not in err, err
     assert ", 0.00% spliced" in err, err
+
+
+def one_line(done, code: int, *needles: str) -> str:
+    """The one line a refused command prints: `code`, no traceback, every needle in it."""
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the kernel's pick, closed again): rules that clash or loop
+    are refused before anything binds, so nothing races for it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("make", ["missing", "directory"])
+def test_a_config_file_that_cannot_be_read_is_an_input_error(tmp_path, make):
+    """EXIT STATUS: 8 is "a file to read is missing, unreadable or not a regular file", 2 a
+    malformed one. A missing --config was 2, as if its text were wrong."""
+    config = tmp_path / "zcrelay.toml"
+    if make == "directory":
+        config.mkdir()
+    done = run_zcrelay("forward", "-c", str(config), "127.0.0.1:0", "127.0.0.1:9", timeout=20)
+    one_line(done, ExitCode.INPUT_ERROR, str(config), "cannot read")
+
+
+def _small_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_an_endless_config_file_is_refused_not_read_into_memory():
+    """`-c /dev/zero` (or a huge file by mistake) was read whole: a MemoryError traceback under
+    a limit, the machine's memory without one. A config file is at most 1 MiB."""
+    done = run_zcrelay("forward", "-c", "/dev/zero", timeout=30, preexec_fn=_small_address_space)
+    one_line(done, ExitCode.USAGE, "/dev/zero", "1 MiB")
+
+
+# (the file, the line the error must name, what else it must say)
+AT_LINE = {
+    "top-level-key": ("# limits\nlinger = 5\n\nmax-conns = \"ten\"\n", 4, "max-conns"),
+    "quoted-key": ('linger = 5\n"backlog" = -1\n', 2, "backlog"),
+    "unknown-key": ("linger = 5\nworkers = 2\nlinger_ = 1\n", 3, "linger_"),
+    "second-rule-target": ('[[rule]]\nlisten = "0"\ntarget = "127.0.0.1:9"\n\n[[rule]]\n# the db\n'
+                           'listen = "0"\ntarget = "localhost"\n', 8, "rule 2: target"),
+    "rule-listen-not-a-string": ('linger = 1\n[[rule]]\ntarget = "127.0.0.1:9"\nlisten = 80\n', 4, "listen"),
+    "rule-extra-key": ('[[rule]]\nlisten = "0"\ntarget = "127.0.0.1:9"\n[[rule]]\nlisten = "0"\n'
+                       'target = "127.0.0.1:9"\nweight = 2\n', 4, "rule 2"),
+    "inline-rules": ('linger = 1\nrule = [{listen = "0", target = "x"}]\n', 2, "rule 1: target"),
+    "key-after-rules": ('[[rule]]\nlisten = "0"\ntarget = "127.0.0.1:9"\n', None, None),
+}
+
+
+@pytest.mark.parametrize("text, line, says", [v for v in AT_LINE.values() if v[1]],
+                         ids=[k for k, v in AT_LINE.items() if v[1]])
+def test_a_bad_config_value_names_its_line(tmp_path, text, line, says):
+    """As a TOML syntax error does ("at line 3, column 5"): a value refused after parsing said
+    only the file and the key, and in a file of many [[rule]] tables, not which one."""
+    config = tmp_path / "zcrelay.toml"
+    config.write_text(text)
+    done = run_zcrelay("forward", "-c", str(config), timeout=20)
+    one_line(done, ExitCode.USAGE, f"{config}, line {line}:", says)
+
+
+def test_a_config_address_with_a_nul_is_a_usage_error(tmp_path):
+    """TOML can write "\\u0000", which no argv can: bind and lstat raised ValueError (a traceback)."""
+    config = tmp_path / "zcrelay.toml"
+    config.write_text('[[rule]]\nlisten = "unix:/tmp/a\\u0000b"\ntarget = "127.0.0.1:9"\n')
+    one_line(run_zcrelay("forward", "-c", str(config), timeout=20), ExitCode.USAGE, f"{config}, line 2", "NUL")
+
+
+ADDRESS_FAULTS = {
+    # A name that Python's idna codec refuses raised UnicodeError out of getaddrinfo: a traceback.
+    "label-too-long": (["a" * 64 + ".example:0", "127.0.0.1:9"], "LISTEN"),
+    "empty-label": (["127.0.0.1:0", "db..internal:5432"], "TARGET"),
+    "name-too-long": ([".".join(["a" * 60] * 5) + ":0", "127.0.0.1:9"], "LISTEN"),
+    # int() refuses more than 4300 digits with a ValueError of its own.
+    "port-of-5000-digits": (["127.0.0.1:0", "127.0.0.1:" + "9" * 5000], "out of range"),
+    "bare-port-of-5000-digits": (["0" * 5000 + "7" * 4400, "127.0.0.1:9"], "LISTEN"),
+    # An empty zone was "cannot resolve '::1%'", exit 5 (ADDRESS_NOT_AVAILABLE).
+    "empty-ipv6-zone": (["[::1%]:0", "127.0.0.1:9"], "interface"),
+    "rule-without-equals": (["--rule", "127.0.0.1:0"], "--rule"),
+}
+
+
+@pytest.mark.parametrize("argv, says", ADDRESS_FAULTS.values(), ids=ADDRESS_FAULTS.keys())
+def test_a_malformed_address_is_one_usage_line(argv, says):
+    one_line(run_zcrelay("forward", *argv, timeout=20), ExitCode.USAGE, says)
+
+
+def test_a_unix_path_that_is_not_utf8_is_measured_in_bytes_not_a_traceback(tmp_path):
+    """A file name in another encoding reaches Python with surrogates; str.encode() raised
+    UnicodeEncodeError checking its length. Too long, it is now the usual usage error."""
+    long_path = os.fsdecode(b"/tmp/" + b"\xff" * 103)
+    one_line(run_zcrelay("forward", f"unix:{long_path}", "127.0.0.1:9", timeout=20), ExitCode.USAGE,
+             "at most 107 bytes")
+
+
+async def test_a_unix_path_that_is_not_utf8_forwards(zcrelay, tmp_path):
+    sock_path = os.fsdecode(bytes(tmp_path) + b"/\xff\xfe.sock")
+    async with trio.open_nursery() as nursery:
+        server = await traffic.open_server()
+        nursery.start_soon(server.serve)
+        relay = zcrelay("forward", f"unix:{sock_path}", f"127.0.0.1:{server.port}")
+        results = await traffic.run_clients(sock_path, 2, 1 << 20, 1 << 20, family=socket.AF_UNIX)
+        await traffic.check(results, server)
+        nursery.cancel_scope.cancel()
+    relay.wait_for_lines(" close=", 2)
+    code, err = relay.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert not os.path.lexists(sock_path)  # removed at exit, found under its own bytes
+
+
+def _clashes(tmp_path) -> dict[str, tuple[list[str], str]]:
+    port = free_port()
+    sock = tmp_path / "relay.sock"
+    config = tmp_path / "zcrelay.toml"
+    config.write_text(f'linger = 1\n[[rule]]\nlisten = "127.0.0.1:{port}"\ntarget = "127.0.0.1:9"\n')
+    return {
+        "same-port-twice": ([f"127.0.0.1:{port}", "127.0.0.1:9", "--rule", f"127.0.0.1:{port}=127.0.0.1:10"],
+                            "rule 2"),
+        "bare-port-and-loopback": ([str(port), "127.0.0.1:9", "--rule", f"127.0.0.1:{port}=127.0.0.1:10"],
+                                   "rule 1"),
+        "all-interfaces-and-loopback": ([f":{port}", "127.0.0.1:9", "--rule", f"127.0.0.1:{port}=127.0.0.1:10"],
+                                        "rule 2"),
+        "unix-path-twice": ([f"unix:{sock}", "127.0.0.1:9", "--rule", f"unix:{tmp_path}/./relay.sock=127.0.0.1:10"],
+                            "rule 2"),
+        "abstract-twice": ([f"unix:@zcrelay-{port}", "127.0.0.1:9", "--rule", f"unix:@zcrelay-{port}=127.0.0.1:10"],
+                           "rule 2"),
+        "file-and-command-line": (["-c", str(config), "--rule", f"127.0.0.1:{port}=127.0.0.1:10"],
+                                  f"{config}, line 2"),
+    }
+
+
+@pytest.mark.parametrize("case", ["same-port-twice", "bare-port-and-loopback", "all-interfaces-and-loopback",
+                                  "unix-path-twice", "abstract-twice", "file-and-command-line"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_two_rules_on_one_listen_address_are_a_usage_error(tmp_path, case, workers):
+    """Two rules on one address: the second bind said "address already in use" (exit 3), as if
+    another process held it. It is a fault in the rules, said before anything binds."""
+    argv, says = _clashes(tmp_path)[case]
+    done = run_zcrelay("forward", "-w", workers, *argv, timeout=20)
+    one_line(done, ExitCode.USAGE, says, "listens on")
+
+
+def test_port_zero_and_distinct_addresses_are_no_clash(settings):
+    port = str(free_port())
+    got, _ = settings("127.0.0.1:0", "127.0.0.1:9", "--rule", "127.0.0.1:0=127.0.0.1:9",
+                      "--rule", f"127.0.0.1:{port}=127.0.0.1:9", "--rule", f"[::1]:{port}=127.0.0.1:9",
+                      "--rule", f"127.0.0.2:{port}=127.0.0.1:9", "--rule", f"unix:@a{port}=127.0.0.1:9",
+                      "--rule", f"unix:@b{port}=127.0.0.1:9")
+    assert len(got.rules) == 7
+
+
+LOOPS = {
+    "same-address": lambda p, d: [f"127.0.0.1:{p}", f"127.0.0.1:{p}"],
+    "bare-ports": lambda p, d: [str(p), str(p)],
+    "localhost": lambda p, d: [f"127.0.0.1:{p}", f"localhost:{p}"],
+    "all-interfaces-to-loopback": lambda p, d: [f":{p}", f"127.0.0.1:{p}"],
+    "ipv6-all-to-ipv4-mapped": lambda p, d: [f"[::]:{p}", f"[::ffff:127.0.0.1]:{p}"],
+    "unix-path": lambda p, d: [f"unix:{d}/r.sock", f"unix:{d}/r.sock"],
+    "two-rules-in-a-ring": lambda p, d: [f"127.0.0.1:{p}", f"127.0.0.1:{p + 1}", "--rule",
+                                         f"127.0.0.1:{p + 1}=localhost:{p}"],
+    "three-rules-in-a-ring": lambda p, d: [f"unix:{d}/a.sock", f"unix:{d}/b.sock", "--rule",
+                                           f"unix:{d}/b.sock=127.0.0.1:{p}", "--rule", f"{p}=unix:{d}/a.sock"],
+}
+
+
+@pytest.mark.parametrize("argv", LOOPS.values(), ids=LOOPS.keys())
+def test_a_rule_that_forwards_to_its_own_listener_is_refused(tmp_path, settings, argv):
+    """A target that leads back to a listener of the same rules: the first client's connection
+    connected to the relay itself, again and again, until every file descriptor was taken."""
+    port = free_port() if "--rule" not in argv(1, tmp_path) else free_port() - 1
+    result = settings(*argv(port, tmp_path))
+    assert not isinstance(result, tuple), f"served {argv(port, tmp_path)}"
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "loop" in result.output or "its own listener" in result.output, result.output
+
+
+def test_a_loop_is_one_usage_line_before_anything_binds():
+    port = free_port()
+    one_line(run_zcrelay("forward", str(port), f"localhost:{port}", timeout=20), ExitCode.USAGE,
+             "rule 1 (LISTEN TARGET)", "its own listener")
+
+
+def test_chains_and_other_hosts_on_the_same_port_are_no_loop(settings):
+    """Rules may feed one another without a ring, and a listener on all interfaces commonly
+    forwards to the same port of another host."""
+    p = free_port()
+    got, _ = settings(f"127.0.0.1:{p}", f"127.0.0.1:{p + 1}", "--rule", f"127.0.0.1:{p + 1}=127.0.0.1:9",
+                      "--rule", f":{p + 2}=backend.example:{p + 2}", "--rule", f"127.0.0.2:{p + 3}=127.0.0.1:{p + 3}")
+    assert len(got.rules) == 4
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_after_other_rules_bound_releases_them(tmp_path, workers):
+    """Rules bind in order: when a later one finds its port taken, exit 3 in one line, and the
+    listeners already bound are closed (their port and abstract name free again, the socket
+    file removed); nothing was accepted on them, so nothing is lost."""
+    free, name, sock_path = free_port(), f"zcrelay-test-{os.getpid()}-{free_port()}", tmp_path / "first.sock"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_zcrelay("forward", "-w", workers, f"unix:{sock_path}", "127.0.0.1:9",
+                           "--rule", f"127.0.0.1:{free}=127.0.0.1:9", "--rule", f"unix:@{name}=127.0.0.1:9",
+                           "--rule", f"127.0.0.1:{taken.getsockname()[1]}=127.0.0.1:9", timeout=30)
+        one_line(done, ExitCode.ADDRESS_IN_USE, "address already in use", str(taken.getsockname()[1]))
+    assert not sock_path.exists()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", free))
+    with socket.socket(socket.AF_UNIX) as again:
+        again.bind("\0" + name)
+
+
+def test_the_command_line_can_turn_back_on_what_the_file_turned_off(tmp_path, settings):
+    """"Options on the command line win over the file": --no-splice and --no-nodelay could only
+    turn off, so a file's splice = false or nodelay = false had no command-line answer."""
+    config = tmp_path / "zcrelay.toml"
+    config.write_text("splice = false\nnodelay = false\n")
+    got, _ = settings("-c", str(config), "0", "127.0.0.1:9", "--splice", "--nodelay")
+    assert got.splice is True and got.nodelay is True
+    got, _ = settings("-c", str(config), "0", "127.0.0.1:9")
+    assert got.splice is False and got.nodelay is False

@@ -12,6 +12,7 @@ Port 0 asks the kernel for a free port (listen only).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 
@@ -49,7 +50,8 @@ class Address:
         return f"{self.host}:{self.port}" if self.host else f"*:{self.port}"
 
 
-_BRACKETED = re.compile(r"^\[([^\]]+)\]:(\w*)$")
+_BRACKETED = re.compile(r"^\[([^\]]*)\]:(\w*)$")
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL (unix(7))
 
 
 def _digits(text: str) -> bool:
@@ -61,11 +63,25 @@ def _digits(text: str) -> bool:
 def _port(text: str, original: str, allow_zero: bool) -> int:
     if not _digits(text):
         raise AddressError(f"{original!r}: port {text!r} is not a number (expected {FORMS})")
-    port = int(text)
+    # int() refuses more than 4300 digits, leading zeros too, with a ValueError of its own.
+    digits = text.lstrip("0")
+    port = int(digits or "0") if len(digits) <= 5 else 65536
     if port > 65535 or (port == 0 and not allow_zero):
         low = 0 if allow_zero else 1
-        raise AddressError(f"{original!r}: port {port} is out of range ({low}-65535)")
+        shown = port if port <= 65535 else text if len(text) <= 12 else text[:9] + "..."
+        raise AddressError(f"{original!r}: port {shown} is out of range ({low}-65535)")
     return port
+
+
+def _host_name(host: str, original: str) -> None:
+    """A name getaddrinfo can take: Python's idna codec raised UnicodeError (a traceback) for an
+    empty label ('a..b') or one over 63 bytes, and DNS names are at most 253 (RFC 1035)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        raise AddressError(f"{original!r}: {host!r} is not a host name or address")
+    labels = host[:-1].split(".") if host.endswith(".") and host != "." else host.split(".")
+    if len(host.rstrip(".")) > 253 or not all(0 < len(label) <= 63 for label in labels):
+        raise AddressError(f"{original!r}: {host!r} is not a host name (labels of 1 to 63 "
+                           f"characters between dots, at most 253 in all)")
 
 
 def parse(text: str, *, listen: bool) -> Address:
@@ -74,12 +90,16 @@ def parse(text: str, *, listen: bool) -> Address:
     text = text.strip()
     if not text:
         raise AddressError(f"empty address (expected {FORMS})")
+    if "\0" in text:  # from a config file ("\u0000"): bind and lstat raised ValueError
+        raise AddressError(f"{original!r}: an address cannot contain a NUL character")
     if text.startswith("unix:"):
         path = text[5:]
         if not path or path == "@":
             raise AddressError(f"{original!r}: unix: needs a path")
-        if len(path.encode()) > 107:
-            raise AddressError(f"{original!r}: a unix socket path is at most 107 bytes")
+        # os.fsencode, as bind(2) will: a name that is not UTF-8 arrives with surrogates, which
+        # str.encode() refused with a traceback.
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise AddressError(f"{original!r}: a unix socket path is at most {SUN_PATH_MAX} bytes")
         return Address(path=path)
     if _digits(text):
         return Address("127.0.0.1", _port(text, original, listen))
@@ -90,8 +110,11 @@ def parse(text: str, *, listen: bool) -> Address:
         raise AddressError(f"{original!r}: no port after ']' (expected [ADDR]:PORT)")
     if match:
         host, port = match.groups()
+        address, percent, zone = host.partition("%")
+        if percent and not zone:
+            raise AddressError(f"{original!r}: no interface after '%' (as in [fe80::1%eth0]:PORT)")
         try:
-            ipaddress.IPv6Address(host.split("%")[0])
+            ipaddress.IPv6Address(address)
         except ValueError:
             raise AddressError(f"{original!r}: {host!r} is not an IPv6 address") from None
         return Address(host, _port(port, original, listen))
@@ -102,8 +125,8 @@ def parse(text: str, *, listen: bool) -> Address:
         raise AddressError(f"{original!r}: write an IPv6 address in brackets, [ADDR]:PORT")
     if not host and not listen:
         raise AddressError(f"{original!r}: a target needs a host (expected {FORMS})")
-    if host and not re.fullmatch(r"[A-Za-z0-9._-]+", host):
-        raise AddressError(f"{original!r}: {host!r} is not a host name or address")
+    if host:
+        _host_name(host, original)
     return Address(host, _port(port, original, listen))
 
 
@@ -119,3 +142,134 @@ def format_sockname(sockname: object) -> str:
             return "unix:@" + sockname[1:]
         return f"unix:{sockname}" if sockname else "unix:(unnamed)"
     return str(sockname)
+
+
+# Rules checked together (zcrelay forward): listeners that cannot all be bound, and targets
+# that lead back to a listener of the same rules. Only what can be told without DNS is found.
+
+_IP = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+_V4_ANY, _V6_ANY = ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")
+_WILD = ("", _V4_ANY, _V6_ANY)  # '' is bound dual-stack, and so is '::' (net.bindv6only is 0)
+_LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+
+
+def _host_key(host: str) -> object:
+    """An IP literal as an ip_address (so '::1' and '0:0::1' are one), a name in lower case."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _unix_key(path: str) -> str:
+    """The path from /, without '.' and repeated '/'; '..' is kept (past a symlink, 'a/..' is
+    not where it seems to be), so two spellings taken for one socket are one."""
+    if path.startswith("@"):
+        return path
+    parts = [part for part in os.path.join(os.getcwd(), path).split("/") if part not in ("", ".")]
+    return "/" + "/".join(parts)
+
+
+def _covers(wild: object, host: object) -> bool:
+    """Whether a listener on the wildcard `wild` holds the port for `host` too (bind(2) says
+    EADDRINUSE to either, even with SO_REUSEADDR): '' every address, '::' every IP address
+    (dual-stack), 0.0.0.0 every IPv4 address."""
+    if wild == "":
+        return True
+    if wild == _V6_ANY:
+        return isinstance(host, _IP)
+    return isinstance(host, ipaddress.IPv4Address)
+
+
+def first_clash(listeners: list[Address]) -> tuple[int, int] | None:
+    """(i, j), i < j, for the first listener j that cannot be bound beside an earlier one i:
+    the same Unix path (absolute) or abstract name, or the same TCP port (not 0) on the same
+    address, or on a wildcard address that covers the other (_covers). Names other than IP
+    literals are compared as written: a clash behind a name is left to bind(2). Linear: a
+    port holds at most one wildcard listener without a clash."""
+    hosts: dict[object, dict[object, int]] = {}  # port or unix key -> host key -> first index
+    for j, address in enumerate(listeners):
+        if address.is_unix:
+            end, host = ("unix", _unix_key(address.path)), None
+        elif address.port:
+            end, host = address.port, _host_key(address.host)
+        else:
+            continue  # port 0: the kernel picks a free port each time
+        here = hosts.setdefault(end, {})
+        if host in _WILD:  # once per port: a second wildcard clashes with the first
+            clashes = [i for other, i in here.items()
+                       if other == host or _covers(host, other) or (other in _WILD and _covers(other, host))]
+        else:
+            clashes = [here[other] for other in (host, *_WILD) if other in here
+                       and (other == host or _covers(other, host))]
+        if clashes:
+            return min(clashes), j
+        here[host] = j
+    return None
+
+
+def _reached(host: str) -> set[object]:
+    """The addresses a connect to `host` may arrive at, where they can be told without DNS:
+    0.0.0.0 and :: mean this host's loopback (Linux), localhost its two loopback addresses, an
+    IPv4-mapped IPv6 address the IPv4 one too."""
+    key = _host_key(host)
+    if key == "localhost":
+        return set(_LOOPBACK)
+    if key == _V4_ANY:
+        return {ipaddress.ip_address("127.0.0.1")}
+    if key == _V6_ANY:
+        return {ipaddress.ip_address("::1")}
+    mapped = getattr(key, "ipv4_mapped", None)
+    return {key} if mapped is None else {key, mapped}
+
+
+def forwarding_cycle(rules: list[tuple[Address, Address]]) -> list[int] | None:
+    """The indexes of (listen, target) rules, in order, each of whose targets reaches the next
+    one's listener and the last one's the first's (a single index: a rule that forwards to its
+    own listener), or None. A target reaches a listener on the same Unix socket, or on the same
+    TCP port and address, or a loopback address and a listener on a wildcard that covers it.
+    Not found: a name that resolves to this host, an interface address of a wildcard listener."""
+    exact: dict[tuple, list[int]] = {}  # (port or "unix", address or path) -> listeners
+    wild: dict[int, list[int]] = {}  # port -> listeners on a wildcard address
+    for i, (listen, _) in enumerate(rules):
+        if listen.is_unix:
+            exact.setdefault(("unix", _unix_key(listen.path)), []).append(i)
+        elif listen.port and _host_key(listen.host) in _WILD:
+            wild.setdefault(listen.port, []).append(i)
+        elif listen.port:
+            for address in _reached(listen.host):
+                exact.setdefault((listen.port, address), []).append(i)
+    edges = []
+    for _, target in rules:
+        if target.is_unix:
+            edges.append(exact.get(("unix", _unix_key(target.path)), []))
+            continue
+        arrives = _reached(target.host)
+        loopback = [a for a in arrives if isinstance(a, _IP) and a.is_loopback]
+        edges.append([i for a in arrives for i in exact.get((target.port, a), [])]
+                     + [i for i in wild.get(target.port, [])
+                        if any(_covers(_host_key(rules[i][0].host), a) for a in loopback)])
+    return _cycle(edges)
+
+
+def _cycle(edges: list[list[int]]) -> list[int] | None:
+    """The nodes of a cycle, in order, in the graph `edges` (node -> successors), or None.
+    Depth first without recursion: a config file may hold thousands of rules in a chain."""
+    state = [0] * len(edges)  # 0 unseen, 1 on the current path, 2 done
+    for start in range(len(edges)):
+        if state[start]:
+            continue
+        path, pending = [start], [iter(edges[start])]
+        state[start] = 1
+        while pending:
+            nxt = next(pending[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state[nxt] == 1:
+                return path[path.index(nxt):]
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append(nxt)
+                pending.append(iter(edges[nxt]))
+    return None

@@ -5,16 +5,18 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import reprlib
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import (address, failed, pipe_size_value, run, say, serve_until_signal, setup_logging,
-                                 summary)
+from zcrelay.addresses import first_clash, forwarding_cycle
+from zcrelay.cli.common import (address, error, failed, pipe_size_value, run, say, serve_until_signal,
+                                 setup_logging, summary)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.stats import Totals
@@ -37,30 +39,84 @@ CONFIG_KEYS = set(CONFIG_TYPES)
 def _rule(text: str) -> Rule:
     listen, sep, target = text.partition("=")
     if not sep:
-        raise typer.BadParameter(f"{text!r}: a rule is LISTEN=TARGET")
+        raise typer.BadParameter(f"{text!r}: a rule is LISTEN=TARGET", param_hint="--rule")
     return Rule(address(listen, listen=True, option="--rule"), address(target, listen=False, option="--rule"))
+
+
+CONFIG_LIMIT = 1 << 20  # far more than any set of rules: /dev/zero was read until memory ran out
+
+
+class ConfigUnreadable(Exception):
+    """The config file is missing, unreadable or a directory: INPUT_ERROR, as for any file to
+    read (man page, EXIT STATUS); what is in it being wrong is a usage error."""
 
 
 def load_config(path: Path) -> dict[str, Any]:
     """Read a TOML config file; unknown keys are an error, not silently ignored, and each value
-    is checked as its option checks it (_checked). Any fault is a BadParameter naming the file."""
+    is checked as its option checks it (_checked). A fault in the text is a BadParameter naming
+    the file (and the line, where it can be found); one reading it is ConfigUnreadable. The
+    "rule" key holds (where, Rule) pairs, `where` naming the file and line for later errors."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(CONFIG_LIMIT + 1)
     except OSError as exc:
-        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--config") from None
-    except UnicodeDecodeError as exc:  # a ValueError like TOMLDecodeError: first
+        raise ConfigUnreadable(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > CONFIG_LIMIT:
+        raise typer.BadParameter(f"{path}: larger than {CONFIG_LIMIT >> 20} MiB: not a config file",
+                                 param_hint="--config")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
         raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})",
                                  param_hint="--config") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="--config") from None
     except RecursionError:
         raise typer.BadParameter(f"{path}: arrays or tables nested too deeply", param_hint="--config") from None
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
-        raise typer.BadParameter(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
-                                 f"{', '.join(sorted(CONFIG_KEYS))}", param_hint="--config")
-    return {key: _checked(path, key, value) for key, value in data.items()}
+        raise typer.BadParameter(f"{_locator(path, text)(unknown[0])}: unknown key(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(sorted(CONFIG_KEYS))}", param_hint="--config")
+    where = _locator(path, text)
+    return {key: _checked(where, key, value) for key, value in data.items()}
+
+
+_HEADER = re.compile(r"\s*\[")
+_RULE_HEADER = re.compile(r"\s*\[\[\s*(rule|\"rule\"|'rule')\s*\]\]")
+
+
+def _key_line(lines: list[str], key: str, start: int = 0) -> int | None:
+    """The index of the line from `start` that sets `key`, before the next table header."""
+    pattern = re.compile(rf"\s*({re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=")
+    for i in range(start, len(lines)):
+        if _HEADER.match(lines[i]):
+            return None
+        if pattern.match(lines[i]):
+            return i
+    return None
+
+
+def _locator(path: Path, text: str) -> Callable[..., str]:
+    """where(key) or where(key, n): "FILE, line L" for the line that sets the top-level `key`,
+    or `key` of the n-th [[rule]] table (its header for key ""), or "FILE" alone when it cannot
+    be told (a dotted key...). tomllib gives positions for syntax errors only, not for values."""
+    lines = text.splitlines()
+    top = next((i for i, line in enumerate(lines) if _HEADER.match(line)), len(lines))
+    headers = [i for i, line in enumerate(lines) if _RULE_HEADER.match(line)]
+
+    def where(key: str, rule: int | None = None) -> str:
+        if rule is None:
+            found = _key_line(lines[:top], key)
+        elif len(headers) < rule:  # rule = [{...}, ...]: the line the array starts on
+            found = _key_line(lines[:top], "rule")
+        else:
+            found = (_key_line(lines, key, headers[rule - 1] + 1) if key else None)
+            found = headers[rule - 1] if found is None else found
+        return str(path) if found is None else f"{path}, line {found + 1}"
+
+    return where
 
 
 def _bounds(key: str) -> tuple[Any, Any]:
@@ -69,16 +125,16 @@ def _bounds(key: str) -> tuple[Any, Any]:
     return option.min, option.max
 
 
-def _checked(path: Path, key: str, value: Any) -> Any:
-    """`value` if the option `key` would take it, else a BadParameter naming the file and key.
-    No conversions: bool("no") is True, int(1.7) is 1, and int("ten") was a traceback."""
+def _checked(where: Callable[..., str], key: str, value: Any) -> Any:
+    """`value` if the option `key` would take it, else a BadParameter naming the file, line and
+    key. No conversions: bool("no") is True, int(1.7) is 1, and int("ten") was a traceback."""
 
     def refuse(reason: str) -> NoReturn:
-        raise typer.BadParameter(f"{path}: {key} {reason}", param_hint="--config")
+        raise typer.BadParameter(f"{where(key)}: {key} {reason}", param_hint="--config")
 
     kind = CONFIG_TYPES[key]
     if kind is list:
-        return _config_rules(path, value)
+        return _config_rules(where, value)
     if kind == "size":
         if type(value) not in (int, str):
             refuse(f'must be a number of bytes or a size string like "64K", not {reprlib.repr(value)}')
@@ -101,26 +157,54 @@ def _checked(path: Path, key: str, value: Any) -> Any:
     return value
 
 
-def _config_rules(path: Path, entries: Any) -> list[Rule]:
-    """The [[rule]] tables, each exactly two address strings, parsed as LISTEN and TARGET are."""
-    shape = f"{path}: each [[rule]] needs exactly listen = \"...\" and target = \"...\""
+def _config_rules(where: Callable[..., str], entries: Any) -> list[tuple[str, Rule]]:
+    """The [[rule]] tables, each exactly two address strings, parsed as LISTEN and TARGET are;
+    each with where it was written ("FILE, line N"), for the checks of all rules together."""
+    shape = "each [[rule]] needs exactly listen = \"...\" and target = \"...\""
     if type(entries) is not list:
-        raise typer.BadParameter(shape, param_hint="--config")
+        raise typer.BadParameter(f"{where('rule')}: {shape}", param_hint="--config")
     rules = []
     for n, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or set(entry) != {"listen", "target"}:
-            raise typer.BadParameter(f"{shape} (rule {n})", param_hint="--config")
+            raise typer.BadParameter(f"{where('', n)}: {shape} (rule {n})", param_hint="--config")
         ends = {}
         for key in ("listen", "target"):
             if type(entry[key]) is not str:  # str(5) would be taken as port 5
-                raise typer.BadParameter(f"{path}: rule {n}: {key} must be an address string, not "
+                raise typer.BadParameter(f"{where(key, n)}: rule {n}: {key} must be an address string, not "
                                          f"{reprlib.repr(entry[key])}", param_hint="--config")
             try:
                 ends[key] = address(entry[key], listen=key == "listen")
             except typer.BadParameter as exc:
-                raise typer.BadParameter(f"{path}: rule {n}: {key}: {exc.message}", param_hint="--config") from None
-        rules.append(Rule(ends["listen"], ends["target"]))
+                raise typer.BadParameter(f"{where(key, n)}: rule {n}: {key}: {exc.message}",
+                                         param_hint="--config") from None
+        rules.append((where("", n), Rule(ends["listen"], ends["target"])))
     return rules
+
+
+def check_rules(rules: list[tuple[str, Rule]]) -> None:
+    """Refuse, as a usage error, rules that cannot work together whatever the network does:
+    two listeners on one address (bind(2) said "address already in use", exit 3, as if another
+    process held it), and targets that lead back to a listener of these rules in a cycle (every
+    connection connected to itself again, until the file descriptors ran out). `rules` are
+    (where the rule was given, rule), numbered from 1 as the logs number them."""
+    clash = first_clash([rule.listen for _, rule in rules])
+    if clash:
+        (was, first), (where, rule) = rules[clash[0]], rules[clash[1]]
+        raise typer.BadParameter(f"rule {clash[1] + 1} ({where}) listens on {rule.listen}, as rule "
+                                 f"{clash[0] + 1} ({was}) does on {first.listen}")
+    cycle = forwarding_cycle([(rule.listen, rule.target) for _, rule in rules])
+    if cycle is None:
+        return
+    if len(cycle) == 1:
+        where, rule = rules[cycle[0]]
+        raise typer.BadParameter(
+            f"rule {cycle[0] + 1} ({where}) forwards {rule.listen} to {rule.target}, its own listener: "
+            "every connection would connect to itself again, until the file descriptors run out")
+    steps = [f"rule {i + 1} ({rules[i][0]}: {rules[i][1].listen} -> {rules[i][1].target})" for i in cycle[:3]]
+    if len(cycle) > 3:
+        steps.append(f"{len(cycle) - 3} more")
+    raise typer.BadParameter(f"rules forward to each other in a loop: {' -> '.join(steps)} -> rule {cycle[0] + 1}: "
+                             "every connection would go round until the file descriptors run out")
 
 
 def _pick(cli: Any, data: dict[str, Any], key: str, default: Any) -> Any:
@@ -140,7 +224,7 @@ def forward(
     listen: Optional[str] = typer.Argument(None, metavar="LISTEN", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH.", show_default=False),
     target: Optional[str] = typer.Argument(None, metavar="TARGET", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
     rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable).", show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=r"TOML file with options and \[\[rule]] tables; the command line wins.", dir_okay=False),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=r"TOML file with options and \[\[rule]] tables; the command line wins.", show_default=False),
     pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  \\[default: 1M]", show_default=False),
     max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  \\[default: 0]", show_default=False),
     max_idle_pipes: Optional[int] = typer.Option(None, "--max-idle-pipes", min=0, metavar="N", help="Empty pipes kept for reuse.  \\[default: 16]", show_default=False),
@@ -148,8 +232,8 @@ def forward(
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=0, metavar="SECONDS", help="Close a connection after this many seconds without a byte (0: never).  \\[default: 0]", show_default=False),
     linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may live (0: no limit).  \\[default: 60]", show_default=False),
     resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  \\[default: 5]", show_default=False),
-    no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead of splicing (for comparison, odd kernels)."),
-    no_nodelay: bool = typer.Option(False, "--no-nodelay", help="Leave Nagle's algorithm on (TCP_NODELAY is set on both sides by default)."),
+    splice: Optional[bool] = typer.Option(None, "--splice/--no-splice", help="--no-splice copies through user space instead of splicing (for comparison, odd kernels); --splice undoes a config file's splice = false.", show_default=False),
+    nodelay: Optional[bool] = typer.Option(None, "--nodelay/--no-nodelay", help="--no-nodelay leaves Nagle's algorithm on (TCP_NODELAY is set on both sides by default); --nodelay undoes a config file's nodelay = false.", show_default=False),
     backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  \\[default: 4096]", show_default=False),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  \\[default: 1]", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
@@ -157,27 +241,31 @@ def forward(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-connection lines: only the listening lines, warnings, errors and the summary on stderr."),
 ) -> ExitCode:
     """Forward connections from LISTEN to TARGET, splicing payloads through pipes."""
-    data = load_config(config) if config else {}
-    rules = data.get("rule", []) + [_rule(text) for text in rule]
+    try:
+        data = load_config(config) if config else {}
+    except ConfigUnreadable as exc:
+        return error(str(exc), ExitCode.INPUT_ERROR)
+    rules = data.get("rule", []) + [(f"--rule {text!r}", _rule(text)) for text in rule]
     if (listen is None) != (target is None):
         raise typer.BadParameter("give both LISTEN and TARGET, or neither (with --rule or --config)")
     if listen is not None and target is not None:
-        rules.insert(0, Rule(address(listen, listen=True, option="LISTEN"),
-                             address(target, listen=False, option="TARGET")))
+        rules.insert(0, ("LISTEN TARGET", Rule(address(listen, listen=True, option="LISTEN"),
+                                              address(target, listen=False, option="TARGET"))))
     if not rules:
         raise typer.BadParameter("nothing to forward: give LISTEN TARGET, --rule or --config")
+    check_rules(rules)
     size = pipe_size_value(pipe_size) if pipe_size is not None else data.get("pipe-size", 1 << 20)
     # The file's values are checked (load_config); the options' by typer.
     settings = ForwardConfig(
-        rules=tuple(rules),
+        rules=tuple(pair[1] for pair in rules),
         pipe_size=size,
         max_idle_pipes=_pick(max_idle_pipes, data, "max-idle-pipes", 16),
         max_conns=_pick(max_conns, data, "max-conns", 0),
         connect_timeout=_seconds(_pick(connect_timeout, data, "connect-timeout", 10.0)),
         idle_timeout=_seconds(_pick(idle_timeout, data, "idle-timeout", 0)),
         linger=_seconds(_pick(linger, data, "linger", 60.0)),
-        splice=not no_splice and data.get("splice", True),
-        nodelay=not no_nodelay and data.get("nodelay", True),
+        splice=_pick(splice, data, "splice", True),
+        nodelay=_pick(nodelay, data, "nodelay", True),
         backlog=_pick(backlog, data, "backlog", 4096),
         capture_dir=capture_directory(capture_dir),
         resolve_ttl=float(_pick(resolve_ttl, data, "resolve-ttl", 5.0)),
