@@ -99,7 +99,7 @@ _zcrelay() {
                 --capture-dir) _zcrelay_paths dir; return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --resolve-ttl --no-splice --no-nodelay --backlog --workers -w --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--rule -r --config -c --pipe-size --max-conns --max-idle-pipes --connect-timeout --idle-timeout --linger --resolve-ttl --no-splice --splice --no-nodelay --nodelay --backlog --workers -w --capture-dir --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?

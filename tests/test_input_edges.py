@@ -229,6 +229,19 @@ def test_a_bad_address_names_which_one(argv, name):
     one_line_error(run_zcrelay(*argv, stdin=subprocess.DEVNULL), 2, f"Invalid value for {name}: 'nope'")
 
 
+def test_tee_relay_capture_to_its_own_listener_is_refused(tmp_path):
+    """As forward refuses a rule whose target is its own listener: every connection would
+    connect to itself again, and be captured again, until the fds ran out."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = run_zcrelay("tee", "-l", f":{port}", "-t", f"localhost:{port}", "--capture-dir", str(tmp_path),
+                       stdin=subprocess.DEVNULL)
+    one_line_error(done, 2, "its own listener")
+
+
 @pytest.mark.parametrize("make, said", [(None, "does not exist (create it first)"),
                                          ("file", "is not a directory")])
 def test_a_capture_dir_that_is_missing_says_so(tmp_path, make, said):

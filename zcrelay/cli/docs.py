@@ -390,7 +390,14 @@ with its own listener, and **--config** reads options and rules from a TOML file
 the file are the long option names without the leading dashes (pipe-size, max-conns,
 max-idle-pipes, connect-timeout, idle-timeout, linger, resolve-ttl, backlog, workers), the
 booleans splice and nodelay, and [[rule]] tables with listen and target strings. An unknown key is an error. Options
-on the command line win over the file.
+on the command line win over the file; **--splice** and **--nodelay** undo a file's
+splice = false and nodelay = false. A config file that cannot be read exits with status 8; an
+error in one names the file and, where it can be told, the line.
+
+Rules that share a listen address, and rules whose targets lead back to their own listeners (a
+rule that forwards to itself, or rules that forward to each other in a loop, as told from the
+addresses as written, without DNS), are usage errors (status 2), refused before anything is
+bound.
 
 For each listener zcrelay prints "listening on ADDRESS -> TARGET" on standard error once it
 accepts connections; port 0 picks a free port and the line shows which.

@@ -27,10 +27,12 @@ OUTPUT_ERROR_HELP = (
 def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode:
     """`zcrelay tee --listen L --target T --capture-dir DIR`: `zcrelay forward L T
     --capture-dir DIR` with forward's defaults."""
-    from zcrelay.cli.forward import capture_directory, run_forwarder
+    from zcrelay.cli.forward import capture_directory, check_rules, run_forwarder
     from zcrelay.forward import ForwardConfig, Rule
 
-    settings = ForwardConfig(rules=(Rule(listen, target),), pipe_size=pipe_size,
+    rule = Rule(listen, target)
+    check_rules([("--listen/--target", rule)])  # a relay to its own listener: as forward refuses it
+    settings = ForwardConfig(rules=(rule,), pipe_size=pipe_size,
                              capture_dir=capture_directory(capture_dir))
     return run_forwarder(settings, f" (capturing to {capture_dir})")
 
