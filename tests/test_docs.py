@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -225,7 +226,9 @@ def bash_complete(*lines: str) -> list[list[str]]:
         words = line.split(" ")
         quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
         script += [f"COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; COMPREPLY=()",
-                   f"COMP_LINE={quoted!s}; COMP_POINT=${{#COMP_LINE}}",
+                   # One word: unquoted, `COMP_LINE='zcrelay' 'tee' '-'` ran `tee -`, which
+                   # wrote an empty file named "-" in the repository.
+                   f"COMP_LINE={shlex.quote(line)}; COMP_POINT=${{#COMP_LINE}}",
                    "_zcrelay zcrelay \"${COMP_WORDS[COMP_CWORD]}\" \"${COMP_WORDS[COMP_CWORD-1]}\"",
                    "printf '%s\\n' \"${COMPREPLY[*]}\""]
     proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", "\n".join(script)], cwd=ROOT,
