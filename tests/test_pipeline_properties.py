@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -147,3 +148,72 @@ def test_copy_falls_back_to_waiting_first_where_rwf_nowait_is_refused(monkeypatc
         os.close(drain)
     assert bytes(got) == data and flow.copied == len(data)
     assert asked == {"read": 1, "write": 1}  # asked once each, then never again
+
+
+@pytest.mark.parametrize("stdin_state", ["at-eof", "open"])
+@pytest.mark.parametrize("splice", [True, False])
+def test_a_reset_whose_error_was_swallowed_is_not_an_eof(stdin_state, splice):
+    """After an RST the kernel reports ECONNRESET once, to the first call that asks, and a
+    splice into the socket that had already moved bytes swallows it (it returns the count);
+    then the socket reads as at the peer's EOF, and a stdin splice into it may return 0 as
+    at the end of stdin. The pipeline took that for a clean end: with stdin at its EOF it
+    returned "eof" (exit 0, a cut download and a lost upload unreported); with stdin open
+    it called the peer's stream complete and waited on stdin for ever. Here the peer sends
+    its bytes and resets, and the error is taken (SO_ERROR) as the swallowing splice did:
+    the bytes already received reach stdout, then the connection is reported lost."""
+    import errno
+    import hashlib
+    import select
+    import struct
+
+    from zcrelay.errors import ConnectionLost
+    from zcrelay.mover import COPY_BUFSIZE
+
+    down_data = traffic.payload(11, "down", 300_000)
+    up, down = Flow(), Flow()
+    stdout_got = bytearray()
+
+    async def main() -> None:
+        near, far = await traffic.tcp_pair()
+        with near, far:
+            await far.send(down_data[:100_000])  # fits in near's receive buffer at once
+            far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            far.close()  # the RST
+            # Wait for it to arrive (POLLHUP: both ways shut), then swallow its error.
+            poller = select.poll()
+            poller.register(near.fileno(), select.POLLRDHUP)
+            assert poller.poll(10_000), "no reset arrived"
+            assert near.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+            stdin, feed = os.pipe2(os.O_CLOEXEC)
+            if stdin_state == "at-eof":
+                os.close(feed)
+            drain, stdout = os.pipe2(os.O_CLOEXEC)
+            reader = threading.Thread(target=traffic.read_to_eof, args=(drain, stdout_got))
+            reader.start()
+            try:
+                with trio.fail_after(20):
+                    with pytest.raises(ConnectionLost) as lost:
+                        await run_pipeline(near, PipelineConfig(splice=splice), up, down,
+                                           plan(stdin, False, splice), plan(stdout, True, splice), stdin, stdout)
+            finally:
+                os.close(stdin)
+                os.close(stdout)
+                if stdin_state == "open":
+                    os.close(feed)
+                await trio.to_thread.run_sync(reader.join, 20)
+                os.close(drain)
+        errors.append(str(lost.value))
+
+    errors: list[str] = []
+    trio.run(main)
+    # What reached stdout is counted exactly; how much of the 100000 bytes that is depends on
+    # which direction notices first (the other is cancelled then).
+    prefix = "connection lost while sending and receiving (reset by the peer): sent 0 bytes, received "
+    assert len(errors) == 1 and errors[0].startswith(prefix) and errors[0].endswith(" bytes"), errors
+    received = int(errors[0][len(prefix):-len(" bytes")])
+    if splice:
+        assert received == len(stdout_got)
+    else:  # a chunk cut short by the cancellation is not counted (zcrelay.direct._Side.write)
+        assert received <= len(stdout_got) < received + COPY_BUFSIZE
+    assert hashlib.sha256(stdout_got).digest() == hashlib.sha256(down_data[:len(stdout_got)]).digest()
+    assert up.end is None and down.end is None

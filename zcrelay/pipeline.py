@@ -135,11 +135,19 @@ class _State:
     def __init__(self, scope: trio.CancelScope) -> None:
         self.scope = scope
         self.error: ZcrelayError | None = None
+        self.lost: str | None = None  # why the connection was lost (the first failure's errno)
         self.end: str | None = None
 
     def fail(self, error: ZcrelayError) -> None:
-        if self.error is None:
+        if self.error is None and self.lost is None:
             self.error = error
+        self.scope.cancel()
+
+    def lose(self, why: str) -> None:
+        """The connection failed: ConnectionLost, whose message is written once both tasks
+        have stopped, with each direction's final count (see _lost)."""
+        if self.error is None and self.lost is None:
+            self.lost = why
         self.scope.cancel()
 
 
@@ -162,15 +170,23 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                 if exc.role == SOURCE:
                     state.fail(InputFailed(f"reading stdin: {os.strerror(exc.errno)}"))
                 else:
-                    state.fail(ConnectionLost(f"connection lost while sending, after {up.bytes} "
-                                              f"bytes: {_why(exc)}"))
+                    state.lose(_why(exc.errno, sock))
+                return
+            # A splice into a socket that was just reset can return 0, which reads as EOF on
+            # stdin: check that the connection is alive before calling it the end of stdin.
+            if _reset_before_our_fin(sock):
+                state.lose(_why(_pending_error(sock), sock))
                 return
             up.end = "eof"
             if config.shutdown:
                 try:
                     sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # already gone: the receiving side will say how
+                except OSError as exc:
+                    # ENOTCONN: the connection died before our FIN (a reset just after the
+                    # check above), and the receiving side may never hear of it.
+                    if exc.errno == errno.ENOTCONN:
+                        state.lose(_why(_pending_error(sock), sock))
+                        return
             if config.close_after is not None:
                 scope.deadline = min(scope.deadline, trio.current_time() + config.close_after)
 
@@ -179,12 +195,14 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                 await move(fd, stdout, stdout_plan, SOURCE, down, config)
             except StreamError as exc:
                 if exc.role == SOURCE:
-                    state.fail(ConnectionLost(f"connection lost while receiving, after {down.bytes} "
-                                              f"bytes: {_why(exc)}"))
+                    state.lose(_why(exc.errno, sock))
                 elif isinstance(exc, PeerGone):
                     state.fail(OutputClosed("stdout was closed by its reader"))
                 else:
                     state.fail(OutputFailed(f"writing stdout: {os.strerror(exc.errno)}"))
+                return
+            if not (up.end and config.shutdown) and _reset_before_our_fin(sock):
+                state.lose(_why(errno.ECONNRESET, sock))
                 return
             down.end = "eof"
             if stdin_plan.is_tty and up.end is None:
@@ -196,14 +214,67 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
             nursery.start_soon(receiving)
     if state.error is not None:
         raise state.error
+    if state.lost is not None:
+        raise _lost(state.lost, up, down)
     if state.end is None:
         state.end = "eof" if up.end and down.end else "close-after"
     return PipelineEnd(state.end)
 
 
-def _why(exc: StreamError) -> str:
-    if exc.errno == errno.EPIPE:
-        return "the peer stopped reading"
-    if exc.errno == errno.ECONNRESET:
+def _lost(why: str, up: Flow, down: Flow) -> ConnectionLost:
+    """The one message for a connection that failed under a pipeline. When the peer resets,
+    both directions usually fail, and which one notices first is a race (and the kernel may
+    tell only one of them), so the message never blames a single direction: it says which
+    directions were still open and what each had moved, e.g. "connection lost while sending
+    and receiving (reset by the peer): sent 4194304 bytes, received 6817792 bytes". A direction
+    that had finished says so, as "(all of stdin)" or "(to the peer's EOF)"."""
+    open_ = [name for name, flow in (("sending", up), ("receiving", down)) if flow.end is None]
+    phase = f" while {' and '.join(open_)}" if open_ else ""
+    sent = f"sent {up.bytes} bytes" + (" (all of stdin)" if up.end else "")
+    received = f"received {down.bytes} bytes" + (" (to the peer's EOF)" if down.end else "")
+    return ConnectionLost(f"connection lost{phase} ({why}): {sent}, {received}")
+
+
+def _why(err: int, sock: trio.socket.SocketType) -> str:
+    if err == errno.EPIPE:
+        # Before our own FIN, a send fails with EPIPE only once the connection is gone. Over
+        # TCP that is a reset (the peer's, or its answer to our bytes after it closed), whose
+        # ECONNRESET went to the other direction or into a partial splice; a Unix socket's
+        # peer simply closed.
+        return "reset by the peer" if _is_tcp(sock) else "closed by the peer"
+    if err == errno.ECONNRESET:
         return "reset by the peer"
-    return os.strerror(exc.errno).lower()
+    return os.strerror(err).lower()
+
+
+def _pending_error(sock: trio.socket.SocketType) -> int:
+    """The socket's pending error (SO_ERROR, which reading clears), ECONNRESET when none is
+    left: a TCP connection that died before our FIN was reset or aborted."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+    except OSError:
+        return errno.ECONNRESET
+
+
+def _reset_before_our_fin(sock: trio.socket.SocketType) -> bool:
+    """Whether a TCP socket whose write side we have not shut down is closed: only a reset
+    or an abort does that (the peer's FIN leaves it in CLOSE_WAIT). Asked when a direction
+    meets what looks like an end of stream, because after an RST the kernel reports
+    ECONNRESET once, to the first call that asks: a splice into the socket that had already
+    moved some bytes swallows it (it returns the count), every read after that sees a plain
+    0 as at the peer's FIN, and a splice from a stdin pipe into the socket may return 0 as at
+    the end of stdin. Never true for a Unix socket."""
+    if not _is_tcp(sock):
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state == _TCP_CLOSE
+
+
+def _is_tcp(sock: trio.socket.SocketType) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+_TCP_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info (include/net/tcp_states.h)
