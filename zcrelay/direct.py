@@ -352,7 +352,9 @@ class _Side:
                 raise translate(exc, SOURCE, "read") from exc
 
     async def write(self, data: memoryview, flow: Flow) -> bool:
-        """Write all of `data`; return whether it waited (a checkpoint was taken)."""
+        """Write all of `data`; return whether it waited (a checkpoint was taken). Each write
+        is counted as it returns, so a copy cancelled or failed mid-chunk counts the bytes
+        that did go out (they were counted only once the whole chunk had)."""
         sent = 0
         waited = False
         while sent < len(data):
@@ -361,9 +363,11 @@ class _Side:
                 waited = True
             try:
                 if self.nowait:
-                    sent += syscalls.write_nowait(self.fd, data[sent:])
+                    n = syscalls.write_nowait(self.fd, data[sent:])
                 else:
-                    sent += os.write(self.fd, data[sent:])
+                    n = os.write(self.fd, data[sent:])
+                sent += n
+                flow.add_copied(n)
             except BlockingIOError:
                 if self.nowait:
                     await _wait_writable(self.fd)
@@ -373,7 +377,6 @@ class _Side:
                     self.nowait = False
                     continue
                 raise translate(exc, DESTINATION, "write") from exc
-        flow.add_copied(len(data))
         return waited
 
 
