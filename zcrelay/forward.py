@@ -153,7 +153,9 @@ class Forwarder:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind every rule's listener, report them with task_status.started(list[Bound]),
-        then serve until cancelled. A bind failure raises BindError before anything is served."""
+        then serve until cancelled. A bind failure raises BindError before anything is served.
+        Once it has returned, it may be called again (its totals go on adding up)."""
+        self._listeners = []  # a previous serve's are closed: connections find theirs by rule
         if self.config.splice:
             # Ask for one pipe now so a size the kernel refuses is reported at start-up, once.
             self.engine.pool.put(self.engine.pool.get())
@@ -185,6 +187,7 @@ class Forwarder:
                 link.abandon("shutdown")
             if self._sweeper is not None:
                 self._sweeper.cancel()
+                self._sweeper = None  # else a later serve would never arm its own
             for sock in socks:
                 sock.close()
             self.engine.close()

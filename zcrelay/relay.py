@@ -10,6 +10,7 @@ What the relay promises:
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +35,12 @@ class Endpoint(Protocol):
 
 @dataclass
 class Engine:
-    """What every stream of one relay shares: the pipe pool, the copy policy and the reactor."""
+    """What every stream of one relay shares: the pipe pool, the copy policy and the reactor.
+
+    One engine serves any number of relays at once, and any number of trio runs one after the
+    other: each run gets its own reactor, closed when that run ends. The pool's idle pipes
+    outlive the runs; `close()` frees them (and the current run's reactor). An engine used
+    again after close() starts a new reactor."""
 
     pool: PipePool = field(default_factory=PipePool)
     splice: bool = True
@@ -48,16 +54,16 @@ class Engine:
         """The reactor of the current trio run, started on first use: adopted by the run's
         host loop (zcrelay.hosting) if it has one, otherwise run by two trio system tasks."""
         token = trio.lowlevel.current_trio_token()
-        if self._reactor is None or self._reactor_run is not token:
+        if self._reactor is None or self._reactor_run is not token or self._reactor.closed:
             if self._reactor is not None:
-                self._reactor.close()  # a previous run's
+                self._reactor.close()  # a previous run's (if not closed already)
             self._reactor = Reactor(self.pool, splice=self.splice, max_chunk=self.max_chunk,
                                     copy_bufsize=self.copy_bufsize, fallbacks=self.fallbacks)
             self._reactor_run = token
             host = hosting.current()
             if host is None or not host.adopt(self._reactor):
                 # Under trio.run (or a host that already has one): trio tasks run it.
-                trio.lowlevel.spawn_system_task(self._reactor.run, name="zcrelay reactor")
+                trio.lowlevel.spawn_system_task(_run_reactor, self._reactor, name="zcrelay reactor")
                 trio.lowlevel.spawn_system_task(self._reactor.run_timers, name="zcrelay reactor timers")
         return self._reactor
 
@@ -65,6 +71,20 @@ class Engine:
         if self._reactor is not None:
             self._reactor.close()
         self.pool.close()
+
+
+async def _run_reactor(reactor: Reactor) -> None:
+    """The reactor's trio task. A reactor closed before this task first ran (an engine closed
+    at once, after a relay that failed before it started) has nothing to run: Reactor.run
+    would meet its closed epoll and crash the whole trio run. trio cancels system tasks when
+    the run's main task ends; the reactor (an epoll fd and an eventfd) is the run's, so it is
+    closed then, not left open until Engine.close()."""
+    if reactor.closed:
+        return
+    try:
+        await reactor.run()
+    finally:
+        reactor.close()
 
 
 async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) -> None:
@@ -279,10 +299,13 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     """Relay a → b (counted in `up`) and b → a (`down`) until both reach EOF, one side fails,
     or a timeout fires; return why it ended.
 
+    `a` and `b` are two distinct, open, non-blocking sockets (trio sockets, or stdlib ones after
+    setblocking(False)): anything else raises TypeError or ValueError before a byte moves.
     `captures` (up, down) are optional zcrelay.capture.CaptureFile recorders, one a direction.
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
     abort the other side too). Cancelling the caller's scope ends the relay at once.
     """
+    _check_endpoints(a, b)
     if captures != (None, None):
         return await _relay_in_tasks(_TaskRelay(a, b, linger), a, b, engine, up, down, idle, captures)
     # Without captures the relay is a Pair of the engine's reactor: this task only waits for
@@ -297,6 +320,28 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
         raise pair.crash
     assert pair.end is not None
     return pair.end
+
+
+def _check_endpoints(a: Endpoint, b: Endpoint) -> None:
+    """Refuse, before anything starts, what the relay would hang or crash on: an end without
+    fileno() and shutdown() (a trio.SocketStream rather than its .socket, a file, an int:
+    shutdown() at EOF would raise inside the reactor and end the trio run), a closed one, a
+    blocking one (splice on it blocks the thread, and every task of the run with it), and the
+    same socket twice (it would be relayed to itself, and never end without a linger)."""
+    fds = []
+    for name, end in (("a", a), ("b", b)):
+        if not (callable(getattr(end, "fileno", None)) and callable(getattr(end, "shutdown", None))):
+            hint = " (pass its .socket)" if isinstance(end, trio.SocketStream) else ""
+            raise TypeError(f"relay: {name} is not a socket, with fileno() and shutdown(): {end!r}{hint}")
+        fd = end.fileno()
+        if fd < 0:
+            raise ValueError(f"relay: {name} is closed")
+        if os.get_blocking(fd):
+            raise ValueError(f"relay: {name} (fd {fd}) is blocking: a splice on it would block the whole "
+                             f"trio run; call setblocking(False) on it first")
+        fds.append(fd)
+    if fds[0] == fds[1]:
+        raise ValueError(f"relay: a and b are the same socket (fd {fds[0]})")
 
 
 _SIDES = {False: ("a", "b"), True: ("b", "a")}  # by "is this the down flow": (src side, dst side)
