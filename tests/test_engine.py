@@ -271,6 +271,29 @@ async def test_relay_reset_on_one_side_ends_both_promptly(path):
     client.close()
 
 
+async def test_a_reset_whose_error_was_taken_is_not_passed_on_as_eof(path):
+    """After an RST the kernel reports ECONNRESET once, to the first call that asks. A splice
+    into the socket that had moved some bytes takes it and returns its count, and every read
+    after that returns 0, as at the peer's FIN: the relay passed that 0 on as a FIN, and the
+    far side saw a clean end of a stream cut short (5 resets in 30 through `zcrelay forward`,
+    both directions busy). Here the test takes the error itself (SO_ERROR), as that splice
+    does, before the relay starts: the relay must call it a reset and shut nothing down."""
+    import struct
+
+    (client, a), (b, server) = await traffic.tcp_pair(), await traffic.tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # an RST to a
+    await trio.lowlevel.wait_readable(a)  # it has come
+    assert a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET  # and is taken
+    with trio.fail_after(5):
+        end = await relay(a, b, Engine(splice=(path == "splice")), Flow(), Flow(), linger=30)
+    assert (end.reason, end.side) == ("reset", "a"), end
+    with pytest.raises(BlockingIOError):  # no FIN reached the server: it was not told "the end"
+        os.read(server.fileno(), 1)
+    for sock in (a, b, server):
+        sock.close()
+
+
 # --- layering ---------------------------------------------------------------------------------------
 
 LOW_LAYERS = ["syscalls.py", "pipes.py", "stats.py", "errors.py", "addresses.py", "exitcodes.py"]

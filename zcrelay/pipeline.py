@@ -264,17 +264,9 @@ def _reset_before_our_fin(sock: trio.socket.SocketType) -> bool:
     moved some bytes swallows it (it returns the count), every read after that sees a plain
     0 as at the peer's FIN, and a splice from a stdin pipe into the socket may return 0 as at
     the end of stdin. Never true for a Unix socket."""
-    if not _is_tcp(sock):
-        return False
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return False
-    return state == _TCP_CLOSE
+    return syscalls.tcp_closed(sock)
 
 
 def _is_tcp(sock: trio.socket.SocketType) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 
-
-_TCP_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info (include/net/tcp_states.h)

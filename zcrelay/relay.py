@@ -10,6 +10,7 @@ What the relay promises:
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections import Counter
@@ -19,7 +20,7 @@ from typing import Protocol
 import trio
 
 from zcrelay import capture as capturing, hosting, mover, syscalls
-from zcrelay.errors import SpliceRefused, StreamError
+from zcrelay.errors import PeerGone, SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor
 from zcrelay.stats import Flow
@@ -146,6 +147,11 @@ class _Relay:
 
     def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
         """One direction ended, at EOF (error None) or with an error; never raises."""
+        if error is None and not self.finished and syscalls.tcp_closed(self.ends[src_side]):
+            # An EOF from a TCP socket we have sent no FIN to, which is CLOSE: a reset, whose
+            # ECONNRESET a splice into that socket took (syscalls.tcp_closed). Passed on as a
+            # FIN, it told the other side that a stream cut short had ended cleanly.
+            error = PeerGone(mover.SOURCE, errno.ECONNRESET, "splice")
         if error is not None:
             if isinstance(error, StreamError):
                 side = src_side if error.role in (mover.SOURCE, "pipe") else dst_side

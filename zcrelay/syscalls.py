@@ -227,3 +227,23 @@ def set_urgent_inline(fd: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     finally:
         sock.detach()
+
+
+_TCP_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info (include/net/tcp_states.h)
+
+
+def tcp_closed(sock) -> bool:
+    """Whether `sock` (a socket object) is a TCP socket in state CLOSE. Before this side has
+    sent its FIN, only a reset or an abort gets there (the peer's FIN leaves CLOSE_WAIT): the
+    way to tell a reset whose ECONNRESET another call took from the peer's FIN, since after
+    an RST the kernel reports the error once, to the first call that asks (a splice into the
+    socket that had moved some bytes takes it and returns its count), and every read after
+    that returns 0 as at a FIN. False for any other socket, or when it cannot be told."""
+    import socket  # here, as in set_urgent_inline
+
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return False
