@@ -406,8 +406,11 @@ async def test_forwarder_embedded_with_a_port_0_rule_serves_then_stops_on_cancel
     base = open_fds()
     log = logging.getLogger("zcrelay")
     finished = _Finished()
-    level = log.level
-    log.addHandler(finished)
+    level, handlers_before, propagate = log.level, log.handlers[:], log.propagate
+    # Only ours: a CLI test earlier in the session may have left the logger a handler on a
+    # stderr that pytest has since closed ("--- Logging error ---" on the real stderr).
+    log.handlers[:] = [finished]
+    log.propagate = False
     log.setLevel(logging.INFO)
     up_data, down_data = payload(20, BIG), payload(21, BIG + 7)
     second_arrived = trio.Event()
@@ -454,7 +457,8 @@ async def test_forwarder_embedded_with_a_port_0_rule_serves_then_stops_on_cancel
                     assert await second.recv(1) == b""
             servers.cancel_scope.cancel()
     finally:
-        log.removeHandler(finished)
+        log.handlers[:] = handlers_before
+        log.propagate = propagate
         log.setLevel(level)
 
     assert results == {"target got": sha(up_data), "client got": sha(down_data)}
