@@ -357,28 +357,50 @@ def test_wheel_installs_man_page_and_completions(tmp_path):
     assert "zero-copy socket relay" in shown.stdout and "EXIT STATUS" in shown.stdout
 
 
+async def _echo(stream) -> None:
+    async with stream:
+        while data := await stream.receive_some(1 << 16):
+            await stream.send_all(data)
+        await stream.send_eof()
+
+
+async def _echoed_intact(port: int, payload: bytes) -> None:
+    """Send `payload` to 127.0.0.1:`port`, shut down, read to EOF: the same bytes came back."""
+    import hashlib
+
+    import trio
+
+    async with await trio.open_tcp_stream("127.0.0.1", port) as client:
+        async def send() -> None:
+            await client.send_all(payload)
+            await client.send_eof()
+
+        received = bytearray()
+        async with trio.open_nursery() as pair:
+            pair.start_soon(send)
+            while data := await client.receive_some(1 << 16):
+                received += data
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"## From Python\n(.*?)\n## ", text, re.S).group(1)
+    return [block.split("```")[0] for block in section.split("```python\n")[1:]]
+
+
 async def test_the_readmes_python_example_relays_every_byte_spliced():
     """The README's "From Python" example, run as written against a local echo target: 4 MiB
     each way (more than a pipe and a socket buffer), SHA-256 both ways, nothing copied."""
-    import hashlib
     from functools import partial
 
     import trio
 
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"## From Python\n.*?```python\n(.*?)```", text, re.S).group(1)
     example: dict = {}
-    exec(compile(code, "README.md", "exec"), example)
+    exec(compile(_readme_python_blocks()[0], "README.md", "exec"), example)
     payload = os.urandom(4 << 20)
-
-    async def echo(stream: trio.SocketStream) -> None:
-        async with stream:
-            while data := await stream.receive_some(1 << 16):
-                await stream.send_all(data)
-            await stream.send_eof()
-
     async with trio.open_nursery() as nursery:
-        [target] = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+        [target] = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
         said: list[str] = []
         done = trio.Event()
 
@@ -387,20 +409,43 @@ async def test_the_readmes_python_example_relays_every_byte_spliced():
             done.set()
 
         [listener] = await nursery.start(partial(trio.serve_tcp, forward, 0, host="127.0.0.1"))
-        async with await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1]) as client:
-            async def send() -> None:
-                await client.send_all(payload)
-                await client.send_eof()
-
-            received = bytearray()
-            async with trio.open_nursery() as pair:
-                pair.start_soon(send)
-                while data := await client.receive_some(1 << 16):
-                    received += data
-        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        await _echoed_intact(listener.socket.getsockname()[1], payload)
         with trio.fail_after(10):
             await done.wait()  # forward_one returns once both sides are closed
         n = len(payload)
         assert said == [f"eof: up {n} bytes, down {n}, copied 0"], said
         nursery.cancel_scope.cancel()
     example["engine"].close()
+
+
+async def test_the_readmes_forwarder_example_reports_its_port_and_counts(capsys):
+    """The README's second Python example, as written: a Forwarder on port 0 says the port it
+    got, moves 3 MiB each way to an echo target, spliced and intact, and stops when told."""
+    from functools import partial
+
+    import trio
+    import trio.testing
+
+    example: dict = {}
+    exec(compile("import trio\n" + _readme_python_blocks()[1], "README.md", "exec"), example)
+    payload = os.urandom(3 << 20)
+    async with trio.open_nursery() as nursery:
+        [target] = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+        stop, result = trio.Event(), []
+
+        async def run_it() -> None:
+            result.append(await example["forward_until"](f"127.0.0.1:{target.socket.getsockname()[1]}", stop))
+
+        nursery.start_soon(run_it)
+        await trio.testing.wait_all_tasks_blocked()  # bound, said so, waiting for clients
+        said = capsys.readouterr().out
+        port = int(re.fullmatch(r"forwarding 127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:\d+\n", said).group(1))
+        await _echoed_intact(port, payload)
+        stop.set()
+        with trio.fail_after(5):
+            while not result:
+                await trio.testing.wait_all_tasks_blocked()
+        totals = result[0].totals
+        assert (totals.connections, totals.up, totals.down) == (1, len(payload), len(payload))
+        assert (totals.spliced, totals.copied) == (2 * len(payload), 0)
+        nursery.cancel_scope.cancel()
