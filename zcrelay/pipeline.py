@@ -173,8 +173,8 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                     state.lose(_why(exc.errno, sock))
                 return
             # A splice into a socket that was just reset can return 0, which reads as EOF on
-            # stdin: check that the connection is alive before calling it the end of stdin.
-            if _reset_before_our_fin(sock):
+            # stdin: before our FIN, a TCP socket in CLOSE was reset (syscalls.tcp_closed).
+            if syscalls.tcp_closed(sock):
                 state.lose(_why(_pending_error(sock), sock))
                 return
             up.end = "eof"
@@ -201,7 +201,7 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                 else:
                     state.fail(OutputFailed(f"writing stdout: {os.strerror(exc.errno)}"))
                 return
-            if not (up.end and config.shutdown) and _reset_before_our_fin(sock):
+            if not (up.end and config.shutdown) and syscalls.tcp_closed(sock):  # before our FIN
                 state.lose(_why(errno.ECONNRESET, sock))
                 return
             down.end = "eof"
@@ -254,17 +254,6 @@ def _pending_error(sock: trio.socket.SocketType) -> int:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
     except OSError:
         return errno.ECONNRESET
-
-
-def _reset_before_our_fin(sock: trio.socket.SocketType) -> bool:
-    """Whether a TCP socket whose write side we have not shut down is closed: only a reset
-    or an abort does that (the peer's FIN leaves it in CLOSE_WAIT). Asked when a direction
-    meets what looks like an end of stream, because after an RST the kernel reports
-    ECONNRESET once, to the first call that asks: a splice into the socket that had already
-    moved some bytes swallows it (it returns the count), every read after that sees a plain
-    0 as at the peer's FIN, and a splice from a stdin pipe into the socket may return 0 as at
-    the end of stdin. Never true for a Unix socket."""
-    return syscalls.tcp_closed(sock)
 
 
 def _is_tcp(sock: trio.socket.SocketType) -> bool:
