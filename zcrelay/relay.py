@@ -309,7 +309,10 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     setblocking(False)): anything else raises TypeError or ValueError before a byte moves.
     `captures` (up, down) are optional zcrelay.capture.CaptureFile recorders, one a direction.
     Closes nothing: the caller owns `a` and `b` and closes them afterwards (after a reset it may
-    abort the other side too). Cancelling the caller's scope ends the relay at once.
+    abort the other side too). Cancelling the caller's scope ends the relay at once; cancel it
+    before closing either socket, never the other way round: a socket closed under a running
+    relay leaves the reactor's epoll without a word, and the relay would wait for it until a
+    linger or idle timeout.
     """
     _check_endpoints(a, b)
     if captures != (None, None):
