@@ -24,6 +24,7 @@ from zcrelay import addresses
 from zcrelay.cli import load
 from zcrelay.cli import docs
 from zcrelay.exitcodes import DESCRIPTIONS, ExitCode
+from tests import traffic
 from tests.conftest import zcrelay_argv, zcrelay_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,13 +358,6 @@ def test_wheel_installs_man_page_and_completions(tmp_path):
     assert "zero-copy socket relay" in shown.stdout and "EXIT STATUS" in shown.stdout
 
 
-async def _echo(stream) -> None:
-    async with stream:
-        while data := await stream.receive_some(1 << 16):
-            await stream.send_all(data)
-        await stream.send_eof()
-
-
 async def _echoed_intact(port: int, payload: bytes) -> None:
     """Send `payload` to 127.0.0.1:`port`, shut down, read to EOF: the same bytes came back."""
     import hashlib
@@ -400,7 +394,7 @@ async def test_the_readmes_python_example_relays_every_byte_spliced():
     exec(compile(_readme_python_blocks()[0], "README.md", "exec"), example)
     payload = os.urandom(4 << 20)
     async with trio.open_nursery() as nursery:
-        [target] = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+        [target] = await nursery.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))
         said: list[str] = []
         done = trio.Event()
 
@@ -430,7 +424,7 @@ async def test_the_readmes_forwarder_example_reports_its_port_and_counts(capsys)
     exec(compile("import trio\n" + _readme_python_blocks()[1], "README.md", "exec"), example)
     payload = os.urandom(3 << 20)
     async with trio.open_nursery() as nursery:
-        [target] = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+        [target] = await nursery.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))
         stop, result = trio.Event(), []
 
         async def run_it() -> None:

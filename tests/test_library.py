@@ -29,6 +29,7 @@ from zcrelay.errors import BindError
 from zcrelay.forward import Bound, ForwardConfig, Forwarder, Rule
 from zcrelay.relay import Engine, relay
 from zcrelay.stats import Flow
+from tests import traffic
 from tests.conftest import syn_dropping_listener
 
 MiB = 1 << 20
@@ -502,12 +503,6 @@ async def test_a_stopped_forwarder_serves_again_in_the_same_run():
     base = open_fds()
     data = payload(30, 2 * MiB + 3)
 
-    async def echo(stream: trio.SocketStream) -> None:
-        async with stream:
-            while chunk := await stream.receive_some(CHUNK):
-                await stream.send_all(chunk)
-            await stream.send_eof()
-
     async def echoed(port: int) -> bytes:
         with trio.socket.socket() as client:
             await client.connect(("127.0.0.1", port))
@@ -517,7 +512,7 @@ async def test_a_stopped_forwarder_serves_again_in_the_same_run():
 
     with syn_dropping_listener() as dropping:
         async with trio.open_nursery() as servers:
-            [echo_listener] = await servers.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            [echo_listener] = await servers.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))
             rules = (Rule(Address("127.0.0.1", 0), Address("127.0.0.1", echo_listener.socket.getsockname()[1])),
                      Rule(Address("127.0.0.1", 0), Address("127.0.0.1", dropping)))
             forwarder = Forwarder(ForwardConfig(rules=rules, connect_timeout=0.5))

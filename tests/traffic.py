@@ -115,6 +115,14 @@ async def send_around_an_urgent_byte(sender, receiver, then: str, got: bytearray
     sender.shutdown(socket.SHUT_WR)
 
 
+async def echo(stream: trio.SocketStream) -> None:
+    """A trio.serve_tcp handler that sends back what it receives, then EOF after the peer's."""
+    async with stream:
+        while data := await stream.receive_some(1 << 16):
+            await stream.send_all(data)
+        await stream.send_eof()
+
+
 async def recv_exactly(sock, n: int) -> bytes:
     buf = b""
     while len(buf) < n:

@@ -75,11 +75,11 @@ def load_config(path: Path) -> dict[str, Any]:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="--config") from None
     except RecursionError:
         raise typer.BadParameter(f"{path}: arrays or tables nested too deeply", param_hint="--config") from None
+    where = _locator(path, text)
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
-        raise typer.BadParameter(f"{_locator(path, text)(unknown[0])}: unknown key(s) {', '.join(unknown)}; "
+        raise typer.BadParameter(f"{where(unknown[0])}: unknown key(s) {', '.join(unknown)}; "
                                  f"known: {', '.join(sorted(CONFIG_KEYS))}", param_hint="--config")
-    where = _locator(path, text)
     return {key: _checked(where, key, value) for key, value in data.items()}
 
 
