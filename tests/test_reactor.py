@@ -950,3 +950,73 @@ async def test_sockets_zcrelay_opens_keep_urgent_bytes_inline():
         accepted, _ = await listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE)
+
+
+@pytest.mark.parametrize("path", ["splice", "copy"])
+async def test_streams_that_epoll_refuses_leave_the_reactor_as_it_was(path):
+    """Reactor.start is all or nothing: when epoll refuses one of its fds (ENOSPC past
+    fs.epoll.max_user_watches, ENOMEM, EBADF), the error comes out and nothing the refused
+    start touched stays behind. No fd stays registered or marked level-triggered, a
+    handed-over fd keeps its watch's registration, no fallback is counted, and a Pair armed
+    with an idle timeout leaves no timer that would later fire for a relay that never started
+    (its callback would stop streams that do not exist: an exception in the reactor's timer
+    task, which ended the trio run and every relay in it)."""
+    engine = Engine(pool=PipePool(size=65536), splice=(path == "splice"))
+    reactor = engine.reactor()
+    (client, a), (c, server) = await _tcp_pairs()
+    spare = trio.socket.socket()
+    # The refused fd is the one start visits last, after a handed-over and a new one.
+    handed, new, refused = order = list({a.fileno(), c.fileno(), spare.fileno()})
+    pairs = [(handed, refused, Flow()), (new, refused, Flow())]
+    assert list({fd for src, dst, _ in pairs for fd in (src, dst)}) == order
+    real = reactor._epoll
+
+    class RefusingEpoll:
+        def _refuse(self, fd):
+            if fd == refused:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def register(self, fd, mask):
+            self._refuse(fd)
+            return real.register(fd, mask)
+
+        def modify(self, fd, mask):
+            self._refuse(fd)
+            return real.modify(fd, mask)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    reactor.watch(handed, lambda events: None)
+    reactor.unwatch(handed, keep=True)  # as forward hands over a connected target
+    masks_before = dict(reactor._masks)
+    reactor._epoll = RefusingEpoll()
+
+    with pytest.raises(OSError) as raised:
+        reactor.start(pairs, lambda s, e: None)
+    assert raised.value.errno == errno.ENOSPC
+    assert reactor._masks == masks_before and reactor._handed == {handed}
+    assert not reactor._level & set(order) and reactor.waiting == 0
+    assert not engine.fallbacks
+    real.register(new, select.EPOLLIN)  # not left registered: no EEXIST
+    real.unregister(new)
+
+    timers = len(reactor._timers)
+    with pytest.raises(OSError):
+        Pair(reactor, a, spare if refused == spare.fileno() else c, Flow(), Flow(), idle=0.01, linger=None,
+             on_done=lambda pair: None)
+    assert len(reactor._timers) == timers and reactor.waiting == 0
+    reactor._epoll = real
+    spare.close()
+
+    # The same sockets relay afterwards, intact, the handed-over one included.
+    up_data, down_data = os.urandom(3 * MiB), os.urandom(2 * MiB)
+    end, _, _ = await _exchange((client, a), (c, server), up_data, down_data, engine)
+    assert end.reason == "eof"
+
+
+async def test_a_reactor_closed_before_it_ran_returns_from_run():
+    reactor = Reactor(PipePool(size=65536))
+    reactor.close()
+    with trio.fail_after(5):
+        await reactor.run()

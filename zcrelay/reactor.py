@@ -83,6 +83,7 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
 _FIN_IN = select.EPOLLRDHUP | select.EPOLLHUP  # the peer's FIN has come (or the socket is closed)
 _PRI = select.EPOLLPRI
+_NEW, _FILE = -1, -2  # in Reactor._take's undo list: registered there; refused (a regular file)
 _MAX_EVENTS = 1024
 PAGE_SIZE = mmap.PAGESIZE  # a pipe holds size // PAGE_SIZE buffers (slots)
 _TURNS = 8  # batches stepped per wake-up at most
@@ -175,39 +176,70 @@ class Reactor:
 
     def start(self, pairs: list[tuple[int, int, Flow]], on_end) -> list[Stream]:
         """Open a stream per (src, dst, flow), all ending through `on_end`. Their fds join the
-        epoll set; each stream is then stepped when its source has data."""
+        epoll set; each stream is then stepped when its source has data. All or nothing: if
+        epoll refuses an fd, the error is raised and the reactor is as it was (see _take)."""
+        known = self._take({fd for src, dst, _ in pairs for fd in (src, dst)})
         streams = []
         for src, dst, flow in pairs:
             mode = SPLICE
             if not self.splice:
                 mode = COPY
                 self._fall_back(flow, "splice disabled")
-            streams.append(Stream(src, dst, flow, on_end, mode))
+            s = Stream(src, dst, flow, on_end, mode)
+            streams.append(s)
             if mode is COPY:
                 syscalls.set_urgent_inline(src)
-        known: set[int] = set()  # in the epoll set already, by someone else: edge-triggered
-        for fd in {fd for s in streams for fd in (s.src, s.dst)}:
-            try:
-                if fd in self._handed:  # a watch's (edge-triggered) registration, taken over
-                    self._handed.remove(fd)
-                    self._epoll.modify(fd, _LEVEL)
-                else:
-                    self._epoll.register(fd, _LEVEL)
-                self._masks[fd] = _LEVEL
-                self._level.add(fd)
-            except PermissionError:  # a regular file is always ready
-                self._unpollable.add(fd)
-            except FileExistsError:
-                known.add(fd)
-        for s in streams:
-            if s.src in self._unpollable or s.src in known:
+            if src in self._unpollable or src in known:
                 # No fresh registration will report what is already there: step it once.
                 self._ready.append(s)
                 self._wake()
             else:
                 # Level-triggered: the next poll reports what is there already.
-                self._readers[s.src] = s
+                self._readers[src] = s
         return streams
+
+    def _take(self, fds: set[int]) -> set[int]:
+        """Put streams' fds in the epoll set, level-triggered; return those some other
+        registration already holds (edge-triggered, their streams are stepped once). If epoll
+        refuses one (a closed fd, ENOMEM, ENOSPC past fs.epoll.max_user_watches), the fds
+        taken so far are given back as they were and the error is raised: no fd stays
+        registered, or marked, for streams that never started."""
+        known: set[int] = set()
+        taken: list[tuple[int, int]] = []  # (fd, _NEW, _FILE, or a handed fd's mask before)
+        try:
+            for fd in fds:
+                try:
+                    if fd in self._handed:  # a watch's (edge-triggered) registration, taken over
+                        self._epoll.modify(fd, _LEVEL)
+                        self._handed.remove(fd)
+                        taken.append((fd, self._masks.get(fd, _MASK)))
+                    else:
+                        self._epoll.register(fd, _LEVEL)
+                        taken.append((fd, _NEW))
+                    self._masks[fd] = _LEVEL
+                    self._level.add(fd)
+                except PermissionError:  # a regular file is always ready
+                    self._unpollable.add(fd)
+                    taken.append((fd, _FILE))
+                except FileExistsError:
+                    known.add(fd)
+        except OSError:
+            for fd, mask in taken:
+                self._level.discard(fd)
+                if mask == _FILE:
+                    self._unpollable.discard(fd)
+                elif mask == _NEW:
+                    self._masks.pop(fd, None)
+                    self._unregister(fd)
+                else:  # back to its watch's registration, for the caller to unwatch or start
+                    self._masks[fd] = mask
+                    self._handed.add(fd)
+                    try:
+                        self._epoll.modify(fd, mask)
+                    except OSError:
+                        pass  # closed meanwhile: nothing left to restore
+            raise
+        return known
 
     def stop(self, streams: list[Stream], *, closing: bool = False) -> None:
         """Take streams out (ended or not): forget their waits, give back or destroy their pipes,
@@ -350,7 +382,10 @@ class Reactor:
     # -- the task ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Wait for readiness and step ready streams, until cancelled or closed."""
+        """Wait for readiness and step ready streams, until cancelled or closed (at once if
+        it is closed already)."""
+        if self._epoll.closed:
+            return
         epfd = self._epoll.fileno()
         while True:
             try:

@@ -75,13 +75,10 @@ class Engine:
 
 
 async def _run_reactor(reactor: Reactor) -> None:
-    """The reactor's trio task. A reactor closed before this task first ran (an engine closed
-    at once, after a relay that failed before it started) has nothing to run: Reactor.run
-    would meet its closed epoll and crash the whole trio run. trio cancels system tasks when
-    the run's main task ends; the reactor (an epoll fd and an eventfd) is the run's, so it is
-    closed then, not left open until Engine.close()."""
-    if reactor.closed:
-        return
+    """The reactor's trio task. trio cancels system tasks when the run's main task ends; the
+    reactor (an epoll fd and an eventfd) is the run's, so it is closed then, not left open
+    until Engine.close(). One closed before this task first ran (an engine closed at once,
+    after a relay that failed before it started) returns at once."""
     try:
         await reactor.run()
     finally:
@@ -222,9 +219,12 @@ class Pair(_Relay):
         self._timer = None
         if idle:
             up.on_bytes = down.on_bytes = self.touch
-            self._timer = reactor.call_at(self.last_activity + idle, self._on_deadline)
+        # First the streams, which may raise (epoll refusing an fd) and then leave nothing
+        # behind; a timer armed before them would fire later for a relay that never started.
         self.streams = reactor.start([(a.fileno(), b.fileno(), up), (b.fileno(), a.fileno(), down)],
                                      self._ended)
+        if idle:
+            self._timer = reactor.call_at(self.last_activity + idle, self._on_deadline)
 
     def _ended(self, stream, error: BaseException | None) -> None:
         self.stream_ended(stream.flow, *_SIDES[stream.flow is self.down], error)
