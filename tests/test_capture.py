@@ -465,3 +465,49 @@ async def test_a_bug_meeting_a_shutdown_is_logged_not_raised(tmp_path, monkeypat
                     nursery.cancel_scope.cancel()  # shutdown, as SIGTERM does
     lines = [r.getMessage() for r in caplog.records if "conn=" in r.getMessage()]
     assert len(lines) == 1 and "close=internal-error (RuntimeError: bug in cleanup)" in lines[0], lines
+
+
+def test_a_later_chunk_from_a_larger_pipe_is_captured_whole(tmp_path):
+    """In-process, real pipes and a real file. A direction's pipe can change between chunks:
+    an idle stream gives its pipe back to the pool, and under the kernel's pipe budget
+    (pipe-user-pages-soft) a new pipe is smaller than a pooled one. The capture's private
+    pipe, sized for the first chunk's pipe, took only part of a later chunk from a larger
+    pipe: a RuntimeError, which ended the connection (close=internal-error). The private pipe
+    must follow the source's size, and the file hold every chunk in order."""
+    import trio
+
+    from zcrelay import capture as capturing
+    from zcrelay.pipes import Pipe
+
+    fd = os.open(tmp_path / "cap", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    capture = capturing.CaptureFile(fd, "cap")
+    small, large = Pipe.open(1 << 12), Pipe.open(1 << 20)
+    assert small.size < large.size
+    chunks = [(small, os.urandom(small.size)), (large, os.urandom(large.size)), (small, os.urandom(100))]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            for src, chunk in chunks:
+                view = memoryview(chunk)
+                while view:  # a pipe write may be short
+                    view = view[os.write(src.w, view):]
+                src.held = len(chunk)
+                await capture.offer(src)
+                got = b""
+                while len(got) < len(chunk):  # the relay's pump, in short
+                    got += os.read(src.r, len(chunk) - len(got))
+                assert got == chunk
+                src.held = 0
+            capture.close_input()
+
+    try:
+        trio.run(main)
+    finally:
+        small.close()
+        large.close()
+        capture.close()
+        os.close(fd)
+    assert capture.error is None, capture.error
+    assert (tmp_path / "cap").read_bytes() == b"".join(c for _, c in chunks)
+    assert capture.captured == sum(len(c) for _, c in chunks)

@@ -231,6 +231,13 @@ class CaptureFile:
             self._free.release()
             return
         try:
+            if self.pipe is not None and self.pipe.size < src.size:
+                # The direction's pipe changed since the last chunk (an idle stream gives its
+                # pipe back; under the pipe budget a new one is smaller than a pooled one):
+                # tee(2) fills a pipe by page slots, so an empty private pipe takes the whole
+                # chunk only if it is at least as large. It is empty here: replace it.
+                self.pipe.close()
+                self.pipe = None
             if self.pipe is None:
                 self.pipe = Pipe.open(src.size)
                 if self.pipe.size < src.size:
