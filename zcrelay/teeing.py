@@ -17,6 +17,10 @@ each round, after which the round is consumed from the source by one splice. A r
 3. the *consumer* (a regular file, or else our own /dev/null fd) splices the `n` bytes out
    of the source;
 4. each private pipe is spliced to its output.
+
+An output the kernel's pipe budget leaves without a large enough private pipe (past
+pipe-user-pages-soft a pipe cannot grow) is *pipeless*: in its rounds step 3 reads the round
+into user space and writes it to the consumer and to every pipeless output (a fallback, reported).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class Sink:
     pipe, if any) is owned by the tee loop and closed by it. (Written out, not a dataclass:
     see zcrelay.stats.)"""
 
-    __slots__ = ("fd", "name", "kind", "offset", "copy", "fallback", "written", "error", "pipe")
+    __slots__ = ("fd", "name", "kind", "offset", "copy", "fallback", "written", "error", "pipe",
+                 "pipeless")
 
     def __init__(self, fd: int, name: str, kind: str, offset: int | None = None) -> None:
         self.fd = fd
@@ -58,6 +63,7 @@ class Sink:
         self.written = 0
         self.error: StreamError | None = None
         self.pipe: Pipe | None = None
+        self.pipeless = False  # no private pipe could be had: fed from user space (see above)
 
     def __repr__(self) -> str:
         return (f"Sink(fd={self.fd}, name={self.name!r}, kind={self.kind!r}, written={self.written}, "
@@ -132,7 +138,8 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
             # A /dev/null output needs no copy of the round: the round leaves the source into
             # the consumer or into our own /dev/null fd anyway. Tee'ing it into a private
             # pipe only to splice it away doubled the work of `tee /dev/null` (benchmarks/TEE.md).
-            others = [s for s in live if s is not lead and s is not consumer and s.kind != NULL]
+            others = [s for s in live if s is not lead and s is not consumer and s.kind != NULL
+                      and not s.pipeless]
             # The source pipe can grow under us (an upstream F_SETPIPE_SZ on a shared pipe);
             # a private pipe smaller than it could not take a whole round. The private pipes
             # are empty here, so they can be replaced. Without private pipes the size does not
@@ -144,7 +151,9 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                     sink.drop_pipe()
             for sink in others:
                 if sink.pipe is None:
-                    sink.pipe = _private_pipe(src_size)
+                    _give_pipe(sink, src_size)
+            others = [s for s in others if not s.pipeless]
+            readers = [s for s in live if s.pipeless]
             # 1. the round's size
             waited = False
             if lead is not None:
@@ -173,7 +182,9 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 for sink in others:
                     if not sink.pipe.held:
                         sink.drop_pipe()
-                        sink.pipe = _private_pipe(src_size)
+                        _give_pipe(sink, src_size)
+                readers += [s for s in others if s.pipeless]
+                others = [s for s in others if not s.pipeless]
             for sink in others:
                 if sink.pipe.held:
                     continue  # took the round in _round_size
@@ -182,7 +193,10 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                     raise ShortTee(got, n, sink.pipe.size, src_size)
                 sink.pipe.held = n
             # 3. consume the round from the source
-            await _consume(src, n, consumer, devnull, on_error)
+            if readers:
+                await _copy_to_readers(src, n, consumer, readers, on_error)
+            else:
+                await _consume(src, n, consumer, devnull, on_error)
             for sink in live:
                 if sink.kind == NULL:
                     sink.written += n
@@ -224,17 +238,22 @@ def _consumer(live: list[Sink], lead: Sink | None) -> Sink | None:
     return None
 
 
-def _private_pipe(src_size: int) -> Pipe:
+def _private_pipe(src_size: int) -> Pipe | None:
+    """An empty pipe at least as large as the source, or None when the kernel's pipe budget
+    (pipe-user-pages-soft) leaves it smaller: it could not take a whole round."""
     pipe = Pipe.open(src_size)
     if pipe.size < src_size:
         pipe.close()
-        raise OutOfPipeBudget(src_size)
+        return None
     return pipe
 
 
-class OutOfPipeBudget(StreamError):
-    def __init__(self, size: int) -> None:
-        super().__init__("pipe", errno.ENOMEM, f"a private pipe of {size} bytes (F_SETPIPE_SZ)")
+def _give_pipe(sink: Sink, src_size: int) -> None:
+    """A private pipe for `sink`; without one it is pipeless from now on (a fallback)."""
+    sink.pipe = _private_pipe(src_size)
+    if sink.pipe is None:
+        sink.pipeless = sink.copy = True
+        sink.fallback = f"no private pipe of {src_size} bytes to be had (the pipe budget, pipe-user-pages-soft)"
 
 
 class ShortTee(StreamError):
@@ -333,6 +352,42 @@ async def _consume(src: int, n: int, consumer: Sink | None, devnull: int, on_err
     await checkpoint()
 
 
+async def _copy_to_readers(src: int, n: int, consumer: Sink | None, readers: list[Sink],
+                           on_error: OnError) -> None:
+    """Step 3 when some outputs are pipeless: read the round off the source (it holds the `n`
+    bytes: os.read does not block) and write it to the consumer, if any, and to each of them."""
+    outputs = [s for s in (consumer, *readers) if s is not None and s.live]
+    left = n
+    while left:
+        data = os.read(src, min(left, COPY_BUFSIZE))
+        left -= len(data)
+        for sink in outputs:
+            if sink.live:
+                try:
+                    await _write_copy(sink, data)
+                except StreamError as exc:
+                    _fail(sink, exc, on_error)
+    await checkpoint()
+
+
+async def _write_copy(sink: Sink, data: bytes) -> None:
+    """Write `data` to `sink` at its offset (a regular file: pwrite, as the splices before
+    went there and not to the fd's position) or through its fd (write_all waits on EAGAIN)."""
+    if sink.offset is None:
+        await write_all(sink.fd, memoryview(data), Flow())
+        sink.written += len(data)
+        return
+    view = memoryview(data)
+    while view:
+        try:
+            m = os.pwrite(sink.fd, view, sink.offset)
+        except OSError as exc:
+            raise translate(exc, DESTINATION, "write") from exc
+        view = view[m:]
+        sink.offset += m
+        sink.written += m
+
+
 async def _copy_round(src: int, left: int, sink: Sink, on_error: OnError) -> int:
     """Read `left` bytes of the round off the source (it holds them: os.read does not block)
     and write them to `sink` through user space; return what is still to be consumed (0,
@@ -366,6 +421,8 @@ async def _pump_sink(sink: Sink) -> bool:
             if await write_all(sink.fd, memoryview(data), flow):
                 waited = True
             sink.written += len(data)
+            if sink.offset is not None:  # the fd's position, which the copies advance too
+                sink.offset += len(data)
             continue
         try:
             m = syscalls.splice(pipe.r, sink.fd, pipe.held, offset_dst=sink.offset)
