@@ -261,6 +261,8 @@ ADDRESS_FAULTS = {
     # An empty zone was "cannot resolve '::1%'", exit 5 (ADDRESS_NOT_AVAILABLE).
     "empty-ipv6-zone": (["[::1%]:0", "127.0.0.1:9"], "interface"),
     "rule-without-equals": (["--rule", "127.0.0.1:0"], "--rule"),
+    # Each '=' a place to split at: parsed at every one of them, this took over a minute.
+    "rule-of-128k-equals-signs": (["--rule", "unix:/a" + "=" * 130000 + "1"], "no port"),
 }
 
 
@@ -277,19 +279,27 @@ def test_a_unix_path_that_is_not_utf8_is_measured_in_bytes_not_a_traceback(tmp_p
              "at most 107 bytes")
 
 
-async def test_a_unix_path_that_is_not_utf8_forwards(zcrelay, tmp_path):
-    sock_path = os.fsdecode(bytes(tmp_path) + b"/\xff\xfe.sock")
+async def _forwards_from_unix(zcrelay, sock_path: str, *args: str):
+    """Run `zcrelay forward *args` (TARGET as {target}), relay two clients' 1 MiB each way
+    intact from the Unix listener `sock_path`, stop it: exit 0, the socket file removed.
+    Returns the relay."""
     async with trio.open_nursery() as nursery:
         server = await traffic.open_server()
         nursery.start_soon(server.serve)
-        relay = zcrelay("forward", f"unix:{sock_path}", f"127.0.0.1:{server.port}")
+        relay = zcrelay("forward", *(a.format(target=f"127.0.0.1:{server.port}") for a in args))
         results = await traffic.run_clients(sock_path, 2, 1 << 20, 1 << 20, family=socket.AF_UNIX)
         await traffic.check(results, server)
         nursery.cancel_scope.cancel()
     relay.wait_for_lines(" close=", 2)
     code, err = relay.stop()
     assert code == 0 and "Traceback" not in err, err
-    assert not os.path.lexists(sock_path)  # removed at exit, found under its own bytes
+    assert not os.path.lexists(sock_path)  # removed at exit, found under its own name
+    return relay
+
+
+async def test_a_unix_path_that_is_not_utf8_forwards(zcrelay, tmp_path):
+    sock_path = os.fsdecode(bytes(tmp_path) + b"/\xff\xfe.sock")
+    await _forwards_from_unix(zcrelay, sock_path, f"unix:{sock_path}", "{target}")
 
 
 def _clashes(tmp_path) -> dict[str, tuple[list[str], str]]:
@@ -402,3 +412,66 @@ def test_the_command_line_can_turn_back_on_what_the_file_turned_off(tmp_path, se
     assert got.splice is True and got.nodelay is True
     got, _ = settings("-c", str(config), "0", "127.0.0.1:9")
     assert got.splice is False and got.nodelay is False
+
+
+# --rule LISTEN=TARGET where a Unix path holds '=' (a file name may hold any byte but NUL and '/').
+
+RULE_READINGS = {
+    "listen-path": ("unix:{d}/a=b.sock=127.0.0.1:80", ("unix:{d}/a=b.sock", "127.0.0.1:80")),
+    "target-path": ("127.0.0.1:0=unix:{d}/x=y.sock", ("127.0.0.1:0", "unix:{d}/x=y.sock")),
+    "both-paths-one-way": ("unix:@a=b=unix:@c", ("unix:@a=b", "unix:@c")),  # 'b=unix:@c' is no target
+    "bare-port-to-path": ("8080=unix:{d}/=.sock", ("127.0.0.1:8080", "unix:{d}/=.sock")),
+    "path-then-bare-port": ("unix:{d}/a=1=2", ("unix:{d}/a=1", "127.0.0.1:2")),  # '1=2' is no target
+    # Paths of nothing but '=', each as long as a path goes (107 bytes): every '=' is tried.
+    "longest-paths-of-equals-signs": ("unix:" + "=" * 107 + "=unix:@" + "=" * 106,
+                                      ("unix:" + "=" * 107, "unix:@" + "=" * 106)),
+}
+
+
+@pytest.mark.parametrize("text, want", RULE_READINGS.values(), ids=RULE_READINGS.keys())
+def test_a_rule_is_split_at_the_equals_sign_that_leaves_two_addresses(tmp_path, settings, text, want):
+    """--rule was split at its first '=', so a Unix listen path holding one could not be given
+    on the command line ('unix:/tmp/a=b.sock=127.0.0.1:80' said "'b.sock=127.0.0.1' is not a
+    host name"). The rule is the one split whose both sides are addresses, and it is the rule a
+    config file's [[rule]] table with the same two strings gives."""
+    d = str(tmp_path)
+    listen, target = (side.format(d=d) for side in want)
+    got, _ = settings("--rule", text.format(d=d))
+    assert [(str(r.listen), str(r.target)) for r in got.rules] == [(listen, target)]
+    config = tmp_path / "zcrelay.toml"
+    config.write_text(f'[[rule]]\nlisten = "{listen}"\ntarget = "{target}"\n')
+    from_file, _ = settings("-c", str(config))
+    assert from_file.rules == got.rules
+
+
+async def test_a_unix_listener_with_an_equals_sign_in_its_path_forwards(zcrelay, tmp_path):
+    """The real command, end to end: `--rule unix:DIR/a=b.sock=127.0.0.1:PORT` listens on the
+    path with the '=' in it, relays to the TCP target, and removes the socket file at exit."""
+    sock_path = str(tmp_path / "a=b.sock")
+    relay = await _forwards_from_unix(zcrelay, sock_path, "--rule", f"unix:{sock_path}={{target}}")
+    assert relay.addresses == [f"unix:{sock_path}"]
+
+
+def test_a_rule_that_splits_two_ways_is_one_usage_line_pointing_to_the_config_file(tmp_path, settings):
+    """Both sides Unix sockets with '=' in them: 'unix:@a=unix:@b=unix:@c' is a=(b=c) and
+    (a=b)=c alike. Neither is guessed: one usage line names both readings and says how to
+    write the rule unambiguously (a [[rule]] table, where listen and target are two strings),
+    and such a file is taken."""
+    a, b, c = (f"unix:@zcrelay-{os.getpid()}-{name}" for name in "abc")  # abstract: no file left
+    err = one_line(run_zcrelay("forward", "--rule", f"{a}={b}={c}", timeout=20), ExitCode.USAGE, "--rule",
+                   "more than one '='", "--config", "[[rule]]")
+    assert f"listen {a}, target {b}={c}" in err and f"listen {a}={b}, target {c}" in err, err
+    config = tmp_path / "zcrelay.toml"
+    config.write_text(f'[[rule]]\nlisten = "{a}={b}"\ntarget = "{c}"\n')
+    got, _ = settings("-c", str(config))
+    assert [(str(r.listen), str(r.target)) for r in got.rules] == [(f"{a}={b}", c)]
+
+
+def test_a_rule_that_splits_no_way_says_what_it_said_before(settings):
+    """No split leaves two addresses: the message is still the one for the split at the first
+    '=' (and a rule without '=' still says what a rule is)."""
+    result = settings("--rule", "unix:/tmp/a=b.sock=nope")
+    assert result.exit_code == ExitCode.USAGE
+    assert "'b.sock=nope': no port" in result.output, result.output
+    result = settings("--rule", "127.0.0.1:0")
+    assert result.exit_code == ExitCode.USAGE and "a rule is LISTEN=TARGET" in result.output, result.output

@@ -130,6 +130,34 @@ def parse(text: str, *, listen: bool) -> Address:
     return Address(host, _port(port, original, listen))
 
 
+# A side of a rule that holds '=' is a Unix path (or, far-fetched, an IPv6 zone): at most
+# SUN_PATH_MAX of them each side. Past that only the first '=' is tried: a 128 KiB argument
+# (MAX_ARG_STRLEN) of '='s, parsed at each of them, took over a minute.
+_RULE_EQUALS_MAX = 2 * SUN_PATH_MAX + 1
+
+
+def rule_readings(text: str) -> list[tuple[Address, Address]]:
+    """Every (listen, target) that `text`, a LISTEN=TARGET rule, reads as, split at each of its
+    '='s in turn from the left. A Unix path may hold '=' (unix:/run/a=b.sock); a host name, a
+    port and an IP address never do, so one '=' at most makes both sides addresses, unless
+    both are Unix paths with '=' in them (unix:/a=unix:/b=unix:/c). The caller decides what more
+    than one reading means. None: AddressError, for the split at the first '=' (what was said
+    before a path could hold '=') or for a rule without one."""
+    parts = text.split("=")
+    if len(parts) < 2:
+        raise AddressError(f"{text!r}: a rule is LISTEN=TARGET")
+    readings, first_error = [], None
+    for i in range(1, len(parts) if len(parts) <= _RULE_EQUALS_MAX + 1 else 2):
+        try:
+            readings.append((parse("=".join(parts[:i]), listen=True), parse("=".join(parts[i:]), listen=False)))
+        except AddressError as exc:
+            first_error = first_error or exc
+    if not readings:
+        assert first_error is not None
+        raise first_error
+    return readings
+
+
 def format_sockname(sockname: object) -> str:
     """Format what getsockname()/getpeername()/accept() return."""
     if isinstance(sockname, tuple):

@@ -14,7 +14,7 @@ from typing import Any, Callable, NoReturn, Optional
 import typer
 
 from zcrelay.cli.app import app
-from zcrelay.addresses import first_clash, forwarding_cycle
+from zcrelay.addresses import AddressError, first_clash, forwarding_cycle, rule_readings
 from zcrelay.cli.common import (address, error, failed, pipe_size_value, run, say, serve_until_signal,
                                  setup_logging, summary)
 from zcrelay.exitcodes import ExitCode
@@ -37,10 +37,20 @@ CONFIG_KEYS = set(CONFIG_TYPES)
 
 
 def _rule(text: str) -> Rule:
-    listen, sep, target = text.partition("=")
-    if not sep:
-        raise typer.BadParameter(f"{text!r}: a rule is LISTEN=TARGET", param_hint="--rule")
-    return Rule(address(listen, listen=True, option="--rule"), address(target, listen=False, option="--rule"))
+    """--rule LISTEN=TARGET, split at the '=' that leaves an address on both sides (a Unix path
+    may hold '='). Two such '='s are a usage error that says how to write the rule without one:
+    as a [[rule]] table in a --config file, where listen and target are strings of their own."""
+    try:
+        readings = rule_readings(text)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rule") from None
+    if len(readings) > 1:
+        ways = "; or ".join(f"listen {listen}, target {target}" for listen, target in readings[:2])
+        more = "; or more" if len(readings) > 2 else ""
+        raise typer.BadParameter(
+            f"{text!r} can be split at more than one '=' ({ways}{more}): give this rule in a --config "
+            f"file, as a [[rule]] table with listen = \"...\" and target = \"...\"", param_hint="--rule")
+    return Rule(*readings[0])
 
 
 CONFIG_LIMIT = 1 << 20  # far more than any set of rules: /dev/zero was read until memory ran out
@@ -223,7 +233,7 @@ def _seconds(value: float | None) -> float | None:
 def forward(
     listen: Optional[str] = typer.Argument(None, metavar="LISTEN", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH.", show_default=False),
     target: Optional[str] = typer.Argument(None, metavar="TARGET", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
-    rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable).", show_default=False),
+    rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable); split at the '=' that leaves an address on each side.", show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=r"TOML file with options and \[\[rule]] tables; the command line wins.", show_default=False),
     pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  \\[default: 1M]", show_default=False),
     max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  \\[default: 0]", show_default=False),
