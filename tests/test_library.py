@@ -11,13 +11,18 @@ process's fds (/proc/self/fd) before and after, and the pool's statistics say wh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
+import subprocess
+import sys
 from collections import Counter
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -26,11 +31,11 @@ import trio.testing
 
 from zcrelay.addresses import Address
 from zcrelay.errors import BindError
-from zcrelay.forward import Bound, ForwardConfig, Forwarder, Rule
+from zcrelay.forward import Bound, Finished, ForwardConfig, Forwarder, Rule
 from zcrelay.relay import Engine, relay
 from zcrelay.stats import Flow
 from tests import traffic
-from tests.conftest import syn_dropping_listener
+from tests.conftest import syn_dropping_listener, zcrelay_env
 
 MiB = 1 << 20
 BIG = 8 * MiB + 4321  # more than a 1 MiB pipe and than loopback's socket buffers, and odd
@@ -376,8 +381,9 @@ async def test_an_engine_closed_before_its_reactor_ran_does_not_crash_the_run():
 # --- Forwarder embedded in a trio program ----------------------------------------------------------
 
 class _Finished(logging.Handler):
-    """Learns of each finished connection from the "zcrelay" logger's one line per connection
-    (the Forwarder has no other hook): the line and a trio.Event per line."""
+    """Learns of each finished connection from the "zcrelay" logger's one line per connection,
+    as a program that reads the log would (`on_finished` is the hook made for it: see below):
+    the line and a trio.Event per line."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -532,4 +538,247 @@ async def test_a_stopped_forwarder_serves_again_in_the_same_run():
     totals = forwarder.totals
     assert (totals.connections, totals.closes) == (3, Counter({"eof": 2, "timeout": 1}))
     assert totals.up == totals.down == 2 * len(data)
+    assert open_fds() == base
+
+
+# --- the "zcrelay" logger of a program that sets no logging up ------------------------------------
+
+# A program that embeds a Forwarder with --max-conns 1 and sets no logging up (argv[1] "none"),
+# or calls logging.basicConfig() ("basicConfig"). Two clients connect: accepting the second finds
+# the limit reached, a WARNING. A filter (not a handler: it leaves the logger's handlers as they
+# are) tells the program that the warning was logged; it then stops and prints "warned".
+EMBEDDER = """
+import logging
+import sys
+
+import trio
+
+from zcrelay.addresses import Address
+from zcrelay.forward import ForwardConfig, Forwarder, Rule
+
+
+async def main(setup):
+    if setup == "basicConfig":
+        logging.basicConfig()
+    warned = trio.Event()
+
+    def seen(record):
+        if record.levelno >= logging.WARNING:
+            warned.set()
+        return True
+
+    logging.getLogger("zcrelay").addFilter(seen)
+    with trio.socket.socket() as target:
+        await target.bind(("127.0.0.1", 0))
+        target.listen(8)
+        rule = Rule(Address("127.0.0.1", 0), Address("127.0.0.1", target.getsockname()[1]))
+        forwarder = Forwarder(ForwardConfig(rules=(rule,), max_conns=1))
+        clients = [trio.socket.socket() for _ in range(2)]
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                [bound] = await nursery.start(forwarder.serve)
+                for client in clients:  # the second one waits in the backlog
+                    await client.connect(("127.0.0.1", int(bound.address.rpartition(":")[2])))
+                await warned.wait()
+                nursery.cancel_scope.cancel()
+        for client in clients:
+            client.close()
+    print("warned")
+
+
+trio.run(main, sys.argv[1])
+"""
+
+
+def run_embedder(setup: str) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", EMBEDDER, setup], capture_output=True, text=True,
+                          env=zcrelay_env(), timeout=60)
+    assert done.returncode == 0 and done.stdout == "warned\n", done.stderr
+    return done.stdout, done.stderr
+
+
+def test_a_program_that_sets_no_logging_up_gets_no_zcrelay_warnings_on_stderr():
+    """The "zcrelay" logger had no handler of its own, so in a program that set no logging up
+    its warnings were printed on stderr by logging's last resort handler, as if the program had
+    said them. A library's logger has a NullHandler: the program's stderr stays its own."""
+    _, err = run_embedder("none")
+    assert err == "", err
+
+
+def test_a_program_that_sets_logging_up_still_gets_zcrelay_warnings():
+    """The NullHandler keeps nothing from a handler the program sets up (here the root's)."""
+    _, err = run_embedder("basicConfig")
+    assert err.splitlines() == ["WARNING:zcrelay:--max-conns 1 reached: further clients wait in the listen "
+                                "backlog until a connection ends (said once)"], err
+
+
+async def test_the_cli_still_logs_as_before(zcrelay):
+    """The command's own handler ('zcrelay: ' lines on stderr) is not the NullHandler: the
+    warning and the per-connection line still come out, each once, as they did."""
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--max-conns", "1")
+        clients = [trio.socket.socket() for _ in range(2)]
+        for client in clients:
+            await client.connect(("127.0.0.1", relay.port))
+        relay.wait_for_lines("--max-conns 1 reached", 1)
+        code, err = relay.stop()
+        for client in clients:
+            client.close()
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines.count("zcrelay: --max-conns 1 reached: further clients wait in the listen backlog until "
+                       "a connection ends (said once)") == 1, err
+    conn = re.compile(r"zcrelay: conn=1 rule=1 peer=127\.0\.0\.1:\d+ target=127\.0\.0\.1:\d+ up=0 down=0 "
+                      r"spliced=0 copied=0 duration=\d+\.\d{3}s close=shutdown$")
+    assert sum(bool(conn.match(line)) for line in lines) == 1, err
+    assert all(line.startswith("zcrelay: ") for line in lines), err
+
+
+# --- Forwarder(on_finished=...): a record of each finished connection -------------------------------
+
+@contextmanager
+def zcrelay_log_lines():
+    """The "zcrelay" logger's messages (INFO and up) while it runs, with only this handler (a
+    CLI test earlier in the session may have left one on a stderr pytest has since closed)."""
+    log = logging.getLogger("zcrelay")
+    level, handlers, propagate = log.level, log.handlers[:], log.propagate
+    lines: list[tuple[int, str]] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append((record.levelno, record.getMessage()))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.handlers[:] = handlers
+        log.propagate = propagate
+        log.setLevel(level)
+
+
+class Records:
+    """An on_finished callback: keeps each record (and, given `totals`, a function that returns
+    the forwarder's Totals, how many connections they had counted then), wakes who waits for
+    the n-th, and raises after keeping it if told to."""
+
+    def __init__(self, totals=None, raising: bool = False) -> None:
+        self.records: list[Finished] = []
+        self.counted: list[int] = []
+        self.totals = totals
+        self.raising = raising
+        self.changed = trio.Event()
+
+    def __call__(self, record: Finished) -> None:
+        self.records.append(record)
+        if self.totals is not None:
+            self.counted.append(self.totals().connections)
+        self.changed.set()
+        self.changed = trio.Event()
+        if self.raising:
+            raise RuntimeError(f"embedder bug #{len(self.records)}")
+
+    async def wait_for(self, n: int) -> None:
+        while len(self.records) < n:
+            await self.changed.wait()
+
+
+async def echo_through(port: int, data: bytes) -> tuple[str, bytes]:
+    """Send `data` through the forwarder's port and half-close; (the client's own address, as
+    the forwarder's peer= shows it; what came back to EOF)."""
+    with trio.socket.socket() as client:
+        await client.connect(("127.0.0.1", port))
+        host, client_port = client.getsockname()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_eof, client, data)
+            return f"{host}:{client_port}", await recv_to_eof(client)
+
+
+# reactor: a literal target, connected and relayed by callbacks (_Link); task: a captured
+# connection, which takes a task (_handle). Each path calls on_finished from its own place.
+PATHS = ["reactor", "task"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_on_finished_gets_a_frozen_record_of_each_connection(tmp_path, path):
+    """An embedder learned of finished connections only by parsing log lines. on_finished gets
+    each one's record (Finished): who, where to, bytes each way, spliced and copied, how long,
+    why it closed; the same record the log line is made from, frozen. It comes after the
+    forwarder has counted the connection, for a relayed connection and a refused one alike."""
+    base = open_fds()
+    data = payload(40, 2 * MiB + 5)
+    refusing = socket.socket()  # bound, not listening: a connect to it is refused
+    refusing.bind(("127.0.0.1", 0))
+    with refusing, zcrelay_log_lines() as lines:
+        async with trio.open_nursery() as servers:
+            [echo_listener] = await servers.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))
+            echo_port = echo_listener.socket.getsockname()[1]
+            rules = (Rule(Address("127.0.0.1", 0), Address("127.0.0.1", echo_port)),
+                     Rule(Address("127.0.0.1", 0), Address("127.0.0.1", refusing.getsockname()[1])))
+            config = ForwardConfig(rules=rules, capture_dir=str(tmp_path) if path == "task" else None)
+            finished = Records(totals=lambda: forwarder.totals)
+            forwarder = Forwarder(config, on_finished=finished)
+            with trio.fail_after(20):
+                async with trio.open_nursery() as embedding:
+                    bound = await embedding.start(forwarder.serve)
+                    ports = [int(b.address.rpartition(":")[2]) for b in bound]
+                    peer, got = await echo_through(ports[0], data)
+                    assert sha(got) == sha(data)
+                    await finished.wait_for(1)
+                    with trio.socket.socket() as client:
+                        await client.connect(("127.0.0.1", ports[1]))
+                        assert await client.recv(1) == b""  # the target refused: closed
+                        refused_peer = "127.0.0.1:%d" % client.getsockname()[1]
+                    await finished.wait_for(2)
+                    embedding.cancel_scope.cancel()
+            servers.cancel_scope.cancel()
+
+    relayed, refused = finished.records
+    assert isinstance(relayed, Finished)
+    assert (relayed.number, relayed.rule, relayed.peer, relayed.target) == (1, 1, peer, rules[0].target)
+    assert (relayed.up, relayed.down, relayed.close, relayed.fallbacks) == (len(data), len(data), "eof", ())
+    assert relayed.spliced + relayed.copied == 2 * len(data) and relayed.spliced > 0
+    assert 0 < relayed.duration < 20
+    assert (refused.number, refused.rule, refused.peer, refused.target) == (2, 2, refused_peer, rules[1].target)
+    assert (refused.up, refused.down, refused.spliced, refused.copied, refused.close) == (0, 0, 0, 0, "refused")
+    assert finished.counted == [1, 2]  # the forwarder's totals already had each one
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        relayed.close = "changed"  # type: ignore[misc]
+    # The log line is the record's: one record type for both.
+    assert [text for _, text in lines if text.startswith("conn=")] == [r.log_line() for r in finished.records]
+    assert open_fds() == base
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_an_on_finished_that_raises_is_logged_and_the_forwarder_goes_on(tmp_path, path):
+    """A bug in the embedder's callback must not take the forwarder down (in a connection's
+    task it would have ended the whole nursery; in the reactor, the reactor): it is logged, as
+    an error naming the connection and the exception, and the forwarder serves on, counts
+    right, and stops cleanly."""
+    base = open_fds()
+    data = payload(41, MiB + 9)
+    with zcrelay_log_lines() as lines:
+        async with trio.open_nursery() as servers:
+            [echo_listener] = await servers.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))
+            rule = Rule(Address("127.0.0.1", 0), Address("127.0.0.1", echo_listener.socket.getsockname()[1]))
+            finished = Records(raising=True)
+            forwarder = Forwarder(ForwardConfig(rules=(rule,), capture_dir=str(tmp_path) if path == "task" else None),
+                                  on_finished=finished)
+            with trio.fail_after(20):
+                async with trio.open_nursery() as embedding:
+                    [bound] = await embedding.start(forwarder.serve)
+                    port = int(bound.address.rpartition(":")[2])
+                    for n in (1, 2, 3):
+                        _, got = await echo_through(port, data)
+                        assert sha(got) == sha(data), n
+                        await finished.wait_for(n)
+                    embedding.cancel_scope.cancel()
+            servers.cancel_scope.cancel()
+    assert [r.close for r in finished.records] == ["eof"] * 3
+    errors = [text for level, text in lines if level >= logging.ERROR]
+    assert errors == [f"conn={n}: on_finished raised RuntimeError: embedder bug #{n}" for n in (1, 2, 3)], lines
+    totals = forwarder.totals
+    assert (totals.connections, totals.active, totals.closes) == (3, 0, Counter({"eof": 3}))
     assert open_fds() == base

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import re
 import time
@@ -42,11 +41,12 @@ from trio.lowlevel import checkpoint
 
 from zcrelay import syscalls
 from zcrelay.excgroups import BaseExceptionGroup, single_error
+from zcrelay.logs import library_logger
 from zcrelay.mover import splice_stream
 from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 
-log = logging.getLogger("zcrelay")
+log = library_logger()  # "zcrelay", with its NullHandler (zcrelay.logs)
 
 TEMPLATE = "{time}-{conn}-{peer}-{direction}.bin"
 SIDECAR = "{time}-{conn}-{peer}.json"

@@ -1,7 +1,8 @@
 """`zcrelay forward`: listeners, the accept loop and one relay per connection.
 
 Policy only: sockets come from zcrelay.net, bytes move through zcrelay.relay. Nothing here
-prints or exits; it logs to the "zcrelay" logger, one line per finished connection.
+prints or exits; it logs to the "zcrelay" logger, one line per finished connection, made from
+the connection's `Finished` record, which an embedder can also have (Forwarder's on_finished).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -22,12 +24,13 @@ from zcrelay import capture, mover, net
 from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import NO_RESOURCES, ConnectError
 from zcrelay.excgroups import first_error, split_cancelled
+from zcrelay.logs import library_logger
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
 from zcrelay.relay import Engine, Pair, RelayEnd, relay
 from zcrelay.stats import Flow, Totals
 
-log = logging.getLogger("zcrelay")
+log = library_logger()  # "zcrelay", with the NullHandler a library's logger has
 
 # accept() errors that concern one client that gave up, not the listener (accept(2)).
 _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
@@ -84,9 +87,37 @@ class ForwardConfig:
     resolve_ttl: float = 5.0  # seconds a target name's addresses are reused (0: resolve each time)
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What became of one connection, once it is over: the source of its log line, and what a
+    Forwarder's `on_finished` gets. Byte counts are those that reached the other side."""
+
+    number: int  # conn=: unique in the process (with workers, in the whole relay)
+    rule: int  # rule=: the rule's place in ForwardConfig.rules, from 1
+    peer: str  # the client's address as accept() gave it: "127.0.0.1:PORT", "unix:PATH"...
+    target: Address  # the rule's target (a name as written, not what it resolved to)
+    up: int  # bytes from the client to the target
+    down: int  # bytes from the target to the client
+    spliced: int  # of up + down, the bytes spliced (through a pipe, not user space)
+    copied: int  # of up + down, the bytes copied through user space (after a fallback)
+    duration: float  # seconds from accept to the end (trio's clock)
+    close: str  # why it ended, as close= says: "eof", "reset by client", "refused", "timeout",
+    # "idle", "shutdown"... (the man page lists them); its first word is the key of Totals.closes
+    fallbacks: tuple[str, ...] = ()  # why a direction fell back to copying, each reason once
+
+    def log_line(self) -> str:
+        """The one line `zcrelay forward` logs for the connection (INFO)."""
+        line = (f"conn={self.number} rule={self.rule} peer={self.peer} target={self.target} "
+                f"up={self.up} down={self.down} spliced={self.spliced} copied={self.copied} "
+                f"duration={self.duration:.3f}s close={self.close}")
+        if self.fallbacks:
+            line += " fallback=" + ",".join(f'"{f}"' for f in self.fallbacks)
+        return line
+
+
 @dataclass
 class Connection:
-    """One client connection and what became of it."""
+    """One client connection while it lasts; `finished` is what became of it."""
 
     number: int
     rule: int
@@ -101,16 +132,11 @@ class Connection:
     def peer(self) -> str:
         return format_sockname(self.peer_addr)
 
-    def log_line(self, now: float) -> str:
-        spliced = self.up.spliced + self.down.spliced
-        copied = self.up.copied + self.down.copied
-        line = (f"conn={self.number} rule={self.rule} peer={self.peer} target={self.target} "
-                f"up={self.up.bytes} down={self.down.bytes} spliced={spliced} copied={copied} "
-                f"duration={now - self.started:.3f}s close={self.close}")
-        fallbacks = sorted({f.fallback for f in (self.up, self.down) if f.fallback})
-        if fallbacks:
-            line += " fallback=" + ",".join(f'"{f}"' for f in fallbacks)
-        return line
+    def finished(self, now: float) -> Finished:
+        up, down = self.up, self.down
+        return Finished(self.number, self.rule, self.peer, self.target, up.bytes, down.bytes,
+                        up.spliced + down.spliced, up.copied + down.copied, now - self.started,
+                        self.close, tuple(sorted({f.fallback for f in (up, down) if f.fallback})))
 
 
 @dataclass(frozen=True)
@@ -131,11 +157,21 @@ class Forwarder:
     """
 
     def __init__(self, config: ForwardConfig, *, listeners: list[socket.socket] | None = None,
-                 worker: tuple[int, int] = (1, 1)) -> None:
+                 worker: tuple[int, int] = (1, 1),
+                 on_finished: Callable[[Finished], None] | None = None) -> None:
         """`listeners`: one bound socket per rule, already listening (zcrelay.cli.workers), instead
         of binding in `serve`. `worker`: (K, N) for worker K of N, which numbers its
-        connections K, K+N, K+2N... so numbers (and capture file names) stay unique."""
+        connections K, K+N, K+2N... so numbers (and capture file names) stay unique.
+
+        `on_finished(record)` is called once for each connection that ends, with its Finished
+        record (the one its log line is made from), after `totals` count it: a connection ended
+        by the target's refusal or by a cancelled `serve` ("shutdown") included. It is called in
+        the trio thread, from inside the forwarder (a reactor callback, or the connection's
+        task), so it must return at once: to act on a record in a task, hand it over with
+        trio.MemoryChannel's send_nowait. An Exception it raises is logged at ERROR on the
+        "zcrelay" logger and goes no further: the forwarder serves on."""
         self.config = config
+        self.on_finished = on_finished
         self._given = listeners
         self.totals = Totals()
         pool = PipePool(size=config.pipe_size, max_idle=config.max_idle_pipes, on_notice=log.warning)
@@ -242,7 +278,7 @@ class Forwarder:
                         "a connection ends (said once)", self.config.max_conns)
 
     def _finished(self, conn: Connection) -> None:
-        """Count and log a connection that ended (either path); never raises."""
+        """Count, log and report (on_finished) a connection that ended (either path); never raises."""
         if conn.close == "out-of-fds":
             # No fd for its target socket: accepting more would only drop them the same way.
             self._listeners[conn.rule - 1]._back_off(OSError(errno.EMFILE, "no fd for the target socket"))
@@ -251,11 +287,23 @@ class Forwarder:
         self.totals.add(conn.up, conn.down, reason)
         if reason in _TARGET_GONE:
             self._listeners[conn.rule - 1].forget()
-        if log.isEnabledFor(logging.INFO):  # -q: skip formatting the line at all
-            log.info("%s", conn.log_line(trio.current_time()))
+        report = self.on_finished
+        logged = log.isEnabledFor(logging.INFO)
+        if report is None and not logged:
+            record = None  # -q and no hook: build no record, format no line
+        else:
+            record = conn.finished(trio.current_time())
+            if logged:
+                log.info("%s", record.log_line())
         if self.config.max_conns and self.totals.active == self.config.max_conns - 1:
             for listener in self._listeners:  # a slot is free: take the next from the backlog
                 listener.resume()
+        if report is not None:
+            try:
+                report(record)
+            except Exception as exc:  # the embedder's bug: the other connections go on
+                log.error("conn=%d: on_finished raised %s: %s", conn.number, type(exc).__name__, exc,
+                          exc_info=True)
 
     async def _handle(self, client, conn: Connection) -> None:
         """A connection with a task: a target by name (resolved now), or a capture."""

@@ -3,8 +3,9 @@
 Why: `zcrelay tee FILE...` runs inside shell pipelines, where its start-up is part of every run,
 and a tee that meets no error logs nothing. Importing logging (with traceback, string, weakref
 and threading) was about 7 ms of a 48 ms start-up (benchmarks/TEE.md, eleventh session). The
-modules on that path log through `log` here. Every other module may call
-logging.getLogger("zcrelay") itself: it is the same logger, set up by `configure`.
+modules on that path log through `log` here. Every other module may get the logger itself
+(the same one, set up by `configure`), best from `library_logger`, which gives it the
+NullHandler a library's logger has.
 
 No trio here, and nothing that prints: the handler writes to stderr, as set up by the CLI.
 """
@@ -16,6 +17,7 @@ import sys
 NAME = "zcrelay"
 # The level `configure` asked for while logging was not imported yet (None: nothing pending).
 _pending: int | None = None
+_null_added = False  # library_logger has given the logger its NullHandler
 
 
 def configure(verbose: int, quiet: bool, *, lazy: bool = False) -> None:
@@ -28,13 +30,32 @@ def configure(verbose: int, quiet: bool, *, lazy: bool = False) -> None:
         logger()
 
 
-def logger():
-    """logging.getLogger("zcrelay"), set up as `configure` asked."""
-    global _pending
+def library_logger():
+    """logging.getLogger("zcrelay") with a logging.NullHandler, added the first time: without a
+    handler of its own, a program that embeds zcrelay and sets no logging up had zcrelay's
+    warnings printed on stderr by logging's last resort handler (the logging HOWTO, "Configuring
+    Logging for a Library"). A handler the program sets up (basicConfig, on the root) still gets
+    every record, and so does the CLI's (`configure`, which replaces this one). Modules that
+    import logging anyway (zcrelay.forward...) take their logger from here; the tee's start-up
+    path does not call it until something is logged."""
+    global _null_added
     import logging
 
     log = logging.getLogger(NAME)
+    if not _null_added:
+        _null_added = True
+        log.addHandler(logging.NullHandler())
+    return log
+
+
+def logger():
+    """logging.getLogger("zcrelay"), set up as `configure` asked."""
+    global _pending
+
+    log = library_logger()
     if _pending is not None:
+        import logging
+
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"{NAME}: %(message)s"))
         log.handlers[:] = [handler]
