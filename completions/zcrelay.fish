@@ -31,7 +31,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l no-splice -d 'Copy 
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s h -l help -d 'Show this message and exit'
 
 # forward
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s r -l rule -x -d 'Another LISTEN=TARGET pair, each with its own listener (repeatable)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s r -l rule -x -d 'Another LISTEN=TARGET pair, each with its own listener (repeatable); split at the \'=\' that leaves an address on each side'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s c -l config -r -F -d 'TOML file with options and [[rule]] tables; the command line wins'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l pipe-size -x -d 'Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l max-conns -x -d 'Most connections at once; more wait in the backlog (0: no limit)'
@@ -99,7 +99,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s h -l help -d 'Show
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -F
 
 # tee
-complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s a -l append -d 'Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s a -l append -d 'Append to the FILEs instead of truncating them'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l output-error -x -d 'What an error writing an output does (GNU tee\'s modes): warn, warn-nopipe, exit, exit-nopipe'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s p -d 'Same as --output-error warn-nopipe'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l pipe-size -x -d 'Grow stdin\'s and stdout\'s pipes (and zcrelay\'s own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows'

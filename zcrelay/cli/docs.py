@@ -394,6 +394,10 @@ on the command line win over the file; **--splice** and **--nodelay** undo a fil
 splice = false and nodelay = false. A config file that cannot be read exits with status 8; an
 error in one names the file and, where it can be told, the line.
 
+A Unix path may contain '=': a rule is split at the '=' that leaves an address on each side,
+and one that can be split at more than one is a usage error (status 2); give it as a [[rule]]
+table in the config file instead.
+
 Rules that share a listen address, and rules whose targets lead back to their own listeners (a
 rule that forwards to itself, or rules that forward to each other in a loop, as told from the
 addresses as written, without DNS), are usage errors (status 2), refused before anything is
@@ -511,7 +515,8 @@ FILES = [
     ("/proc/sys/fs/pipe-max-size", "The largest pipe an unprivileged process may ask for; "
                                    "--pipe-size is clamped to it."),
     ("/proc/sys/fs/pipe-user-pages-soft", "Pages one user may hold in grown pipes; past it new "
-                                          "pipes stay small and zcrelay warns once."),
+                                          "pipes stay small: forward warns once; tee copies the outputs "
+                                          "it cannot give a pipe, noted with -v."),
 ]
 
 SIGNALS = """

@@ -40,7 +40,7 @@ def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode
 @app.command()
 def tee(
     files: Optional[list[str]] = typer.Argument(None, metavar="[FILE]...", help="Files to write as well as standard output.", show_default=False),
-    append: bool = typer.Option(False, *APPEND_FLAGS, help="Append to the FILEs instead of truncating them (zcrelay keeps its own offsets: splice refuses O_APPEND)."),
+    append: bool = typer.Option(False, *APPEND_FLAGS, help="Append to the FILEs instead of truncating them. zcrelay writes from each FILE's size at start, at offsets of its own (splice refuses O_APPEND): unlike GNU tee -a, another writer appending to the same FILE meanwhile is overwritten."),
     output_error: Optional[str] = typer.Option(None, "--output-error", metavar="MODE", help=OUTPUT_ERROR_HELP, show_default=False),
     nopipe: bool = typer.Option(False, "-p", help="Same as --output-error warn-nopipe."),
     pipe_size: str = typer.Option(PIPE_SIZE, "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
