@@ -231,6 +231,22 @@ def test_capture_dir_must_exist(tmp_path):
     assert b"does not exist" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["tee", "forward"])
+def test_capture_dir_must_be_writable(tmp_path, command):
+    """A directory zcrelay cannot create files in (here its permissions; a read-only mount
+    alike) was accepted, and then every connection logged that its capture failed. Root
+    writes anywhere: as root, zcrelay runs without CAP_DAC_OVERRIDE, as a user would."""
+    cap = tmp_path / "ro"
+    cap.mkdir(mode=0o555)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    args = ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:9"] if command == "tee" else ["127.0.0.1:0", "127.0.0.1:9"]
+    r = subprocess.run([*prefix, *zcrelay_argv(command, *args, "--capture-dir", str(cap))],
+                       capture_output=True, text=True, env=zcrelay_env(), timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "is not writable" in r.stderr, r.stderr
+    assert "listening on" not in r.stderr
+
+
 @pytest.mark.parametrize("option", [["-a"], ["--append"], ["-p"], ["--output-error", "exit"],
                                     ["--output-error", "bogus"]])
 def test_capture_refuses_the_pipeline_modes_options(tmp_path, option):

@@ -321,9 +321,14 @@ def _work(settings: ForwardConfig, listeners: list | None, worker: tuple[int, in
 
 
 def capture_directory(path: str | None) -> str | None:
-    """--capture-dir must exist: zcrelay does not create it (a typo would capture elsewhere)."""
+    """--capture-dir must exist: zcrelay does not create it (a typo would capture elsewhere). It
+    must be writable too: a read-only one was accepted, and then every connection logged a
+    warning that its capture could not be created."""
     if path is not None and not os.path.isdir(path):
         why = "is not a directory" if os.path.exists(path) else "does not exist (create it first)"
         raise typer.BadParameter(f"{path!r} {why}", param_hint="--capture-dir")
+    if path is not None and not os.access(path, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{path!r} is not writable (a read-only filesystem, or its permissions)",
+                                 param_hint="--capture-dir")
     return path
 
