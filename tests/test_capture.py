@@ -527,3 +527,21 @@ def test_a_later_chunk_from_a_larger_pipe_is_captured_whole(tmp_path):
     assert capture.error is None, capture.error
     assert (tmp_path / "cap").read_bytes() == b"".join(c for _, c in chunks)
     assert capture.captured == sum(len(c) for _, c in chunks)
+
+
+def test_a_sidecar_written_in_short_writes_is_whole(tmp_path, monkeypatch):
+    """A write(2) to a file may take fewer bytes than asked (a disk filling up): the sidecar
+    was written with one os.write and its tail silently dropped, leaving invalid JSON."""
+    from zcrelay import capture as capturing
+    from zcrelay.stats import Flow
+
+    real_write = os.write
+    monkeypatch.setattr(capturing.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    session = capturing.open_session(str(tmp_path), 7, "127.0.0.1:5000", "127.0.0.1:80")
+    try:
+        session.write_sidecar(Flow(), Flow(), close="eof", ended=1.0)
+    finally:
+        session.close()
+    [sidecar] = tmp_path.glob("*.json")
+    record = json.loads(sidecar.read_text())
+    assert record["close"] == "eof", record

@@ -119,7 +119,9 @@ class CaptureSession:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_TRUNC)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # a write may be short (a disk filling up): the rest, or its error
+                    view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
         except OSError as exc:
