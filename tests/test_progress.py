@@ -41,19 +41,13 @@ def _read_all(fd: int, proc: subprocess.Popen, timeout: float = 60) -> bytes:
 def test_send_shows_progress_on_a_terminal_only(tmp_path):
     data = random_file(tmp_path / "data", SIZE)
     sink = Sink()
-    master, slave = pty.openpty()
     out = open(tmp_path / "stdout", "wb")
     # 4 MB/s for 16 MiB: a few seconds, so the display refreshes several times.
-    proc = subprocess.Popen(zcrelay_argv("send", "data", f"127.0.0.1:{sink.port}", "--rate-limit", "8M"),
-                            cwd=tmp_path, env=zcrelay_env(COLUMNS="100"), stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=slave)
-    os.close(slave)
-    screen = _read_all(master, proc)
-    os.close(master)
-    assert proc.wait(10) == 0
+    code, text = _stderr_on_a_terminal(zcrelay_argv("send", "data", f"127.0.0.1:{sink.port}", "--rate-limit", "8M"),
+                                       tmp_path, out)
+    assert code == 0
     sink.join()
     assert sink.sha.hexdigest() == sha256_file(data)
-    text = screen.decode(errors="replace")
     assert "data" in text and "MiB" in text and "━" in text, text[-2000:]
     assert text.count("\r") + text.count("\x1b[") > 3  # refreshed in place, more than once
     assert (tmp_path / "stdout").read_bytes() == b""
@@ -119,6 +113,17 @@ def test_tee_shows_progress_on_a_terminal_and_keeps_its_outputs_clean(tmp_path):
     assert sha256_file(tmp_path / "copy") == digest
 
 
+def _stderr_on_a_terminal(argv: list[str], cwd, stdout, stdin=subprocess.DEVNULL) -> tuple[int, str]:
+    """Run with stderr alone on a terminal; its exit status and what the terminal showed."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=cwd, env=zcrelay_env(COLUMNS="100"), stdin=stdin, stdout=stdout,
+                            stderr=slave)
+    os.close(slave)
+    screen = _read_all(master, proc)
+    os.close(master)
+    return proc.wait(10), screen.decode(errors="replace")
+
+
 def _on_one_terminal(argv: list[str], cwd, stdin=None) -> tuple[int, str]:
     """Run with stdout and stderr (and stdin, unless given) on one terminal; what it shows."""
     master, slave = pty.openpty()
@@ -167,3 +172,19 @@ def test_tee_relay_capture_refuses_progress(tmp_path):
     assert proc.returncode == 2
     assert "--progress is for the pipeline mode" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_progress_label_is_the_file_name_as_it_is(tmp_path):
+    """The label is the file's name, shown, not interpreted: rich read "[red]" in a name as
+    markup (the display said "odd", in red) and wrote an escape sequence in a name raw to the
+    terminal (here one that sets the window title)."""
+    name = "[red]odd\x1b]0;pwned\x07name"
+    data = random_file(tmp_path / name, 1 << 20)
+    sink = Sink()
+    code, text = _stderr_on_a_terminal(zcrelay_argv("send", name, f"127.0.0.1:{sink.port}", "--progress"),
+                                       tmp_path, subprocess.DEVNULL)
+    assert code == 0
+    sink.join()
+    assert sink.sha.hexdigest() == sha256_file(data)
+    assert "[red]odd" in text, text[-2000:]
+    assert "\x1b]0;" not in text and "\x07" not in text, text[-2000:]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -59,29 +62,6 @@ def test_five_gib_sparse(tmp_path):
     assert sink.sha.hexdigest() == SHA256_SPARSE_5G
 
 
-@pytest.mark.parametrize("method", ["splice", "sendfile"])
-def test_truncated_during_send(tmp_path, method):
-    """The file shrinks mid-send: exit 10 with one line, within a second, nothing past the end."""
-    victim = sparse_file(tmp_path / "victim", 256 << 20, [(0, b"start")])
-    sink = Sink()
-    sender = shell(f"$Z send victim 127.0.0.1:{sink.port} --method {method} --rate-limit 32M", tmp_path)
-    deadline = time.monotonic() + 20
-    while sink.size < (2 << 20):
-        assert time.monotonic() < deadline, "nothing arrived"
-        assert sender.proc.poll() is None, sender.wait()
-        time.sleep(0.01)  # polling a counter, not waiting for readiness
-    os.truncate(victim, 1 << 20)
-    truncated = time.monotonic()
-    code, err = sender.wait(10)
-    took = time.monotonic() - truncated
-    assert code == 10, err
-    assert took < 1.0, took
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: the file shrank while it was sent"), err
-    sink.join()
-    assert sink.size < 256 << 20
-
-
 @pytest.mark.parametrize("script, code, message", [
     ("$Z send missing 127.0.0.1:1", 8, "cannot open missing: No such file or directory"),
     ("mkdir adir; $Z send adir 127.0.0.1:1", 8, "adir: is a directory"),
@@ -90,6 +70,9 @@ def test_truncated_during_send(tmp_path, method):
     ("echo x > small; $Z send small 127.0.0.1:{closed}", 6, "connection refused"),
     ("echo x > small; $Z send small 127.0.0.1:1 --method mmap", 2, "is not one of splice, sendfile"),
     ("$Z serve missing --listen 127.0.0.1:0", 8, "cannot open missing"),
+    # A name with a newline or an escape sequence, quoted: one line, nothing for the terminal.
+    ("$Z send $'no\\nsuch\\e[2J' 127.0.0.1:1", 8, "cannot open 'no\\nsuch\\x1b[2J': No such file"),
+    ("mkdir $'odd\\ndir'; $Z send $'odd\\ndir' 127.0.0.1:1", 8, "'odd\\ndir': is a directory"),
 ])
 def test_send_errors(tmp_path, script, code, message):
     import socket
@@ -181,7 +164,8 @@ def test_send_bounds_its_connect_and_linger_without_trio(tmp_path):
 def test_serve_opens_the_file_for_each_client(zcrelay, tmp_path):
     """A file replaced after serve started (an editor's save, a new build: a rename over it)
     is what the next client gets; serve kept sending the inode it opened at start. A client
-    that comes while the file is missing gets an error line, and serve goes on."""
+    that comes while the file is missing gets a reset (it got a clean empty stream, an empty
+    file's), serve an error line, and serve goes on."""
     import socket
 
     path = tmp_path / "data"
@@ -200,7 +184,10 @@ def test_serve_opens_the_file_for_each_client(zcrelay, tmp_path):
     second = fetch()
     assert len(second) == 5 << 20 and hashlib.sha256(second).hexdigest() == sha256_file(path)
     path.unlink()
-    assert fetch() == b""
+    with pytest.raises(OSError) as reset:  # not an empty stream, an empty file's
+        fetch()
+    # ENOTCONN: the reset came before fetch's own shutdown(2).
+    assert reset.value.errno in (errno.ECONNRESET, errno.ENOTCONN), reset.value
     server.wait_for_lines("conn=3 ", 1)
     path.write_bytes(b"back")
     assert fetch() == b"back"
@@ -307,7 +294,9 @@ def test_serve_out_of_fds_is_an_error_said_once_not_a_bug(zcrelay, tmp_path):
     original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     _limit_free_fds(pid, 1)  # the client's socket, and no fd left for its pipe
     with socket.create_connection(("127.0.0.1", server.port)) as first:
-        assert first.recv(1) == b""
+        # A reset, not an empty stream: the client must not take it for an empty file.
+        with pytest.raises(ConnectionResetError):
+            first.recv(1)
     server.wait_for_lines("conn=1 ", 1)
     _limit_free_fds(pid, 0)  # accept itself fails
     with socket.create_connection(("127.0.0.1", server.port)) as second:
@@ -326,3 +315,164 @@ def test_serve_out_of_fds_is_an_error_said_once_not_a_bug(zcrelay, tmp_path):
     assert "internal-error" not in err and "Traceback" not in err
     assert err.count("out of file descriptors") == 1, err
     assert "stopped: 2 connections, 1048576 bytes sent, 1 failed" in err
+
+
+def _sysfs_file() -> str:
+    """A sysfs attribute: st_size says a page (4096), the content is a line."""
+    for path in ("/sys/class/net/lo/address", "/sys/kernel/mm/transparent_hugepage/enabled"):
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            continue
+        if 0 < len(content) < os.stat(path).st_size:
+            return path
+    pytest.skip("no sysfs attribute to read here")
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_a_sysfs_file_is_sent_whole_not_called_shrunk(tmp_path, zcrelay, method):
+    """sysfs reports size 4096 for every attribute whatever its content, and the file ends
+    sooner without ever shrinking: `send` exited 10 ("the file shrank") after sending all of
+    it, and `serve` logged every client as an error, where cat sees a plain file."""
+    import socket
+
+    path = _sysfs_file()
+    with open(path, "rb") as f:
+        content = f.read()
+    sink = Sink()
+    code, err = shell(f"$Z send {path} 127.0.0.1:{sink.port} --method {method}", tmp_path).wait()
+    assert code == 0, err
+    assert err == ""
+    sink.join()
+    assert sink.sha.hexdigest() == hashlib.sha256(content).hexdigest()
+
+    server = zcrelay("serve", path, "--listen", "127.0.0.1:0", "--method", method)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert received == content
+    server.wait_for_lines("conn=1 ", 1)
+    code, err = server.stop()
+    assert code == 0, err
+    assert next(line for line in err.splitlines() if "conn=1 " in line).endswith(" ok"), err
+
+
+def _receive_until_the_end(sock, received: threading.Event, after: int) -> tuple[int, str]:
+    """Read until EOF or an error: (bytes, "eof" or the error's name); `received` is set once
+    `after` bytes have come."""
+    total = 0
+    try:
+        while chunk := sock.recv(1 << 16):
+            total += len(chunk)
+            if total >= after:
+                received.set()
+        return total, "eof"
+    except OSError as exc:
+        return total, type(exc).__name__
+    finally:
+        received.set()
+
+
+@contextlib.contextmanager
+def _receiver(outcome: dict, received: threading.Event, mark: int):
+    """A listener on 127.0.0.1 whose one client a thread reads to its end
+    (_receive_until_the_end, into outcome["end"]); yields its port, joins the thread after."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def receive():
+            conn, _ = listener.accept()
+            with conn:
+                outcome["end"] = _receive_until_the_end(conn, received, mark)
+
+        peer = threading.Thread(target=receive)
+        peer.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            peer.join(30)
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_truncated_during_send(tmp_path, method):
+    """The file shrinks mid-send: exit 10 with one line, within a second, nothing past the end,
+    and the receiver sees a reset. `send` closed with a FIN, so the receiver (`zcrelay listen >
+    out`, nc, a download) saw a clean end of stream and took the truncated file for the whole."""
+    victim = sparse_file(tmp_path / "victim", 256 << 20, [(0, b"start")])
+    outcome = {}
+    received = threading.Event()
+    with _receiver(outcome, received, 2 << 20) as port:
+        sender = shell(f"$Z send victim 127.0.0.1:{port} --method {method} --rate-limit 32M", tmp_path)
+        assert received.wait(30), sender.wait()
+        os.truncate(victim, 1 << 20)
+        truncated = time.monotonic()
+        code, err = sender.wait(10)
+        took = time.monotonic() - truncated
+    assert code == 10, err
+    assert took < 1.0, took
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: the file shrank while it was sent"), err
+    size, end = outcome["end"]
+    assert 2 << 20 <= size < 256 << 20
+    assert end == "ConnectionResetError", outcome
+
+
+def test_a_client_cut_short_by_serve_stopping_sees_a_reset(zcrelay, tmp_path):
+    """SIGTERM stops serve while a client is mid-file: the client got a clean end of stream and
+    a truncated file with no sign of it; it must get a reset. Serve still exits 0 with its
+    summary."""
+    import socket
+
+    data = random_file(tmp_path / "data", 16 << 20)
+    server = zcrelay("serve", str(data), "--listen", "127.0.0.1:0", "--rate-limit", "4M")
+    received = threading.Event()
+    outcome = {}
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        reader = threading.Thread(target=lambda: outcome.update(end=_receive_until_the_end(sock, received, 1 << 20)))
+        reader.start()
+        assert received.wait(30)
+        code, err = server.stop()
+        reader.join(30)
+    assert code == 0, err
+    size, end = outcome["end"]
+    assert size < 16 << 20
+    assert end == "ConnectionResetError", outcome
+    assert "stopped: 1 connections" in err, err
+
+
+def test_a_send_interrupted_by_sigint_resets_the_peer(tmp_path):
+    """Ctrl-C mid-send: exit 130 and nothing printed, as documented, but the receiver got a FIN
+    and a clean end of a truncated stream; it must get a reset."""
+    random_file(tmp_path / "data", 64 << 20)
+    outcome = {}
+    received = threading.Event()
+    with _receiver(outcome, received, 1 << 20) as port:
+        sender = shell(f"exec $Z send data 127.0.0.1:{port} --rate-limit 8M", tmp_path)
+        assert received.wait(30), sender.wait()
+        sender.proc.send_signal(signal.SIGINT)
+        code, err = sender.wait()
+    assert code == 130 and err == "", err
+    size, end = outcome["end"]
+    assert size < 64 << 20
+    assert end == "ConnectionResetError", outcome
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+@pytest.mark.parametrize("span", [(), ("--offset", "100", "--length", "1000")])
+def test_a_sized_file_that_refuses_zero_copy_is_copied(tmp_path, method, span):
+    """/proc/config.gz has a real size and refuses splice and sendfile (EINVAL) before the
+    first byte: `send` exited 8 ("reading the file: Invalid argument") where cat works. The
+    fallback to a user-space copy was kept for files of size 0 only; a span is copied as asked."""
+    path = "/proc/config.gz"
+    if not os.path.exists(path):
+        pytest.skip(f"{path}: no such file here")
+    with open(path, "rb") as f:
+        content = f.read()
+    offset, length = (int(span[1]), int(span[3])) if span else (0, len(content))
+    sink = Sink()
+    code, err = shell(f"$Z send {path} 127.0.0.1:{sink.port} --method {method} -v " + " ".join(span),
+                      tmp_path).wait()
+    assert code == 0, err
+    sink.join()
+    assert sink.sha.hexdigest() == hashlib.sha256(content[offset:offset + length]).hexdigest()
+    assert f"{method} refused the file (EINVAL)" in err, err

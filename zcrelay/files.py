@@ -5,7 +5,13 @@ sendfile's offset), so concurrent clients share the fd without sharing a file po
 the file position of the fd is never touched. A file that shrinks mid-transfer is noticed by
 the mover (a 0 return before the expected end: no SIGBUS, unlike mmap) and ends that transfer
 with direct.FileShrank; bytes past the file's end are never sent. A file that reports size 0
-(procfs) is sent to its EOF instead: its size says nothing.
+(procfs) is sent to its EOF instead: its size says nothing. Nor does sysfs's, a page for every
+attribute: a file that ends before its size while fstat still reports that size did not shrink
+(truncate(2) lowers the size first), and is sent to its EOF.
+
+A transfer that fails or is stopped before its last byte ends with a TCP reset, not a FIN
+(`abort_unless_sent`): a receiver that saw a clean end of stream took a truncated file for
+the whole one.
 
 After the last byte the socket's write side is shut down and whatever the peer still sends is
 read and dropped until it closes (bounded by `linger`): closing with unread bytes would send a
@@ -15,22 +21,24 @@ reset, which can destroy data still queued for the peer.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 import stat
+from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError
-from zcrelay.mover import SOURCE
+from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError, translate
+from zcrelay.logs import library_logger
+from zcrelay.mover import COPY_BUFSIZE, SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
 from zcrelay.syscalls import SPLICE_REFUSED
 
-log = logging.getLogger("zcrelay")
+log = library_logger()  # "zcrelay", with its NullHandler (zcrelay.logs)
 
 METHODS = ("splice", "sendfile")
 
@@ -60,23 +68,29 @@ def open_file(path: str) -> tuple[int, int]:
     try:
         st = os.stat(path)
         if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
-            raise InputFailed(f"{path}: not a regular file")
+            raise InputFailed(f"{shown(path)}: not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except IsADirectoryError:
-        raise InputFailed(f"{path}: is a directory") from None
+        raise InputFailed(f"{shown(path)}: is a directory") from None
     except OSError as exc:
         if exc.errno in NO_RESOURCES:
             raise  # out of fds or memory: the process's state, not the file's (exit code 7)
-        raise InputFailed(f"cannot open {path}: {os.strerror(exc.errno or errno.EIO)}") from None
+        raise InputFailed(f"cannot open {shown(path)}: {os.strerror(exc.errno or errno.EIO)}") from None
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
-        raise InputFailed(f"{path}: is a directory")
+        raise InputFailed(f"{shown(path)}: is a directory")
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise InputFailed(f"{path}: not a regular file")
+        raise InputFailed(f"{shown(path)}: not a regular file")
     os.set_blocking(fd, True)
     return fd, st.st_size
+
+
+def shown(path: str) -> str:
+    """`path` for a message: as it is when printable, else quoted with escapes ('a\\nb',
+    '\\xff'), so that an error stays one line and a name cannot drive the terminal."""
+    return path if path.isprintable() else repr(os.fsencode(path))[1:]
 
 
 def span(size: int, offset: int, length: int | None) -> tuple[int, int | None]:
@@ -115,7 +129,12 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
         if length is None:
             await _send_to_eof(fd, sock.fileno(), offset, flow, config, pacer)
         else:
-            await _send_span(fd, sock.fileno(), offset, length, flow, config, pacer)
+            try:
+                await _send_span(fd, sock.fileno(), offset, length, flow, config, pacer)
+            except direct.FileShrank as exc:
+                if os.fstat(fd).st_size <= exc.reached:
+                    raise
+                # Not shrunk: its size said more than it holds (sysfs: a page). Its EOF is its end.
     except StreamError as exc:
         if exc.role == SOURCE:
             raise InputFailed(f"reading the file: {os.strerror(exc.errno)}") from None
@@ -141,6 +160,21 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
         raise _lost_after_the_last_byte(flow, exc.errno) from None
 
 
+@contextmanager
+def abort_unless_sent(sock: socket.socket, flow: Flow) -> Iterator[None]:
+    """Inside the owner's `with sock:`: if the block raises (a failure, a cancellation, a
+    Ctrl-C) before transfer has handed over the last byte, make the close a reset (net.abort).
+    A FIN there told the receiver the stream was complete: `zcrelay listen > out`, nc or a
+    client of serve got a truncated file and exit status 0. After the last byte (the linger)
+    the FIN has been sent already and the close stays a close."""
+    try:
+        yield
+    except BaseException:
+        if flow.end != "eof":
+            net.abort(sock)
+        raise
+
+
 def _lost_after_the_last_byte(flow: Flow, err: int) -> ConnectionLost:
     return ConnectionLost(f"connection lost after the last of {flow.bytes} bytes, before the peer "
                           f"closed (it may not have read them all): {os.strerror(err).lower()}")
@@ -148,6 +182,22 @@ def _lost_after_the_last_byte(flow: Flow, err: int) -> ConnectionLost:
 
 async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
                      pacer: RateLimit | None) -> None:
+    """Send bytes [offset, offset + length) zero-copy where the file allows it. Some files
+    refuse splice and sendfile (EINVAL) before the first byte, sized or not (/proc/PID's files,
+    /proc/config.gz): then the span is read at explicit offsets (serve's clients share the fd)
+    and written through user space, a fallback that flow.fallback names."""
+    try:
+        await _send_zero_copy(fd, sock, offset, length, flow, config, pacer)
+        return
+    except StreamError as exc:
+        if exc.role != SOURCE or flow.bytes or exc.errno not in SPLICE_REFUSED:
+            raise
+        flow.fallback = f"{config.method} refused the file ({errno.errorcode.get(exc.errno, exc.errno)})"
+    await _copy_span(fd, sock, offset, length, flow, pacer)
+
+
+async def _send_zero_copy(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
+                          pacer: RateLimit | None) -> None:
     if config.method == "sendfile":
         await direct.send_file_sendfile(fd, sock, offset, length, flow, pacer)
         return
@@ -158,25 +208,37 @@ async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, c
         pipe.close()  # ours alone, never pooled: it may hold bytes after an error
 
 
+async def _copy_span(fd: int, sock: int, offset: int, length: int, flow: Flow,
+                     pacer: RateLimit | None) -> None:
+    """The movers' contract through user space: bytes [offset, offset + length) with pread (a
+    regular file never makes it wait), FileShrank at an EOF before the end."""
+    chunk = min(COPY_BUFSIZE, pacer.chunk) if pacer is not None else COPY_BUFSIZE
+    end = offset + length
+    position = offset
+    while position < end:
+        try:
+            data = os.pread(fd, min(chunk, end - position), position)
+        except OSError as exc:
+            raise translate(exc, SOURCE, "pread") from exc
+        if not data:
+            raise direct.FileShrank(end, position)
+        await direct.write_waiting(sock, memoryview(data), flow)
+        position += len(data)
+        if pacer is not None:
+            await pacer.spent(len(data))
+
+
 # A length no file reaches: the movers take a span and end at EOF with FileShrank.
 _TO_EOF = 1 << 62
 
 
 async def _send_to_eof(fd: int, sock: int, offset: int, flow: Flow, config: SendConfig,
                        pacer: RateLimit | None) -> None:
-    """Send from `offset` to EOF, zero-copy where the file allows it. Files of /proc/PID
-    refuse splice and sendfile (EINVAL) before the first byte: then they are read at explicit
-    offsets (serve's clients share the fd) and written through user space, a fallback that
-    flow.fallback names."""
+    """Send from `offset` to EOF (a file whose size says nothing: procfs's 0)."""
     try:
         await _send_span(fd, sock, offset, _TO_EOF, flow, config, pacer)
     except direct.FileShrank:
         return  # EOF: the end of a file of unknown size
-    except StreamError as exc:
-        if exc.role != SOURCE or flow.bytes or exc.errno not in SPLICE_REFUSED:
-            raise
-        flow.fallback = f"{config.method} refused the file ({errno.errorcode.get(exc.errno, exc.errno)})"
-    await direct.copy_file_waiting(fd, offset, sock, flow, pacer)
 
 
 async def send(path_fd: int, size: int, address: Address, offset: int, length: int | None,
@@ -185,7 +247,7 @@ async def send(path_fd: int, size: int, address: Address, offset: int, length: i
     the bytes sent."""
     offset, length = span(size, offset, length)
     sock = await net.connect(address, connect_timeout)
-    with sock:
+    with sock, abort_unless_sent(sock, flow):
         if config.nodelay:
             net.set_nodelay(sock)
         await transfer(path_fd, sock, offset, length, flow, config)

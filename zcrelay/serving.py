@@ -1,11 +1,12 @@
 """`zcrelay serve`: one file to every client of a listener, concurrently (policy layer).
 
-Each client gets files.transfer in its own trio task, with one log line when it ends.
+Each client gets files.transfer in its own trio task, with one log line when it ends. A client
+whose transfer fails on our side (the file cannot be opened or shrinks, no fd is left) or is
+cut short by the server stopping gets a reset, never a clean end of a truncated file.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
 import trio
@@ -13,10 +14,11 @@ import trio
 from zcrelay import direct, net
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
-from zcrelay.files import SendConfig, open_file, transfer
+from zcrelay.files import SendConfig, abort_unless_sent, open_file, transfer
+from zcrelay.logs import library_logger
 from zcrelay.stats import Flow
 
-log = logging.getLogger("zcrelay")
+log = library_logger()  # "zcrelay", with its NullHandler (zcrelay.logs)
 
 _RECOVERED = 1.0  # seconds without a refused accept that end an fd shortage (its log line)
 
@@ -65,7 +67,7 @@ class FileServer:
         started = trio.current_time()
         outcome = "ok"
         try:
-            with sock:
+            with sock, abort_unless_sent(sock, flow):  # a client cut short sees a reset
                 # Opened for each client, as socat and nginx do: a file replaced since serve
                 # started (an editor's save, a new build, a rotated log) is served as it is
                 # now, not the inode serve opened first, forever.

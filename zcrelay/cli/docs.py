@@ -443,6 +443,16 @@ those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
 worker's status, or 1 if it was killed by a signal.
 """,
+    "send": """
+A transfer that fails or is stopped (SIGINT) before its last byte ends with a TCP reset, not a
+FIN, so that the receiver cannot take a truncated file for the whole one. A file whose size
+says nothing, as procfs's 0 and sysfs's page, is sent to its end of file.
+""",
+    "serve": """
+A client whose transfer fails on zcrelay's side (the file cannot be opened or shrinks, no fd is
+left) or is cut short by the server stopping gets a TCP reset, never a clean end of a
+truncated file.
+""",
     "bench": """
 With **--json**, the results are one JSON object on standard output. GB is 1,000,000,000
 bytes, and every per-method figure is the median over its runs. The object's keys: file (the path moved),
@@ -521,7 +531,7 @@ FILES = [
 
 SIGNALS = """
 **SIGINT** and **SIGTERM** stop a running relay cleanly: zcrelay stops accepting new connections,
-closes the open ones, prints a summary on standard error and exits with status 0. The summary
+closes the open ones (serve resets the clients whose file was not sent whole), prints a summary on standard error and exits with status 0. The summary
 gives the connections, the bytes each way, the share spliced and the fallbacks with their
 reasons; serve's gives the connections, the bytes sent and the clients that failed. A SIGINT
 that arrives before the command is running exits with status 130. While a server stops, a

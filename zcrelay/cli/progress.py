@@ -45,7 +45,8 @@ def stdin_size(fd: int = 0) -> int | None:
 
 class Display:
     """The rich progress display on stderr (never stdout): refreshed by a trio task (`refresh`)
-    in a trio run, or by a thread (`ticking`) while a command without trio blocks."""
+    in a trio run, or by a thread (`ticking`) while a command without trio blocks. Each row's
+    label is shown as plain text; the caller makes it printable (files.shown)."""
 
     def __init__(self, enabled: bool, rows: list[tuple[str, Flow, int | None]]) -> None:
         self.enabled = enabled
@@ -62,7 +63,8 @@ class Display:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)
 
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+        # Labels are text, not rich markup: a file named "[red]x" is shown as it is.
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
                    TransferSpeedColumn(), TimeRemainingColumn()]
         self._progress = Progress(*columns, console=Console(file=sys.stderr), auto_refresh=False)
         with self._progress:

@@ -18,7 +18,7 @@ from zcrelay.cli.progress import Display, show_progress
 from zcrelay.cli.transfer import (CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, QUIET, RATE, TARGET, VERBOSE,
                                   method_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode
-from zcrelay.files import SendConfig, open_file, send as send_file, span
+from zcrelay.files import SendConfig, open_file, send as send_file, shown, span
 from zcrelay.stats import Flow
 
 log = logging.getLogger("zcrelay")
@@ -54,7 +54,8 @@ def send(
         try:
             first, total = span(size, start, count)
             # A file that reports size 0 (procfs) is sent to its EOF: no total to show.
-            display = Display(show_progress(progress), [(os.path.basename(file), flow, total if size else None)])
+            label = shown(os.path.basename(file))  # a name with a newline or an escape: quoted
+            display = Display(show_progress(progress), [(label, flow, total if size else None)])
             started = time.monotonic()
             with display.ticking():
                 await send_file(fd, size, where, first, total, flow, config, connect_timeout or None)
