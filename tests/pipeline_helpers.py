@@ -140,3 +140,75 @@ class Sink:
     def join(self, timeout: float = 120) -> None:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the sink did not finish"
+
+
+# Losing a connection with bytes still on their way to stdout: the pieces the tests need.
+
+def fill(fd: int) -> bytes:
+    """Write random bytes into `fd` (a pipe or a socket) without blocking until it is full, as
+    a reader that has stopped reading leaves it; return what was written."""
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    written = bytearray()
+    chunk = os.urandom(1 << 16)
+    try:
+        while True:
+            try:
+                written += chunk[:os.write(fd, chunk)]
+            except BlockingIOError:
+                return bytes(written)
+    finally:
+        os.set_blocking(fd, blocking)
+
+
+def send_until_full(fd: int, data: bytes) -> int:
+    """Send the start of `data` on the non-blocking socket `fd` until it would block (the
+    receiver's window and our send buffer are full) or all is sent; return the bytes sent."""
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += os.write(fd, data[sent:sent + (1 << 20)])
+        except BlockingIOError:
+            break
+    return sent
+
+
+def unacked(fd: int) -> int:
+    """Bytes sent on the TCP socket `fd` that its peer's kernel has not acknowledged yet
+    (SIOCOUTQ): the bytes sent minus this had reached the peer's kernel, and stay readable
+    there after a reset (Linux keeps the receive queue of a reset connection)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def read_exactly(fd: int, n: int) -> bytes:
+    """Read `n` bytes from the blocking fd (fail at an early EOF)."""
+    got = bytearray()
+    while len(got) < n:
+        chunk = os.read(fd, n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+def feed_until_closed(fd: int) -> None:
+    """Write to the blocking fd until its reader goes (EPIPE), then close it."""
+    chunk = b"u" * (1 << 20)
+    try:
+        while True:
+            os.write(fd, chunk)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def reset(sock) -> None:
+    """Close `sock` with an RST (SO_LINGER 0), whatever it still holds."""
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -465,3 +465,142 @@ def _read_all(pipe, into: bytearray) -> None:
     """Read a child's stdout to EOF (it exits) into `into`."""
     while chunk := pipe.read1(1 << 20):
         into += chunk
+
+
+@pytest.mark.parametrize("command", ["connect", "listen"])
+def test_a_reset_noticed_while_sending_keeps_the_bytes_already_received(command, path):
+    """The peer sends more than a pipe, then more while stdout's reader has stopped, then
+    resets (SO_LINGER 0) while stdin is still being sent. zcrelay hears of the reset while
+    sending (the receiving direction waits on stdout); it cancelled the receiving direction
+    and exited, and the bytes its kernel had acknowledged (still readable after a reset on
+    Linux) or it held in a copy buffer never reached stdout. They must, in order, before the
+    one-line "connection lost" and exit status 1, and "received" counts exactly what stdout
+    got. With -v zcrelay says, as it happens, that it writes out what was already received:
+    the test reads stdout again only after that line (or the exit)."""
+    import hashlib
+    import re
+    import select
+
+    from tests.conftest import LISTENING, zcrelay_argv, zcrelay_env
+    from tests.pipeline_helpers import feed_until_closed, fill, read_exactly, reset, send_until_full, unacked
+    from tests.traffic import read_to_eof
+
+    first, then = os.urandom(3 << 20), os.urandom(8 << 20)
+    server = socket.create_server(("127.0.0.1", 0)) if command == "connect" else None
+    where = f"127.0.0.1:{server.getsockname()[1]}" if server else "127.0.0.1:0"
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    argv = zcrelay_argv(command, where, "-v", *(["--no-splice"] if path == "copy" else []))
+    proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, text=True, env=zcrelay_env())
+    watchdog = threading.Timer(60, proc.kill)  # bounds every wait below: a killed relay is EOF
+    watchdog.start()
+    os.close(in_r)
+    # A way into stdout's pipe of our own (its own open file description, non-blocking), to
+    # fill it as a reader that stopped reading leaves it.
+    extra = os.open(f"/proc/self/fd/{out_w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.close(out_w)
+    feeder = threading.Thread(target=feed_until_closed, args=(in_w,), daemon=True)  # never read
+    feeder.start()
+    lines: list[str] = []
+    try:
+        if server is not None:
+            with server:
+                peer, _ = server.accept()
+        else:
+            while not (match := LISTENING.search(line := proc.stderr.readline())):
+                assert line, f"exited before listening: {lines}"
+                lines.append(line)
+            host, port = match.group(1).rsplit(":", 1)
+            peer = socket.create_connection((host, int(port)))
+        with peer:
+            sender = threading.Thread(target=peer.sendall, args=(first,))
+            sender.start()
+            got = read_exactly(out_r, len(first))
+            sender.join(30)
+            filler = fill(extra)
+            # A small send buffer, so that "writable" means a third of it was acknowledged.
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+            peer.setblocking(False)
+            sent = send_until_full(peer.fileno(), then)
+            poller = select.poll()
+            poller.register(peer, select.POLLOUT)
+            assert poller.poll(10_000), "the relay's kernel took none of it"
+            acked = sent - unacked(peer.fileno())
+            reset(peer)
+        for line in proc.stderr:  # until zcrelay has heard of the reset, or has exited
+            lines.append(line)
+            if "writing out what was already received" in line:
+                break
+        os.close(extra)
+        extra = -1
+        rest = bytearray()
+        read_to_eof(out_r, rest)
+        proc.wait(60)
+        lines.extend(proc.stderr.readlines())
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if extra >= 0:
+            os.close(extra)
+        feeder.join(30)
+        os.close(out_r)
+        proc.stderr.close()
+    err = "".join(lines)
+    assert proc.returncode == 1, err
+    assert got == first
+    tail = bytes(rest[len(filler):])
+    assert hashlib.sha256(rest[:len(filler)]).digest() == hashlib.sha256(filler).digest()
+    assert len(tail) >= acked > 0, (len(tail), acked, err)
+    assert hashlib.sha256(tail).digest() == hashlib.sha256(then[:len(tail)]).digest()
+    errors = [line for line in lines if "error" in line]
+    assert len(errors) == 1, err
+    match = re.fullmatch(r"zcrelay: error: connection lost while sending and receiving \(reset by the peer\): "
+                         r"sent (\d+) bytes, received (\d+) bytes\n", errors[0])
+    assert match, errors[0]
+    assert int(match.group(2)) == len(first) + len(tail)
+
+
+def test_a_reset_keeps_what_the_kernel_received_for_a_file_stdout(tmp_path, path):
+    """`zcrelay connect ... > file` while stdin is still being sent: the peer sends 16 MiB
+    faster than zcrelay writes them out, then resets. What zcrelay's kernel had acknowledged
+    (megabytes, in its receive queue, readable after the reset on Linux) was dropped as soon
+    as the sending direction heard of the reset; the file must hold all of it, in order, and
+    "received" count it."""
+    import hashlib
+    import re
+
+    from tests.conftest import zcrelay_argv, zcrelay_env
+    from tests.pipeline_helpers import feed_until_closed, reset, unacked
+
+    data = os.urandom(16 << 20)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    with socket.create_server(("127.0.0.1", 0)) as server, open(tmp_path / "out", "wb") as out:
+        argv = zcrelay_argv("connect", f"127.0.0.1:{server.getsockname()[1]}",
+                            *(["--no-splice"] if path == "copy" else []))
+        proc = subprocess.Popen(argv, stdin=in_r, stdout=out, stderr=subprocess.PIPE, env=zcrelay_env())
+        os.close(in_r)
+        feeder = threading.Thread(target=feed_until_closed, args=(in_w,), daemon=True)  # never read
+        feeder.start()
+        try:
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(60)
+                peer.sendall(data)
+                acked = len(data) - unacked(peer.fileno())
+                reset(peer)
+            err = proc.communicate(timeout=60)[1].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            feeder.join(30)
+    got = (tmp_path / "out").read_bytes()
+    assert proc.returncode == 1, err
+    assert len(got) >= acked, (len(got), acked, err)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data[:len(got)]).digest()
+    match = re.fullmatch(r"zcrelay: error: connection lost while sending and receiving \(reset by the peer\): "
+                         r"sent \d+ bytes, received (\d+) bytes\n", err)
+    assert match, err
+    assert int(match.group(1)) == len(got)

@@ -160,12 +160,15 @@ def test_a_reset_whose_error_was_swallowed_is_not_an_eof(stdin_state, splice):
     returned "eof" (exit 0, a cut download and a lost upload unreported); with stdin open
     it called the peer's stream complete and waited on stdin for ever. Here the peer sends
     its bytes and resets, and the error is taken (SO_ERROR) as the swallowing splice did:
-    the bytes already received reach stdout, then the connection is reported lost."""
+    the bytes already received reach stdout, all of them (the sending direction, when it
+    noticed first, cancelled the receiving one and some were lost), then the connection is
+    reported lost."""
     import errno
     import hashlib
     import select
     import struct
 
+    from zcrelay import syscalls
     from zcrelay.errors import ConnectionLost
 
     down_data = traffic.payload(11, "down", 300_000)
@@ -183,6 +186,7 @@ def test_a_reset_whose_error_was_swallowed_is_not_an_eof(stdin_state, splice):
             poller.register(near.fileno(), select.POLLRDHUP)
             assert poller.poll(10_000), "no reset arrived"
             assert near.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+            queued.append(syscalls.fionread(near.fileno()))  # what near's kernel kept
             stdin, feed = os.pipe2(os.O_CLOEXEC)
             if stdin_state == "at-eof":
                 os.close(feed)
@@ -204,12 +208,115 @@ def test_a_reset_whose_error_was_swallowed_is_not_an_eof(stdin_state, splice):
         errors.append(str(lost.value))
 
     errors: list[str] = []
+    queued: list[int] = []
     trio.run(main)
-    # What reached stdout is counted exactly; how much of the 100000 bytes that is depends on
-    # which direction notices first (the other is cancelled then).
+    # What reached stdout is counted exactly, and it is all that near's kernel held.
     prefix = "connection lost while sending and receiving (reset by the peer): sent 0 bytes, received "
     assert len(errors) == 1 and errors[0].startswith(prefix) and errors[0].endswith(" bytes"), errors
     received = int(errors[0][len(prefix):-len(" bytes")])
     assert received == len(stdout_got)  # the copy path too: each write is counted as it returns
+    assert len(stdout_got) == queued[0] > 0
     assert hashlib.sha256(stdout_got).digest() == hashlib.sha256(down_data[:len(stdout_got)]).digest()
     assert up.end is None and down.end is None
+
+
+@pytest.mark.parametrize("stdout_kind, splice, connection", [
+    ("pipe", True, "tcp"), ("pipe", False, "tcp"), ("socket", True, "tcp"), ("pipe", True, "unix")])
+def test_a_reset_noticed_while_sending_keeps_the_bytes_already_received(stdout_kind, splice, connection):
+    """The peer sends, then resets, while stdout is full (its reader is slow) and stdin is
+    still being sent. The sending direction hears of the reset first (the receiving one waits
+    on stdout), and it cancelled the receiving one: the bytes the relay had taken off the
+    socket (in its copy buffer) and those Linux still held for it (a reset connection's receive
+    queue stays readable, up to the reset) were dropped, though they had arrived before the
+    reset. Every byte the relay's kernel held when the reset came must reach stdout, in order,
+    before the connection is reported lost, and "received" counts them. stdout is a pipe,
+    spliced into or copied to, or a socket (not splicable: copied). Over a Unix socket the
+    peer closes instead (it has no reset): the bytes it had sent still come first."""
+    import hashlib
+    import re
+    import select
+
+    import trio.testing
+
+    from tests.pipeline_helpers import feed_until_closed, fill, read_exactly, reset, send_until_full
+    from zcrelay import syscalls
+    from zcrelay.errors import ConnectionLost
+
+    first = traffic.payload(21, "down", 3 << 20)  # more than the 1 MiB stdout pipe
+    then = traffic.payload(22, "down", 8 << 20)  # more than the relay can hold: the rest stays
+    up, down = Flow(), Flow()
+    outcome: dict = {}
+    stdout_got = bytearray()
+
+    async def relay(near, stdin, stdout) -> None:
+        try:
+            outcome["end"] = await run_pipeline(near, PipelineConfig(splice=splice), up, down,
+                                                plan(stdin, False, splice), plan(stdout, True, splice), stdin, stdout)
+        except ConnectionLost as exc:
+            outcome["lost"] = str(exc)
+
+    async def main() -> None:
+        if connection == "tcp":
+            near, far = await traffic.tcp_pair()
+        else:
+            near, far = map(trio.socket.from_stdlib_socket, socket.socketpair())
+        stdin, feed = os.pipe2(os.O_CLOEXEC)
+        if stdout_kind == "pipe":
+            drain, stdout = os.pipe2(os.O_CLOEXEC)
+            fcntl.fcntl(stdout, fcntl.F_SETPIPE_SZ, 1 << 20)
+        else:
+            ends = socket.socketpair()
+            drain, stdout = ends[0].detach(), ends[1].detach()
+        feeder = threading.Thread(target=feed_until_closed, args=(feed,))  # far never reads it
+        feeder.start()
+        reader = threading.Thread(target=traffic.read_to_eof, args=(drain, stdout_got))
+        try:
+            with near, far, trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(relay, near, stdin, stdout)
+                    # More than a pipe goes through first, so the windows have grown.
+                    reading = trio.to_thread.run_sync(read_exactly, drain, len(first), abandon_on_cancel=True)
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(traffic.send_chunks, far, first, random.Random(5))
+                        stdout_got.extend(await reading)
+                    # stdout's reader stops; the peer sends what the relay will take, then resets.
+                    outcome["filler"] = fill(stdout)
+                    send_until_full(far.fileno(), then)
+                    poller = select.poll()
+                    poller.register(near.fileno(), select.POLLIN)
+                    assert poller.poll(10_000), "nothing arrived"
+                    # What the relay's kernel holds now (the relay runs no code until we
+                    # yield): all of it must reach stdout.
+                    outcome["queued"] = syscalls.fionread(near.fileno())
+                    poller.modify(near.fileno(), select.POLLRDHUP)
+                    if connection == "tcp":
+                        reset(far)
+                    else:
+                        far.close()  # a Unix socket has no reset
+                    assert poller.poll(10_000), "no reset arrived"
+                    # Every task has seen what it will of the reset; then stdout is read again.
+                    await trio.testing.wait_all_tasks_blocked()
+                    reader.start()
+        finally:
+            os.close(stdout)  # the reader sees EOF
+            os.close(stdin)  # the feeder sees EPIPE
+            for thread in (reader, feeder):
+                if thread.ident is not None:
+                    await trio.to_thread.run_sync(thread.join, 20)
+            os.close(drain)
+
+    trio.run(main)
+    assert "lost" in outcome, outcome
+    why = "reset by the peer" if connection == "tcp" else "closed by the peer"
+    match = re.fullmatch(rf"connection lost while sending and receiving \({why}\): "
+                         r"sent \d+ bytes, received (\d+) bytes", outcome["lost"])
+    assert match, outcome["lost"]
+    # stdout: the first part, what the slow reader had left in stdout, then the start of the
+    # second part: at least what the relay's kernel held when the reset came.
+    head = first + outcome["filler"]
+    got = bytes(stdout_got)
+    assert hashlib.sha256(got[:len(head)]).digest() == hashlib.sha256(head).digest()
+    tail = got[len(head):]
+    assert len(tail) >= outcome["queued"] > 0, (len(tail), outcome["queued"])
+    assert hashlib.sha256(tail).digest() == hashlib.sha256(then[:len(tail)]).digest()
+    assert int(match.group(1)) == down.bytes == len(first) + len(tail)

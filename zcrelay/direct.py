@@ -301,20 +301,22 @@ async def copy_waiting(src: int, dst: int, flow: Flow, pacer: Pacer | None = Non
             await checkpoint()
 
 
-async def copy_file_waiting(file_fd: int, offset: int, dst: int, flow: Flow, pacer: Pacer | None = None,
-                            bufsize: int = COPY_BUFSIZE) -> None:
-    """Copy `file_fd` from `offset` to EOF into `dst` through user space, read at explicit
-    offsets: concurrent transfers (serve) share the fd, so its position is never used. The
-    fallback for a file that refuses splice and sendfile (the files of /proc/PID)."""
+async def copy_file_waiting(file_fd: int, offset: int, length: int, dst: int, flow: Flow,
+                            pacer: Pacer | None = None, bufsize: int = COPY_BUFSIZE) -> None:
+    """Copy bytes [offset, offset + length) of `file_fd` into `dst` through user space, read at
+    explicit offsets: concurrent transfers (serve) share the fd, so its position is never used.
+    FileShrank at an EOF before the end, as the zero-copy movers. The fallback for a file that
+    refuses splice and sendfile (/proc/PID's files, /proc/config.gz)."""
     chunk = _chunk(bufsize, pacer)
+    end = offset + length
     position = offset
-    while True:
+    while position < end:
         try:
-            data = os.pread(file_fd, chunk, position)
+            data = os.pread(file_fd, min(chunk, end - position), position)
         except OSError as exc:
             raise translate(exc, SOURCE, "pread") from exc
         if not data:
-            return
+            raise FileShrank(end, position)
         await write_waiting(dst, memoryview(data), flow)
         position += len(data)
         if pacer is not None:

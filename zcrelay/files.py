@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
-from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError, translate
+from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError
 from zcrelay.logs import library_logger
-from zcrelay.mover import COPY_BUFSIZE, SOURCE
+from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
@@ -193,7 +193,7 @@ async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, c
         if exc.role != SOURCE or flow.bytes or exc.errno not in SPLICE_REFUSED:
             raise
         flow.fallback = f"{config.method} refused the file ({errno.errorcode.get(exc.errno, exc.errno)})"
-    await _copy_span(fd, sock, offset, length, flow, pacer)
+    await direct.copy_file_waiting(fd, offset, length, sock, flow, pacer)
 
 
 async def _send_zero_copy(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
@@ -206,26 +206,6 @@ async def _send_zero_copy(fd: int, sock: int, offset: int, length: int, flow: Fl
         await direct.send_file_splice(fd, sock, offset, length, pipe, flow, pacer)
     finally:
         pipe.close()  # ours alone, never pooled: it may hold bytes after an error
-
-
-async def _copy_span(fd: int, sock: int, offset: int, length: int, flow: Flow,
-                     pacer: RateLimit | None) -> None:
-    """The movers' contract through user space: bytes [offset, offset + length) with pread (a
-    regular file never makes it wait), FileShrank at an EOF before the end."""
-    chunk = min(COPY_BUFSIZE, pacer.chunk) if pacer is not None else COPY_BUFSIZE
-    end = offset + length
-    position = offset
-    while position < end:
-        try:
-            data = os.pread(fd, min(chunk, end - position), position)
-        except OSError as exc:
-            raise translate(exc, SOURCE, "pread") from exc
-        if not data:
-            raise direct.FileShrank(end, position)
-        await direct.write_waiting(sock, memoryview(data), flow)
-        position += len(data)
-        if pacer is not None:
-            await pacer.spent(len(data))
 
 
 # A length no file reaches: the movers take a span and end at EOF with FileShrank.

@@ -11,7 +11,11 @@ What a pipeline gets:
 - when stdin is a terminal, the peer closing its side ends the pipeline (nobody will type ^D
   for a transfer that is over);
 - failures come out as one exception each (InputFailed, OutputClosed, OutputFailed,
-  ConnectionLost), never an errno.
+  ConnectionLost), never an errno;
+- a lost connection loses no byte already received: what the peer sent before the failure,
+  whether in a buffer of ours or still in the socket's receive queue (Linux keeps a reset
+  connection's queue readable, then reports the reset), reaches stdout, in order, before
+  ConnectionLost is raised.
 
 Inherited stdio keeps its blocking mode: nothing here sets O_NONBLOCK on it.
 """
@@ -30,6 +34,7 @@ import trio
 from zcrelay import direct, syscalls
 from zcrelay.errors import (ConnectionLost, InputFailed, OutputClosed, OutputFailed,  # noqa: F401 (re-exported)
                             PeerGone, SpliceRefused, StreamError, ZcrelayError)
+from zcrelay.logs import log
 from zcrelay.mover import SOURCE
 from zcrelay.pipes import Pipe
 from zcrelay.ratelimit import RateLimit
@@ -132,23 +137,42 @@ class PipelineEnd:
 
 
 class _State:
-    def __init__(self, scope: trio.CancelScope) -> None:
-        self.scope = scope
+    def __init__(self, scope: trio.CancelScope, sock: trio.socket.SocketType) -> None:
+        self.scope = scope  # both directions
+        self.sending = trio.CancelScope()  # the sending direction alone
+        self.receiving = True  # until the receiving direction has stopped
+        self.sock = sock
         self.error: ZcrelayError | None = None
         self.lost: str | None = None  # why the connection was lost (the first failure's errno)
         self.end: str | None = None
 
     def fail(self, error: ZcrelayError) -> None:
+        """A local failure (stdin, stdout): both directions stop at once."""
         if self.error is None and self.lost is None:
             self.error = error
         self.scope.cancel()
 
     def lose(self, why: str) -> None:
         """The connection failed: ConnectionLost, whose message is written once both tasks
-        have stopped, with each direction's final count (see _lost)."""
+        have stopped, with each direction's final count (see _lost).
+
+        Only the sending direction is stopped: nothing more can reach the peer. The receiving
+        one is not cancelled (that dropped bytes): what the peer sent before the failure may
+        still be on its way to stdout, in our pipe or copy buffer, or in the socket's receive
+        queue, which Linux keeps readable after a reset (a read then reports the reset, or 0
+        once another call took the error). It runs until the socket has nothing left. Shutting
+        down the read side bounds that to what the kernel holds now when the failure left the
+        connection up (on a reset one it changes nothing); as at any EOF, stdout's reader
+        decides how long writing it out takes. Runs once, on the error path: no cost per chunk."""
         if self.error is None and self.lost is None:
             self.lost = why
-        self.scope.cancel()
+        self.sending.cancel()
+        if self.receiving:
+            log.debug("connection lost while sending (%s): writing out what was already received", why)
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # ENOTCONN on a reset connection, which reads as shut down already
 
 
 async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up: Flow, down: Flow,
@@ -161,45 +185,50 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
     """
     fd = sock.fileno()
     with trio.CancelScope() as scope:
-        state = _State(scope)
+        state = _State(scope, sock)
 
         async def sending() -> None:
-            try:
-                await move(stdin, fd, stdin_plan, "destination", up, config)
-            except StreamError as exc:
-                if exc.role == SOURCE:
-                    state.fail(InputFailed(f"reading stdin: {os.strerror(exc.errno)}"))
-                else:
-                    state.lose(_why(exc.errno, sock))
-                return
-            # A splice into a socket that was just reset can return 0, which reads as EOF on
-            # stdin: before our FIN, a TCP socket in CLOSE was reset (syscalls.tcp_closed).
-            if syscalls.tcp_closed(sock):
-                state.lose(_why(_pending_error(sock), sock))
-                return
-            up.end = "eof"
-            if config.shutdown:
+            with state.sending:  # lose() stops it
                 try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError as exc:
-                    # ENOTCONN: the connection died before our FIN (a reset just after the
-                    # check above), and the receiving side may never hear of it.
-                    if exc.errno == errno.ENOTCONN:
-                        state.lose(_why(_pending_error(sock), sock))
-                        return
-            if config.close_after is not None:
-                scope.deadline = min(scope.deadline, trio.current_time() + config.close_after)
+                    await move(stdin, fd, stdin_plan, "destination", up, config)
+                except StreamError as exc:
+                    if exc.role == SOURCE:
+                        state.fail(InputFailed(f"reading stdin: {os.strerror(exc.errno)}"))
+                    else:
+                        state.lose(_why(exc.errno, sock))
+                    return
+                # A splice into a socket that was just reset can return 0, which reads as EOF on
+                # stdin: before our FIN, a TCP socket in CLOSE was reset (syscalls.tcp_closed).
+                if syscalls.tcp_closed(sock):
+                    state.lose(_why(_pending_error(sock), sock))
+                    return
+                up.end = "eof"
+                if config.shutdown:
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError as exc:
+                        # ENOTCONN: the connection died before our FIN (a reset just after the
+                        # check above), and the receiving side may never hear of it.
+                        if exc.errno == errno.ENOTCONN:
+                            state.lose(_why(_pending_error(sock), sock))
+                            return
+                if config.close_after is not None:
+                    scope.deadline = min(scope.deadline, trio.current_time() + config.close_after)
 
         async def receiving() -> None:
             try:
                 await move(fd, stdout, stdout_plan, SOURCE, down, config)
             except StreamError as exc:
+                state.receiving = False
                 if exc.role == SOURCE:
                     state.lose(_why(exc.errno, sock))
                 elif isinstance(exc, PeerGone):
                     state.fail(OutputClosed("stdout was closed by its reader"))
                 else:
                     state.fail(OutputFailed(f"writing stdout: {os.strerror(exc.errno)}"))
+                return
+            state.receiving = False
+            if state.lost is not None:  # lost while sending: this was what had been received
                 return
             if not (up.end and config.shutdown) and syscalls.tcp_closed(sock):  # before our FIN
                 state.lose(_why(errno.ECONNRESET, sock))

@@ -443,6 +443,17 @@ those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
 worker's status, or 1 if it was killed by a signal.
 """,
+    "connect": """
+When the connection is lost (the peer resets it, or it times out), every byte already received
+is written to standard output first, in order, whether zcrelay held it or the kernel still did
+(Linux keeps what arrived before a reset readable). Then zcrelay prints one line, "connection
+lost while ...: sent N bytes, received M bytes", where M counts the bytes written to standard
+output, and exits with status 1.
+""",
+    "listen": """
+A lost connection ends as with **connect**: the bytes already received reach standard output
+first. With **--keep-open** the line is a warning and the next connection is accepted.
+""",
     "send": """
 A transfer that fails or is stopped (SIGINT) before its last byte ends with a TCP reset, not a
 FIN, so that the receiver cannot take a truncated file for the whole one. A file whose size
