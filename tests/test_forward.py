@@ -165,6 +165,49 @@ async def test_half_closed_connection_ends_after_linger(zcrelay, path):
     assert line.group(6) == "linger"
 
 
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+async def test_linger_does_not_cut_a_reply_that_is_still_flowing(zcrelay, path, capture, tmp_path):
+    """A client sends its request and half-closes (nc -N, HTTP/1.0 style); the reply takes
+    longer than --linger but never pauses for that long. It was cut at --linger, and with a
+    FIN, so the client took a truncated reply for a whole one: --linger is the time a
+    half-closed connection may stay silent, not the time it may live."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reply = os.urandom(3 * MiB + 12345)  # larger than a pipe and a socket buffer
+    got_request = []
+
+    async def server():
+        sock, _ = await listener.accept()
+        with sock:
+            got_request.append(await read_to_eof(sock))
+            chunk = len(reply) // 12 + 1
+            try:
+                for at in range(0, len(reply), chunk):  # 12 pieces, 0.1 s apart: 1.2 s against 0.5 s
+                    await send_all(sock, reply[at:at + chunk])
+                    await trio.sleep(0.1)
+            except OSError:
+                pass  # cut short by the relay: the client's check below says so
+
+    extra = ["--capture-dir", str(tmp_path)] if capture else []
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", "--linger", "0.5",
+                    *extra, *path_args(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        client = trio.socket.socket()
+        with client:
+            await client.connect(("127.0.0.1", relay.port))
+            await client.send(b"GET /big")
+            client.shutdown(socket.SHUT_WR)
+            with trio.fail_after(20):
+                answer = await read_to_eof(client)
+    assert got_request == [b"GET /big"]
+    assert len(answer) == len(reply) and traffic.digest(answer) == traffic.digest(reply)
+    relay.wait_for_lines(" close=", 1)
+    code, err = relay.stop()
+    assert [m.group(6) for m in conn_lines(err)] == ["eof"], err
+
+
 async def test_idle_timeout_closes_silent_connection(zcrelay):
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))

@@ -3,7 +3,8 @@
 What the relay promises:
 - both directions run at once; bytes are never lost or reordered;
 - at EOF on one side, the write side of the other is shut down and the reverse direction keeps
-  flowing (half-close); the half-closed connection then lives at most `linger` seconds;
+  flowing (half-close); the half-closed connection then ends once no byte has moved for
+  `linger` seconds (a reply still flowing is never cut short);
 - a reset or error on either side ends both directions promptly;
 - with `idle` set, a connection where no byte moved for that long is ended.
 """
@@ -137,10 +138,32 @@ class _Relay:
         self.end: RelayEnd | None = None
         self.crash: BaseException | None = None  # a bug inside a direction, re-raised by relay()
         self.last_activity = trio.current_time()
-        self.linger_at = float("inf")
+        self.linger_at = float("inf")  # the half-close + linger (see _linger_deadline)
+        self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
+
+    def _linger_deadline(self) -> float:
+        """When a half-closed connection ends: `linger` seconds after the half-close or after
+        the last byte moved since, whichever is later; inf before a half-close."""
+        if self.linger_at == float("inf"):
+            return self.linger_at
+        assert self.linger is not None
+        return max(self.linger_at, self.last_activity + self.linger)
+
+    def _track_activity(self) -> None:
+        """From the half-close on, the direction still open reports its bytes (touch), so that
+        --linger counts silence, not age: a reply that takes longer than `linger` but keeps
+        flowing was cut short, with a FIN that made it look whole. Before the half-close (and
+        without `idle`) no byte pays for this."""
+        touch = self.touch
+        for flow in self.flows:
+            previous = flow.on_bytes
+            if previous is None:
+                flow.on_bytes = touch
+            elif previous != touch:
+                flow.on_bytes = lambda n, previous=previous: (previous(n), touch(n))
 
     def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
         """One direction ended, at EOF (error None) or with an error; never raises."""
@@ -172,6 +195,7 @@ class _Relay:
             self._stop()
         elif self.linger is not None:
             self.linger_at = trio.current_time() + self.linger
+            self._track_activity()
             self._deadline_moved()
 
     def _end_idle(self) -> None:
@@ -213,6 +237,7 @@ class Pair(_Relay):
         self.reactor = reactor
         self.up = up
         self.down = down
+        self.flows = (up, down)
         self.idle = idle
         self.on_done = on_done
         self.closed = False
@@ -230,7 +255,8 @@ class Pair(_Relay):
         self.stream_ended(stream.flow, *_SIDES[stream.flow is self.down], error)
 
     def _deadline(self) -> float:
-        return min(self.linger_at, self.last_activity + self.idle) if self.idle else self.linger_at
+        linger_at = self._linger_deadline()
+        return min(linger_at, self.last_activity + self.idle) if self.idle else linger_at
 
     def _deadline_moved(self) -> None:
         when = self._deadline()
@@ -242,7 +268,7 @@ class Pair(_Relay):
     def _on_deadline(self) -> None:
         self._timer = None
         now = trio.current_time()
-        if now >= self.linger_at:
+        if now >= self._linger_deadline():
             self._stop()  # ends as "linger"
         elif self.idle and now >= self.last_activity + self.idle:
             self._end_idle()
@@ -271,15 +297,22 @@ class _TaskRelay(_Relay):
 
     def __init__(self, a: Endpoint, b: Endpoint, linger: float | None) -> None:
         super().__init__(a, b, linger)
-        self.scope: trio.CancelScope | None = None  # the nursery's: cancelled when the relay ends
+        self.nursery: trio.Nursery | None = None  # its scope is cancelled when the relay ends
 
     def _stop(self) -> None:
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     def _deadline_moved(self) -> None:
-        if self.scope is not None:
-            self.scope.deadline = min(self.scope.deadline, self.linger_at)
+        if self.nursery is not None:  # called once, at the half-close
+            self.nursery.start_soon(self.watch_linger)
+
+    async def watch_linger(self) -> None:
+        while True:
+            await trio.sleep_until(self._linger_deadline())
+            if trio.current_time() >= self._linger_deadline():
+                self._stop()  # ends as "linger"
+                return
 
     async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
                         src_side: str, dst_side: str, capture=None) -> None:
@@ -359,12 +392,13 @@ _SIDES = {False: ("a", "b"), True: ("b", "a")}  # by "is this the down flow": (s
 async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow,
                           idle: float | None, captures: tuple) -> RelayEnd:
     """The relay with a task per direction, for captures (their writers wait on files)."""
-    # The nursery's own scope is the relay's: cancelling it (reset, idle, both EOFs) or its
-    # deadline (linger) ends both directions. The a → b direction runs in this task.
+    # The nursery's own scope is the relay's: cancelling it (reset, idle, linger, both EOFs)
+    # ends both directions. The a → b direction runs in this task.
+    state.flows = (up, down)
     if idle:
         up.on_bytes = down.on_bytes = state.touch
     async with trio.open_nursery() as nursery:
-        state.scope = nursery.cancel_scope
+        state.nursery = nursery
         if idle:
             nursery.start_soon(state.watch_idle, idle)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
