@@ -38,7 +38,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l max-conns -x -d 
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l max-idle-pipes -x -d 'Empty pipes kept for reuse'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l connect-timeout -x -d 'Seconds to reach the target (0: none)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l idle-timeout -x -d 'Close a connection after this many seconds without a byte (0: never)'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Seconds a half-closed connection may live (0: no limit)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Seconds a half-closed connection may go without a byte moving (0: no limit)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l resolve-ttl -x -d 'Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-splice -l splice -d '--no-splice copies through user space instead of splicing (for comparison, odd kernels); --splice undoes a config file\'s splice = false'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-nodelay -l nodelay -d '--no-nodelay leaves Nagle\'s algorithm on (TCP_NODELAY is set on both sides by default); --nodelay undoes a config file\'s nodelay = false'

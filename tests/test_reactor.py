@@ -965,10 +965,12 @@ async def test_streams_that_epoll_refuses_leave_the_reactor_as_it_was(path):
     reactor = engine.reactor()
     (client, a), (c, server) = await _tcp_pairs()
     spare = trio.socket.socket()
-    # The refused fd is the one start visits last, after a handed-over and a new one.
-    handed, new, refused = order = list({a.fileno(), c.fileno(), spare.fileno()})
-    pairs = [(handed, refused, Flow()), (new, refused, Flow())]
-    assert list({fd for src, dst, _ in pairs for fd in (src, dst)}) == order
+    socks = {sock.fileno(): sock for sock in (a, c, spare)}
+    pairs = [(a.fileno(), spare.fileno(), Flow()), (c.fileno(), spare.fileno(), Flow())]
+    # The order start visits them in (its own set's): the refused fd is the last, after a
+    # handed-over one and a new one. (A set of ints is visited by value, and by insertion
+    # order where two collide: the same expression over the same pairs gives the same order.)
+    handed, new, refused = order = list({fd for src, dst, _ in pairs for fd in (src, dst)})
     real = reactor._epoll
 
     class RefusingEpoll:
@@ -1003,8 +1005,7 @@ async def test_streams_that_epoll_refuses_leave_the_reactor_as_it_was(path):
 
     timers = len(reactor._timers)
     with pytest.raises(OSError):
-        Pair(reactor, a, spare if refused == spare.fileno() else c, Flow(), Flow(), idle=0.01, linger=None,
-             on_done=lambda pair: None)
+        Pair(reactor, socks[new], socks[refused], Flow(), Flow(), idle=0.01, linger=None, on_done=lambda pair: None)
     assert len(reactor._timers) == timers and reactor.waiting == 0
     reactor._epoll = real
     spare.close()

@@ -4,13 +4,17 @@ getaddrinfo opens /etc/hosts once per call (nsswitch "hosts: files ..."), seen b
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import trio
 
 from tests import traffic
-from tests.test_forward import MiB, conn_lines, path_args, serve_traffic
+from tests.test_forward import MiB, conn_lines, path_args, read_to_eof, send_all, serve_traffic
 from tests.test_forward_proofs import needs
 
 
@@ -70,3 +74,85 @@ def test_a_negative_ttl_is_a_usage_error(tmp_path):
     done = run_zcrelay("forward", "127.0.0.1:0", "localhost:9", "--config", str(config))
     err = done.stderr.decode()
     assert done.returncode == 2 and "resolve-ttl" in err and "Traceback" not in err, err
+
+
+def _in_own_hosts(tmp_path, lines: str) -> list[str]:
+    """A prefix that runs zcrelay with `lines` as its /etc/hosts (a private mount namespace:
+    nothing outside sees it). Needs root and unshare(1)."""
+    from tests.test_forward_proofs import needs
+
+    needs("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("a private /etc/hosts needs root (a mount namespace)")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(lines)
+    return ["unshare", "--mount", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "$@"', "sh"]
+
+
+def _families_in_order(prefix: list[str], name: str) -> list[int]:
+    """The address families `name` resolves to, in getaddrinfo's order, seen from `prefix`."""
+    done = subprocess.run([*prefix, sys.executable, "-c", f"import socket; print(*[i[0] for i in "
+                           f"socket.getaddrinfo({name!r}, 1, type=socket.SOCK_STREAM)])"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"no private /etc/hosts here: {done.stderr.strip()}")
+    return [int(f) for f in done.stdout.split()]
+
+
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+
+async def test_a_first_address_that_drops_syns_leaves_time_for_the_next(zcrelay, tmp_path):
+    """A name with two addresses, the first black-holed (SYNs dropped, as on a broken IPv6
+    route) and the second served: the first took the whole --connect-timeout, so the second
+    was never tried and every connection failed with close=timeout. As Go's dialer does, each
+    address gets a share of the time left (at least 2 s), so the second is reached, on both
+    the resolving path (first connection) and the reactor's (the next, from --resolve-ttl)."""
+    prefix = _in_own_hosts(tmp_path, "::1 zcmulti\n127.0.0.1 zcmulti\n")
+    first, second = _families_in_order(prefix, "zcmulti")
+    with contextlib.ExitStack() as stack:
+        while True:  # one port number, free in both families
+            dropping = stack.enter_context(socket.socket(first))
+            dropping.bind((LOOPBACK[first], 0))
+            port = dropping.getsockname()[1]
+            served = socket.socket(second)
+            try:
+                served.bind((LOOPBACK[second], port))
+                break
+            except OSError:
+                served.close()
+        stack.enter_context(served)
+        served.listen(8)
+        served.setblocking(False)
+        dropping.listen(0)
+        for _ in range(8):  # fill its accept queue: later SYNs are dropped
+            filler = stack.enter_context(socket.socket(first))
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK[first], port))
+        relay = zcrelay("forward", "127.0.0.1:0", f"zcmulti:{port}", "--connect-timeout", "4",
+                        "--resolve-ttl", "60", prefix=prefix)
+        target_listener = trio.socket.from_stdlib_socket(served)
+        for n in range(2):
+            request, reply = os.urandom(2 * MiB + n), os.urandom(3 * MiB + n)
+            async with trio.open_nursery() as nursery:
+
+                async def target():
+                    sock, _ = await target_listener.accept()
+                    with sock:
+                        got.append(await read_to_eof(sock))
+                        await send_all(sock, reply)
+
+                got: list[bytes] = []
+                nursery.start_soon(target)
+                client = trio.socket.socket()
+                with client, trio.fail_after(20):
+                    await client.connect(("127.0.0.1", relay.port))
+                    await send_all(client, request)
+                    client.shutdown(socket.SHUT_WR)
+                    answer = await read_to_eof(client)
+            assert traffic.digest(got[0]) == traffic.digest(request)
+            assert traffic.digest(answer) == traffic.digest(reply)
+        relay.wait_for_lines(" close=", 2)
+        code, err = relay.stop()
+    assert code == 0, err
+    assert [m.group(6) for m in conn_lines(err)] == ["eof", "eof"], err

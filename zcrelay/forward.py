@@ -466,7 +466,7 @@ class _Link:
     machine (connecting → relaying → finished) driven by callbacks that never raise."""
 
     __slots__ = ("forwarder", "reactor", "client", "target", "conn", "targets", "pair",
-                 "last_error", "retry", "finished")
+                 "last_error", "retry", "finished", "attempt")
 
     def __init__(self, forwarder: Forwarder, reactor: Reactor, client: socket.socket, conn: Connection,
                  targets: list) -> None:
@@ -480,6 +480,7 @@ class _Link:
         self.last_error = 0
         self.retry = 0.0  # Unix target with a full backlog: the next back-off
         self.finished = False
+        self.attempt: Timer | None = None  # one of several addresses: its share of the timeout
 
     def begin(self) -> None:
         self.forwarder._connecting[self] = None  # until connected or finished: see _sweep
@@ -513,6 +514,11 @@ class _Link:
         err = sock.connect_ex(sockaddr)
         if err == errno.EINPROGRESS:
             self.reactor.watch(sock.fileno(), self._connect_ready)
+            timeout = self.forwarder.config.connect_timeout
+            if timeout and len(self.targets) > 1:  # the others need time too (net.attempt_time)
+                now = trio.current_time()
+                share = net.attempt_time(self.conn.started + timeout - now, len(self.targets))
+                self.attempt = self.reactor.call_at(now + share, lambda: self._guard(self._attempt_spent, sock))
             return True
         if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
             # A Unix listener with a full backlog answers EAGAIN and offers nothing to wait on:
@@ -530,7 +536,20 @@ class _Link:
         if self.target is sock and not self.finished:
             self._guard(lambda: self._try_connect(sockaddr) or self._next_target())
 
+    def _attempt_spent(self, sock: socket.socket) -> None:
+        """An address that is not the last used up its share of the connect timeout."""
+        self.attempt = None
+        if self.target is sock and not self.finished and self.pair is None:
+            self._drop_target(errno.ETIMEDOUT)
+            self._next_target()
+
+    def _cancel_attempt(self) -> None:
+        if self.attempt is not None:
+            self.attempt.cancel()
+            self.attempt = None
+
     def _drop_target(self, err: int) -> None:
+        self._cancel_attempt()
         self.last_error = err
         self.targets.pop(0)
         if self.target is not None:
@@ -554,6 +573,7 @@ class _Link:
         self._next_target()
 
     def _connected(self) -> None:
+        self._cancel_attempt()
         self.forwarder._connecting.pop(self, None)
         config = self.forwarder.config
         assert self.target is not None
@@ -588,6 +608,7 @@ class _Link:
             return
         self.finished = True
         self.conn.close = close
+        self._cancel_attempt()
         self.forwarder._connecting.pop(self, None)
         if self.pair is not None:
             self.pair.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import math
 import os
 import socket
 import stat
@@ -261,9 +262,23 @@ async def connect(address: Address, timeout: float | None,
     zcrelay.waits, where getaddrinfo blocks). A trio socket in a trio run, else a non-blocking
     stdlib socket. `on_resolved` gets the (family, sockaddr) list a name resolved to.
     """
-    with waits.move_on_after(timeout if timeout else float("inf")):
-        return await _connect(address, on_resolved)
+    deadline = waits.current_time() + timeout if timeout else math.inf
+    with waits.move_on_after(timeout if timeout else math.inf):
+        return await _connect(address, on_resolved, deadline)
     raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
+
+
+# The least time an address that is not the last is given (Go's net.partialDeadline).
+MIN_ATTEMPT = 2.0
+
+
+def attempt_time(left: float, addresses: int) -> float:
+    """How long the next of `addresses` addresses may take to connect, with `left` seconds of
+    the connect timeout left: an equal share, but at least MIN_ATTEMPT (or all that is left).
+    Without shares, an address that drops SYNs (a broken IPv6 route) took the whole timeout
+    and the next was never tried. As Go's dialer does (net.partialDeadline)."""
+    share = left / addresses
+    return share if share >= MIN_ATTEMPT else max(0.0, min(left, MIN_ATTEMPT))
 
 
 def literal_targets(address: Address) -> list[tuple[int, object]] | None:
@@ -304,7 +319,8 @@ def urgent_inline(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
 
 
-async def _connect(address: Address, on_resolved: Callable[[list], None] | None) -> trio.socket.SocketType:
+async def _connect(address: Address, on_resolved: Callable[[list], None] | None,
+                   deadline: float = math.inf) -> trio.socket.SocketType:
     targets = literal_targets(address)
     if targets is None:
         try:
@@ -315,16 +331,19 @@ async def _connect(address: Address, on_resolved: Callable[[list], None] | None)
         if on_resolved is not None:
             on_resolved(targets)
     last: OSError | None = None
-    for family, sockaddr in targets:
+    for index, (family, sockaddr) in enumerate(targets):
         try:
             sock = stream_socket(family)
         except OSError as exc:
             last = exc
             break  # out of fds or memory: trying another address will not help
+        more = len(targets) - index
+        share = attempt_time(deadline - waits.current_time(), more) if more > 1 else math.inf
         try:
             # mover.connect rather than trio's socket.connect: trio resolves the address again
             # and wraps the wait in more machinery, a measurable share of a connection's cost.
-            await mover.connect(sock, sockaddr)
+            with waits.move_on_after(share) as attempt:
+                await mover.connect(sock, sockaddr)
         except OSError as exc:
             sock.close()
             last = exc
@@ -332,6 +351,10 @@ async def _connect(address: Address, on_resolved: Callable[[list], None] | None)
         except BaseException:
             sock.close()
             raise
+        if attempt.cancelled_caught:  # its share is spent: the next address
+            sock.close()
+            last = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+            continue
         return sock if waits.blocking() else _trio_socket(sock)
     assert last is not None
     raise connect_error(address, last.errno or errno.EIO)

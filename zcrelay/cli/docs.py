@@ -348,8 +348,8 @@ refused, since its size is unknown.
 Each stream in flight uses one pipe per direction; empty pipes are kept in a small pool and
 reused, and a pipe that still holds bytes is never reused. Each connection is relayed in both
 directions at once, and an end-of-file in one direction is passed on as a half-close (shutdown of
-the write side), so protocols that half-close keep working; **--linger** bounds how long a
-half-closed connection may live.
+the write side), so protocols that half-close keep working; **--linger** ends a half-closed connection once no
+byte has moved for that many seconds, so a reply that keeps flowing is never cut short.
 
 **Fallback.** When a file descriptor cannot be spliced (a terminal, a file opened with O_APPEND,
 an old or unusual kernel or file system), the first splice fails with EINVAL, ENOSYS or EBADF
@@ -427,7 +427,9 @@ A TARGET given by name is resolved when a connection needs it, and the addresses
 the connections of the next **--resolve-ttl** seconds (5 by default; 0 resolves for every
 connection). Such a connection costs a quarter to a third of the CPU of one that resolves. A connection
 that is refused, times out or finds no route drops the addresses, so the next one resolves
-again. Each address is tried in turn, IPv4 and IPv6 alike.
+again. Each address is tried in turn, IPv4 and IPv6 alike; each but the last gets an equal
+share of the **--connect-timeout** left, and at least 2 seconds, so an address that drops SYNs
+does not use up the time of the others.
 
 **--workers** N serves with N processes, for loads one CPU cannot carry (many small
 requests). The first process binds every listener (a TCP listener N times with SO_REUSEPORT,

@@ -240,7 +240,7 @@ def forward(
     max_idle_pipes: Optional[int] = typer.Option(None, "--max-idle-pipes", min=0, metavar="N", help="Empty pipes kept for reuse.  \\[default: 16]", show_default=False),
     connect_timeout: Optional[float] = typer.Option(None, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the target (0: none).  \\[default: 10]", show_default=False),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=0, metavar="SECONDS", help="Close a connection after this many seconds without a byte (0: never).  \\[default: 0]", show_default=False),
-    linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may live (0: no limit).  \\[default: 60]", show_default=False),
+    linger: Optional[float] = typer.Option(None, "--linger", min=0, metavar="SECONDS", help="Seconds a half-closed connection may go without a byte moving (0: no limit).  \\[default: 60]", show_default=False),
     resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  \\[default: 5]", show_default=False),
     splice: Optional[bool] = typer.Option(None, "--splice/--no-splice", help="--no-splice copies through user space instead of splicing (for comparison, odd kernels); --splice undoes a config file's splice = false.", show_default=False),
     nodelay: Optional[bool] = typer.Option(None, "--nodelay/--no-nodelay", help="--no-nodelay leaves Nagle's algorithm on (TCP_NODELAY is set on both sides by default); --nodelay undoes a config file's nodelay = false.", show_default=False),
