@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
+import trio
 
 from tests.conftest import run_zcrelay, zcrelay_argv, zcrelay_env
+from zcrelay import demo
 
 
 def test_demo_checks_every_byte_and_says_so():
@@ -32,3 +37,95 @@ def test_demo_warnings_are_zcrelays_lines():
     assert done.returncode == 0, err
     [line] = [line for line in err.splitlines() if "pipe-max-size" in line]
     assert line.startswith(f"zcrelay: pipe size {2 * limit} is above the kernel's limit"), err
+
+
+def test_zero_size_is_a_usage_error():
+    """--size 0 sent nothing and reported "1/1 intact": a check of no bytes cannot fail."""
+    done = run_zcrelay("demo", "--size", "0", "--connections", "1")
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, lines
+    assert len(lines) == 1 and "--size" in lines[0], lines
+
+
+def _in_own_netns(script: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh, with $@ the zcrelay argv) in a network namespace of its own, so the
+    kernel's TCP counters are the test's alone. Needs root (unshare -n)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("a network namespace of the test's own needs root, unshare and ip")
+    return subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", *zcrelay_argv("demo")],
+                          capture_output=True, env=zcrelay_env(), timeout=120)
+
+
+def test_every_connection_is_accepted_at_once():
+    """--connections is allowed up to 256, but the echo target listened with a backlog of 128:
+    from 130 connections on, the kernel dropped the extra SYNs and the clients retried a second
+    later (TCP's initial RTO), so "time" and "throughput" were a second off. Counted in a
+    namespace of the test's own: TcpExt ListenOverflows must stay 0."""
+    done = _in_own_netns('ip link set lo up && "$@" --size 4K --connections 256 && cat /proc/net/netstat')
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "256/256 intact" in err, err
+    names, values = [line.split()[1:] for line in out.splitlines() if line.startswith("TcpExt:")]
+    counters = dict(zip(names, map(int, values)))
+    assert counters["ListenOverflows"] == 0 and counters["ListenDrops"] == 0, counters
+
+
+def test_loopback_down_is_one_clear_line():
+    """With the loopback interface down (a fresh network namespace) the demo said only
+    "zcrelay: error: Network is unreachable": not what it was connecting to, nor why."""
+    done = _in_own_netns('"$@" --size 4K --connections 1')
+    lines = [line for line in done.stderr.decode().splitlines() if "listening on" not in line]
+    assert done.returncode == 6, lines
+    assert len(lines) == 1 and "127.0.0.1:" in lines[0] and "loopback" in lines[0], lines
+
+
+class _CrossWired:
+    """A broken relay in place of zcrelay.forward.Forwarder: each client's bytes go to a target
+    connection of its own, but the replies come back from its neighbour's."""
+
+    def __init__(self, config) -> None:
+        self.target = config.rules[0].target
+        self.totals = SimpleNamespace(connections=0, spliced=0, copied=0)
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket()
+        with listener:
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            task_status.started([SimpleNamespace(address=f"127.0.0.1:{listener.getsockname()[1]}")])
+            clients, targets = [], []
+            for _ in range(2):
+                clients.append((await listener.accept())[0])
+                targets.append(trio.socket.socket())
+                await targets[-1].connect((self.target.host, self.target.port))
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(self._pump, clients[i], targets[i])
+                    nursery.start_soon(self._pump, targets[1 - i], clients[i])
+            for sock in clients + targets:
+                sock.close()
+            self.totals.connections = 2
+            await trio.sleep_forever()
+
+    @staticmethod
+    async def _pump(src, dst) -> None:
+        while data := await src.recv(1 << 16):
+            view = memoryview(data)
+            while view:
+                view = view[await dst.send(view):]
+        dst.shutdown(socket.SHUT_WR)
+
+
+def test_echo_check_tells_connections_apart(monkeypatch):
+    """Every connection sent the same 1 MiB block over and over, so a relay that crossed two
+    connections' streams (or replayed one pipe-full of bytes in place of the next) gave back
+    the very bytes that were sent, and the demo said "2/2 intact"."""
+    monkeypatch.setattr(demo, "Forwarder", _CrossWired)
+    result = trio.run(demo.run_demo, 3 * demo.CHUNK + 123, 2, True, 1 << 20)
+    assert result.intact == 0 and not result.ok
+
+
+def test_echo_check_passes_a_sound_relay():
+    """The same check, in process, through zcrelay's own forward: both connections intact."""
+    result = trio.run(demo.run_demo, 3 * demo.CHUNK + 123, 2, True, 1 << 20)
+    assert result.ok and result.intact == 2

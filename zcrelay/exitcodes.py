@@ -32,11 +32,11 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.ADDRESS_IN_USE: "A listen address is already in use.",
     ExitCode.PERMISSION_DENIED: "Not allowed to bind a listen address (a privileged port, a protected path).",
     ExitCode.ADDRESS_NOT_AVAILABLE: "A listen address is not on this host, or its name does not resolve.",
-    ExitCode.CONNECT_FAILED: "The target refused the connection, was unreachable, or did not answer in time.",
+    ExitCode.CONNECT_FAILED: "The target refused the connection, was unreachable, or did not answer in time; for bench and demo, their own loopback connections (the loopback interface is down).",
     ExitCode.NO_RESOURCES: "Out of file descriptors or memory before any work could start.",
     ExitCode.INPUT_ERROR: "A file to read is missing, unreadable or not a regular file.",
     ExitCode.OUTPUT_ERROR: "Writing an output failed: a full disk, an I/O error, an output closed early.",
     ExitCode.FILE_CHANGED: "The file being sent shrank while it was sent.",
-    ExitCode.INTERRUPTED: "Interrupted by SIGINT before the command was running (128 + 2, as shells report it).",
+    ExitCode.INTERRUPTED: "Interrupted by SIGINT before the command was running, or bench interrupted by SIGINT or SIGTERM (128 + 2, as shells report it).",
     ExitCode.BROKEN_PIPE: "stdout's reader went away (as with '| head'); nothing is printed (128 + 13, as for a program killed by SIGPIPE).",
 }

@@ -6,6 +6,9 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
   (TMPDIR): OUTPUT_ERROR (9), refused before a byte is written in the second case
 - the file shrank while it was measured: FILE_CHANGED (10)
 - Ctrl-C or SIGTERM: INTERRUPTED (130), after the temporary file is removed
+- SIGHUP (the terminal closed): its default action, as for every command (129 in a shell),
+  after the temporary file is removed
+- the loopback sink cannot be reached (lo down): CONNECT_FAILED (6)
 - stdout is closed at start (`>&-`): OUTPUT_ERROR (9), before anything is measured
 - stdout's reader went away before the results were written (`| head -1`): BROKEN_PIPE (141),
   with no message
@@ -26,20 +29,23 @@ from rich.table import Table
 from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, BenchResult,
                            FileChangedDuringBench, PayloadFailed, run_bench)
 from zcrelay.cli.app import app
-from zcrelay.cli.common import error, exit_code_for, parse_size, say
+from zcrelay.cli.common import error, exit_code_for, parse_size, say, terminated
 from zcrelay.exitcodes import ExitCode
 from zcrelay.pipeline import InputFailed
 
 _NOTES = (
     "Warm cache: the file is read once before the first run, so every method reads from the page "
     "cache and no run touches the disk.",
-    f"CPU is the sender's alone: {CPU_SOURCE}. On loopback the sending thread usually runs the "
-    "TCP receive path too (softirq, charged to it unless the kernel has IRQ time accounting), "
-    "the same for every method.",
+    f"CPU: {CPU_SOURCE}, and the sink's thread the same way. On loopback the receive path runs "
+    "in whichever of the two is on the CPU when the bytes arrive (the sink when the sender is "
+    "blocked on a full buffer), and the sink frees what the sender queued: for sendfile and "
+    "splice, references to the page cache's pages. Only sender + sink is the whole cost of a "
+    "transfer.",
     f"Sink: {SINK_TEXT}.",
     "*: CPU copies and context switches per chunk as the articles count them (shared/SPLICE.md), "
-    "not measured; SG: with scatter-gather NICs. syscalls and ctx sw vol/inv (the sender's "
-    "ru_nvcsw/ru_nivcsw) are measured, per run of the whole file.",
+    "not measured; SG: with scatter-gather NICs, as loopback is, so sendfile copies nothing here "
+    "(cpu_copies 0 in --json). syscalls and ctx sw vol/inv (the sender's ru_nvcsw/ru_nivcsw) are "
+    "measured, per run of the whole file.",
     "mmap+write dies of SIGBUS if another process truncates the file while it is mapped (the "
     "articles' remedy: an F_SETLEASE read lease); sendfile and splice just return short.",
 )
@@ -67,8 +73,9 @@ def _size(value: Optional[str]) -> Optional[int]:
     return size
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _bytes(n: int) -> str:
+    """A size for the ready line and the title: a file under 1 MiB was "0 MiB"."""
+    return f"{n:,} bytes" if n < 1 << 20 else f"{n / 2**20:.0f} MiB"
 
 
 @app.command()
@@ -91,13 +98,24 @@ def bench(
     if sys.stdout is None:  # `>&-`: fd 1 is closed, and the file or a socket would take it
         return error("stdout is closed", ExitCode.OUTPUT_ERROR)
 
-    # SIGTERM unwinds like Ctrl-C, so the temporary file is removed either way.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that the temporary file is removed whatever ends
+    # the run; SIGHUP's default action (main's handler) killed the process and left the file.
+    # A signal ignored on purpose (nohup) stays ignored.
+    caught: list[int] = []
+
+    def unwind(signum, frame) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, unwind) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         result = run_bench(file, total, repeat, spread=spread, on_file=lambda path, n: None if as_json else say(
-            f"moving {path} ({n / 2**20:.0f} MiB, page cache warm) to a loopback sink, "
+            f"moving {path} ({_bytes(n)}, page cache warm) to a loopback sink, "
             f"{repeat} run(s) per method..."))
     except KeyboardInterrupt:
+        if signal.SIGHUP in caught:  # the file is gone: now end as every command ends on SIGHUP
+            terminated(signal.SIGHUP, None)
         return ExitCode.INTERRUPTED
     except InputFailed as exc:
         return error(str(exc), ExitCode.INPUT_ERROR)
@@ -109,7 +127,8 @@ def bench(
         code, message = exit_code_for(exc)
         return error(message, code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     try:
         if as_json:
             json.dump(to_json(result), sys.stdout, indent=2)
@@ -170,12 +189,14 @@ def _chunk(n: int) -> str:
 
 def _table(r: BenchResult) -> None:
     what = "temporary file" if r.temporary else r.path
-    table = Table(title=f"zcrelay bench: {r.size / 2**20:.0f} MiB {what} to a loopback TCP sink, "
+    table = Table(title=f"zcrelay bench: {_bytes(r.size)} {what} to a loopback TCP sink, "
                         f"median of {r.repeat}",
-                  caption="\n".join(f"- {note}" for note in _notes(r)), caption_justify="left")
+                  caption="\n".join(f"- {note}" for note in _notes(r)), caption_justify="left",
+                  show_edge=False, pad_edge=False)  # nine columns in 80
     table.add_column("method", no_wrap=True)
     table.add_column("GB/s", justify="right", no_wrap=True)
-    table.add_column("CPU s/GB\nsender", justify="right", no_wrap=True)
+    table.add_column("CPU\ns/GB\nsender", justify="right", no_wrap=True)
+    table.add_column("CPU\ns/GB\nsink", justify="right", no_wrap=True)
     table.add_column("sys-\ncalls", justify="right", no_wrap=True)
     table.add_column("ctx sw\nvol/inv", justify="right", no_wrap=True)
     table.add_column("CPU\ncopies*", justify="right", no_wrap=True)
@@ -183,7 +204,7 @@ def _table(r: BenchResult) -> None:
     table.add_column("chunk", justify="right", no_wrap=True)
     for m in r.methods:
         table.add_row(m.method, f"{m.throughput / 1e9:.2f}", f"{m.cpu_per_gb:.3f}",
-                      f"{m.syscalls:,.0f}", f"{m.voluntary:.0f}/{m.involuntary:.0f}",
+                      f"{m.sink_cpu_per_gb:.3f}", f"{m.syscalls:,.0f}", f"{m.voluntary:.0f}/{m.involuntary:.0f}",
                       m.claim.cpu_copies_text, m.claim.context_switches, _chunk(m.chunk))
     _Console(soft_wrap=False).print(table)
 

@@ -21,6 +21,8 @@ def demo(
 ) -> ExitCode:
     """Run a forward to a local echo target and check every byte: no setup, loopback only."""
     total = parse_size(size, "--size", exact=True)
+    if total < 1:  # a check of no bytes cannot fail: --size 0 said "1/1 intact" of nothing
+        raise typer.BadParameter(f"{size!r} is less than one byte", param_hint="--size")
     pipe = pipe_size_value(pipe_size)
     # Warnings (a pipe size the kernel cut down) as every command gives them, "zcrelay: ...";
     # unset, logging printed them bare. Not the per-connection lines: the table says it all.

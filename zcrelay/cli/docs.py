@@ -478,7 +478,7 @@ per method. Each has method (read+write, mmap+write, sendfile or splice),
 throughput_bytes_per_s, throughput_gbit_per_s, cpu_seconds_per_gb (the sending thread's user
 plus system time), cpu_user_seconds_per_gb, cpu_system_seconds_per_gb,
 sink_cpu_seconds_per_gb (the receiving thread's), syscalls, voluntary_context_switches and
-involuntary_context_switches (the sender's, per run of the whole file), cpu_copies (an integer),
+involuntary_context_switches (the sender's, per run of the whole file), cpu_copies (an integer: CPU copies with this bench's loopback sink, a scatter-gather device, so 0 for sendfile as for splice),
 cpu_copies_articles and context_switches_articles (the counts the articles give per chunk, as
 strings, not measured), chunk_bytes (bytes asked for per call; 0: the rest of the file) and
 runs, one object per run: seconds, cpu_user, cpu_system, sink_cpu (CPU seconds), syscalls,
@@ -559,6 +559,8 @@ action (status 143 in a shell).
 **SIGHUP** ends every command by its default action (status 129 in a shell), unless it was
 ignored when zcrelay started (as under nohup). Ended by SIGINT, SIGTERM or SIGHUP, zcrelay first
 removes the unix:PATH socket files it bound (SIGKILL leaves them, to be replaced at the next start).
+zcrelay bench removes its temporary file whatever ends it: SIGINT and SIGTERM end it with status
+130, SIGHUP by its default action (129 in a shell).
 
 A write to a peer that has gone away ends that direction of that connection (EPIPE is handled, not
 fatal); the other connections go on.
