@@ -294,6 +294,82 @@ async def test_a_reset_whose_error_was_taken_is_not_passed_on_as_eof(path):
         sock.close()
 
 
+async def _reply_then_reset(path: str, linger: float, client_reads: bool):
+    """A server replies (3 MiB) and resets while the client is still sending, as a server that
+    answers early and closes with the request unread does. The client's window is small, so
+    the relay holds most of the reply (in b's receive queue, its pipe, a's send queue) when the
+    reset comes: both of the relay's streams then wait (on a's and b's buffers), and the
+    reset wakes the one sending to b first. The client reads from then on (`client_reads`),
+    or only once the relay has ended and its owner aborted a (as zcrelay forward does).
+    Returns (the relay's end, its down flow, the reply, what the client got)."""
+    import contextlib
+    import struct
+
+    reply = os.urandom(3 << 20)
+    (client, a), (b, server) = await traffic.tcp_pair(near_rcvbuf=65536), await traffic.tcp_pair()
+    down = Flow()
+    ended = []
+    relayed = trio.Event()
+
+    async def relaying():
+        ended.append(await relay(a, b, Engine(splice=(path == "splice")), Flow(), down, linger=linger))
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # passed on
+        a.close()
+        relayed.set()
+
+    async def upload():  # the request the server never reads
+        with contextlib.suppress(OSError):
+            while True:
+                await client.send(b"x" * 65536)
+
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relaying)
+            nursery.start_soon(upload)
+            await server.send(b"")  # connected
+            view = memoryview(reply)
+            while view:
+                view = view[await server.send(view):]
+            while syscalls.tcp_unacked(server):  # the relay's kernel has taken it all
+                await trio.sleep(0.001)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            server.close()  # the reset
+            if not client_reads:
+                await relayed.wait()
+            with contextlib.suppress(ConnectionResetError):
+                while data := await client.recv(1 << 20):
+                    got += data
+            await relayed.wait()
+            nursery.cancel_scope.cancel()
+    client.close()
+    b.close()
+    return ended[0], down, reply, bytes(got)
+
+
+async def test_what_the_relay_holds_from_a_side_that_resets_reaches_the_other_first(path):
+    """The relay held most of a reply when its server reset (see _reply_then_reset). Without a
+    relay the reply would have sat in the client's receive queue, where a reset cannot take
+    it: the relay ended at once and reset the client, and up to all of the reply was lost (113
+    to 128 KiB of 3 MiB arrived through zcrelay forward), while its log counted it delivered.
+    Every byte must reach the client, in order, before the reset is passed on."""
+    end, down, reply, got = await _reply_then_reset(path, 30, client_reads=True)
+    assert (end.reason, end.side) == ("reset", "b"), end
+    assert (len(got), traffic.digest(got)) == (len(reply), traffic.digest(reply))
+    assert down.bytes == len(reply)
+
+
+async def test_what_a_side_never_acknowledged_is_not_counted_as_delivered(path):
+    """The client does not read while the relay waits to hand it the reply of a server that
+    reset: the linger ends the wait, and the reset passed on to the client throws away what
+    it had not acknowledged. The count of bytes delivered is what the client got, not what
+    the relay handed its kernel."""
+    end, down, reply, got = await _reply_then_reset(path, 0.5, client_reads=False)
+    assert (end.reason, end.side) == ("reset", "b"), end
+    assert 0 < len(got) < len(reply) and got == reply[:len(got)]
+    assert down.bytes == len(got)
+
+
 # --- layering ---------------------------------------------------------------------------------------
 
 LOW_LAYERS = ["syscalls.py", "pipes.py", "stats.py", "errors.py", "addresses.py", "exitcodes.py"]

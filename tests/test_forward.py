@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from tests import traffic
+from zcrelay import syscalls
 from tests.conftest import run_zcrelay, syn_dropping_listener, zcrelay_argv, zcrelay_env
 
 MiB = 1 << 20
@@ -588,3 +589,59 @@ async def test_unix_target_with_full_backlog_is_retried_not_refused(zcrelay, tmp
     code, err = relay.stop()
     assert sorted(got) == [b"client %d" % i for i in range(4)], (got, err)
     assert [m.group(6) for m in conn_lines(err)].count("eof") == 4, err
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+async def test_a_reply_the_relay_holds_when_the_target_resets_reaches_the_client(zcrelay, path, capture, tmp_path):
+    """The target replies (3 MiB) and resets while the client is still sending (a server that
+    answers early and closes with the request unread). The client, with a small window, reads
+    nothing before then, so the relay holds most of the reply, acknowledged to the target. Without a relay
+    it would sit in the client's receive queue, safe from the reset; through zcrelay 113 to
+    128 KiB of it arrived and the log counted all 3 MiB as delivered. The whole reply must
+    arrive, in order, then the reset; and the log line counts it."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reply = os.urandom(3 * MiB)
+    reset = trio.Event()
+
+    async def server():
+        sock, _ = await listener.accept()
+        await sock.recv(65536)
+        await send_all(sock, reply)
+        while syscalls.tcp_unacked(sock):  # the relay's kernel has taken it all
+            await trio.sleep(0.001)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        reset.set()
+
+    async def upload(client):  # the request the server never reads in full
+        try:
+            while True:
+                await client.send(b"x" * 65536)
+        except OSError:
+            pass
+
+    extra = ["--capture-dir", str(tmp_path)] if capture else []
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *extra, *path_args(path))
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            client = trio.socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+            await client.connect(("127.0.0.1", relay.port))
+            nursery.start_soon(upload, client)
+            await reset.wait()
+            try:
+                while data := await client.recv(1 << 20):
+                    got += data
+            except ConnectionResetError:
+                pass
+            client.close()
+    assert len(got) == len(reply) and traffic.digest(bytes(got)) == traffic.digest(reply)
+    relay.wait_for_lines(" close=", 1)
+    code, err = relay.stop()
+    [line] = conn_lines(err)
+    assert line.group(6) == "reset by target", err
+    assert f" down={len(reply)} " in line.group(0), err

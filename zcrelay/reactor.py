@@ -247,13 +247,7 @@ class Reactor:
         closes them right after (and holds no duplicate): closing drops them from the epoll set,
         so the two epoll_ctl calls are skipped."""
         for s in streams:
-            s.done = True
-            if self._readers.get(s.src) is s:
-                del self._readers[s.src]
-            if self._writers.get(s.dst) is s:
-                del self._writers[s.dst]
-            self._release(s)
-            s.pending = None
+            self._halt(s)
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
             self._level.discard(fd)
@@ -262,6 +256,23 @@ class Reactor:
             self._masks.pop(fd, None)
             if not closing:
                 self._unregister(fd)
+
+    def halt(self, s: Stream) -> None:
+        """End `s` now, without its on_end, leaving its fds registered for the stream that still
+        uses them (the other direction of its connection, which `stop` takes out later). Its
+        source stops asking for EPOLLIN: nobody reads it any more."""
+        if not s.done:
+            self._halt(s)
+            self._deafen(s.src, _WANT_IN)
+
+    def _halt(self, s: Stream) -> None:
+        s.done = True
+        if self._readers.get(s.src) is s:
+            del self._readers[s.src]
+        if self._writers.get(s.dst) is s:
+            del self._writers[s.dst]
+        self._release(s)
+        s.pending = None
 
     # -- fds and deadlines of the layers above -------------------------------------------------
 

@@ -5,7 +5,9 @@ What the relay promises:
 - at EOF on one side, the write side of the other is shut down and the reverse direction keeps
   flowing (half-close); the half-closed connection then ends once no byte has moved for
   `linger` seconds (a reply still flowing is never cut short);
-- a reset or error on either side ends both directions promptly;
+- a reset or error on either side ends both directions promptly, except that what the relay
+  already took from a side that is gone (reset, lost) still reaches the other side before
+  that side is reset in turn (see _Relay.stream_ended);
 - with `idle` set, a connection where no byte moved for that long is ended.
 """
 
@@ -140,6 +142,8 @@ class _Relay:
         self.last_activity = trio.current_time()
         self.linger_at = float("inf")  # the half-close + linger (see _linger_deadline)
         self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
+        self.live = {"a", "b"}  # the source sides of the streams still running
+        self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
@@ -166,18 +170,35 @@ class _Relay:
                 flow.on_bytes = lambda n, previous=previous: (previous(n), touch(n))
 
     def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
-        """One direction ended, at EOF (error None) or with an error; never raises."""
+        """One direction ended, at EOF (error None) or with an error; never raises.
+
+        A side that is gone (PeerGone: reset, or lost) ends the relay, but not before the
+        other side has what the relay took from the gone one: a reply in our pipe, or in the
+        gone socket's receive queue, which Linux keeps readable after a reset. Without a relay
+        those bytes would have been in the other side's own receive queue, safe from the
+        reset. So the stream into the gone side is halted, the stream out of it runs on to its
+        end, and the relay waits until the other side has acknowledged every byte (an abort
+        would throw away what it had not), bounded by the linger; then it ends, and the owner
+        passes the reset on (zcrelay.forward)."""
+        self.live.discard(src_side)
         if error is None and not self.finished and syscalls.tcp_closed(self.ends[src_side]):
             # An EOF from a TCP socket we have sent no FIN to, which is CLOSE: a reset, whose
             # ECONNRESET a splice into that socket took (syscalls.tcp_closed). Passed on as a
             # FIN, it told the other side that a stream cut short had ended cleanly.
             error = PeerGone(mover.SOURCE, errno.ECONNRESET, "splice")
+        if error is None and self.gone is not None:  # what the gone side had sent, all read
+            flow.end = "eof"
+            if not self._hand_over(self.gone):
+                self._stop()
+            return
         if error is not None:
             if isinstance(error, StreamError):
                 side = src_side if error.role in (mover.SOURCE, "pipe") else dst_side
                 flow.end = error.reason
                 if self.end is None:
                     self.end = RelayEnd(error.reason, side, str(error))
+                if isinstance(error, PeerGone) and self.gone in (None, side) and self._hand_over(side):
+                    return
             elif self.crash is None:
                 self.crash = error
             self._stop()
@@ -198,6 +219,56 @@ class _Relay:
             self._track_activity()
             self._deadline_moved()
 
+    def _hand_over(self, gone: str) -> bool:
+        """`gone` is reset or lost: halt the stream into it and let what it sent reach the other
+        side (see stream_ended). False when nothing is left to wait for: end now."""
+        other = "b" if gone == "a" else "a"
+        if self.gone is None:
+            self.gone = gone
+            if other in self.live:
+                self.live.discard(other)
+                self._halt(other)
+            if self.linger is not None and self.linger_at == float("inf"):  # else set at a half-close
+                self.linger_at = trio.current_time() + self.linger  # and silence counts (as there)
+                self._track_activity()
+                self._deadline_moved()
+        if gone in self.live:
+            # Its stream writes out what it had, then ends (stream_ended again). A reset
+            # socket has nothing more to come; on one that is still up (an error sending to
+            # a peer that went on sending, a test's fake), the read side's shutdown ends the
+            # stream at the first empty queue, so the wait is bounded.
+            try:
+                self.ends[gone].shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # ENOTCONN: reset
+            return True
+        if not syscalls.tcp_unacked(self.ends[other]):
+            return False
+        self._await_delivery(other)
+        return True
+
+    def undelivered(self, up: Flow, down: Flow) -> None:
+        """Take out of the counts what the side that was to get the gone side's bytes has not
+        acknowledged (the linger ran out first): the reset that passes the end on throws it
+        away. Call as the relay ends."""
+        if self.gone is None:
+            return
+        other = "b" if self.gone == "a" else "a"
+        lost = syscalls.tcp_unacked(self.ends[other])
+        if lost:
+            flow = up if self.gone == "a" else down
+            spliced = min(lost, flow.spliced)
+            flow.spliced -= spliced
+            flow.copied -= min(lost - spliced, flow.copied)
+
+    def _halt(self, src_side: str) -> None:
+        raise NotImplementedError
+
+    def _await_delivery(self, side: str) -> None:
+        """Poll until `side` has acknowledged every byte sent to it, then _stop (the linger
+        bounds the wait)."""
+        raise NotImplementedError
+
     def _end_idle(self) -> None:
         if self.end is None:
             self.end = RelayEnd("idle")
@@ -210,6 +281,7 @@ class _Relay:
         raise NotImplementedError
 
     def conclude(self, up: Flow, down: Flow) -> RelayEnd:
+        self.undelivered(up, down)
         if self.end is None:
             # Only the linger deadline ends a relay without setting an end.
             self.end = RelayEnd("linger")
@@ -242,6 +314,7 @@ class Pair(_Relay):
         self.on_done = on_done
         self.closed = False
         self._timer = None
+        self._poll = None  # the wait for delivery after a reset (_await_delivery)
         if idle:
             up.on_bytes = down.on_bytes = self.touch
         # First the streams, which may raise (epoll refusing an fd) and then leave nothing
@@ -280,15 +353,30 @@ class Pair(_Relay):
             self.conclude(self.up, self.down)
             self.on_done(self)
 
+    def _halt(self, src_side: str) -> None:
+        self.reactor.halt(self.streams[src_side == "b"])
+
+    def _await_delivery(self, side: str, wait: float = 0.001) -> None:
+        if self.closed:
+            return
+        if not syscalls.tcp_unacked(self.ends[side]) or trio.current_time() >= self._linger_deadline():
+            self._stop()
+            return
+        # A reset is rare, and this runs only after one: a timer, doubling up to 50 ms, spares
+        # the relay a way to be told of acknowledgements that epoll does not give.
+        self._poll = self.reactor.call_at(trio.current_time() + wait,
+                                          lambda: self._await_delivery(side, min(2 * wait, 0.05)))
+
     def close(self) -> bool:
-        """Stop both streams and the timer; False if already closed."""
+        """Stop both streams and the timers; False if already closed."""
         if self.closed:
             return False
         self.closed = True
         self.reactor.stop(self.streams, closing=self.closes)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._poll):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._poll = None
         return True
 
 
@@ -298,13 +386,28 @@ class _TaskRelay(_Relay):
     def __init__(self, a: Endpoint, b: Endpoint, linger: float | None) -> None:
         super().__init__(a, b, linger)
         self.nursery: trio.Nursery | None = None  # its scope is cancelled when the relay ends
+        self.scopes = {"a": trio.CancelScope(), "b": trio.CancelScope()}  # each direction's, by source
 
     def _stop(self) -> None:
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
+    def _halt(self, src_side: str) -> None:
+        self.scopes[src_side].cancel()
+
+    def _await_delivery(self, side: str) -> None:
+        async def poll() -> None:
+            wait = 0.001
+            while syscalls.tcp_unacked(self.ends[side]):
+                await trio.sleep(wait)  # watch_linger bounds it
+                wait = min(2 * wait, 0.05)
+            self._stop()
+
+        assert self.nursery is not None
+        self.nursery.start_soon(poll)
+
     def _deadline_moved(self) -> None:
-        if self.nursery is not None:  # called once, at the half-close
+        if self.nursery is not None:  # called once: at the half-close, or at a reset (_hand_over)
             self.nursery.start_soon(self.watch_linger)
 
     async def watch_linger(self) -> None:
@@ -317,12 +420,13 @@ class _TaskRelay(_Relay):
     async def direction(self, src: Endpoint, dst: Endpoint, engine: Engine, flow: Flow,
                         src_side: str, dst_side: str, capture=None) -> None:
         """One direction as a task (the capture path: `capture` may be None for one of them)."""
-        try:
-            await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
-        except StreamError as exc:
-            self.stream_ended(flow, src_side, dst_side, exc)
-            return
-        self.stream_ended(flow, src_side, dst_side, None)
+        with self.scopes[src_side]:  # _halt cancels it
+            try:
+                await one_way(src.fileno(), dst.fileno(), engine, flow, capture)
+            except StreamError as exc:
+                self.stream_ended(flow, src_side, dst_side, exc)
+                return
+            self.stream_ended(flow, src_side, dst_side, None)
 
     async def watch_idle(self, idle: float) -> None:
         while True:

@@ -247,3 +247,24 @@ def tcp_closed(sock) -> bool:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
     except OSError:
         return False
+
+
+_SIOCOUTQ = 0x5411  # TIOCOUTQ: a socket's bytes not yet acknowledged by its peer (tcp(7))
+
+
+def tcp_unacked(sock) -> int:
+    """The bytes a TCP socket (a socket object) holds that its peer has not acknowledged:
+    what a reset (SO_LINGER 0) would throw away. 0 for a socket in CLOSE (reset or lost: it
+    will deliver nothing more, and SIOCOUTQ goes on counting what was unacknowledged when it
+    got there), for any other socket (a Unix socket's bytes wait in its peer's queue, where a
+    close leaves them), or when it cannot be told."""
+    if tcp_closed(sock):  # also False for a socket that is not TCP
+        return 0
+    import socket  # here, as in set_urgent_inline
+
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"), "little", signed=True)
+    except OSError:
+        return 0

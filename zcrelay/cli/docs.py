@@ -419,6 +419,12 @@ resolve (the name does not resolve), out-of-fds, out-of-memory, shutdown (SIGINT
 or an error with its cause in parentheses: error (...) for a connect, and for a relay the
 errno's name and the side, as in eio on target (...).
 
+A reset or a lost peer ends the connection, but what zcrelay already took from that side (a
+reply the target sent before it reset, which without a relay would have been in the client's
+own receive queue) still reaches the other side, which is reset only once it has acknowledged
+every byte, or once no byte has moved for **--linger** seconds; then up and down leave out what
+it never acknowledged.
+
 With **--max-conns**, accepting stops at the limit and further clients wait in the listen
 backlog (**--backlog**) until a connection ends; the first time the limit is reached, zcrelay
 says so in one warning.
