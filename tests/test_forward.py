@@ -202,6 +202,7 @@ async def test_linger_does_not_cut_a_reply_that_is_still_flowing(zcrelay, path, 
             client.shutdown(socket.SHUT_WR)
             with trio.fail_after(20):
                 answer = await read_to_eof(client)
+    listener.close()
     assert got_request == [b"GET /big"]
     assert len(answer) == len(reply) and traffic.digest(answer) == traffic.digest(reply)
     relay.wait_for_lines(" close=", 1)
@@ -639,6 +640,7 @@ async def test_a_reply_the_relay_holds_when_the_target_resets_reaches_the_client
             except ConnectionResetError:
                 pass
             client.close()
+    listener.close()
     assert len(got) == len(reply) and traffic.digest(bytes(got)) == traffic.digest(reply)
     relay.wait_for_lines(" close=", 1)
     code, err = relay.stop()
