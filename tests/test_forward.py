@@ -647,3 +647,55 @@ async def test_a_reply_the_relay_holds_when_the_target_resets_reaches_the_client
     [line] = conn_lines(err)
     assert line.group(6) == "reset by target", err
     assert f" down={len(reply)} " in line.group(0), err
+
+
+@pytest.mark.parametrize("how", ["idle", "linger", "shutdown"])
+async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay, path, how):
+    """The target sends 16 MiB to a client that reads none of it (a small window): more than
+    the client's socket buffers take, so the relay holds a pipe-full for it when --idle-timeout, --linger (the client half-closed) or a
+    shutdown (SIGTERM) ends the connection. It closed the client with a FIN, so a client that
+    then read what its kernel had took a truncated stream for a whole one. The client must get
+    a reset after the bytes that reached it."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reply = os.urandom(16 * MiB)
+    options = {"idle": ["--idle-timeout", "0.5"], "linger": ["--linger", "0.5"], "shutdown": []}[how]
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *options, *path_args(path))
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            client = trio.socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+            await client.connect(("127.0.0.1", relay.port))
+            if how == "linger":
+                client.shutdown(socket.SHUT_WR)
+            sock, _ = await listener.accept()
+
+            async def serve():
+                try:
+                    await send_all(sock, reply)
+                except OSError:
+                    pass  # closed with bytes unread: the relay's kernel resets the target too
+
+            nursery.start_soon(serve)
+            if how == "shutdown":
+                while relay.proc.poll() is None and syscalls.tcp_unacked(sock) < 2 * MiB:
+                    await trio.sleep(0.01)  # until the relay holds its share (a poll: no event for it)
+                code, err = relay.stop()
+            else:
+                # Ended while the client read nothing (the target's task sends meanwhile).
+                await trio.to_thread.run_sync(relay.wait_for_lines, " close=", 1)
+                code, err = relay.stop()
+            with pytest.raises(ConnectionResetError):
+                while data := await client.recv(1 << 20):
+                    got += data
+            client.close()
+            sock.close()
+            nursery.cancel_scope.cancel()
+    listener.close()
+    assert code == 0, err
+    [line] = conn_lines(err)
+    assert line.group(6) == how, err
+    assert 0 < len(got) < len(reply) and bytes(got) == reply[:len(got)]
+    assert f" down={len(got)} " in line.group(0), err  # what reached it, not what the reset threw away

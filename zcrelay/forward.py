@@ -59,9 +59,12 @@ def _unreached(exc: ConnectError, client: socket.socket) -> str:
 
 def _relay_ended(end: RelayEnd, client: socket.socket, target: socket.socket) -> str:
     """The close= of a relay that ran; a reset or a lost peer is passed on to the other side
-    as a reset, as that peer would have seen it without a relay. Both paths (_handle, _Link)."""
+    as a reset, as that peer would have seen it without a relay, and so is a stream cut short
+    with bytes the relay held for it (RelayEnd.cut). Both paths (_handle, _Link)."""
     if end.reason in _PEER_ENDS:
         net.abort(target if end.side == "a" else client)
+    for side in end.cut:
+        net.abort(client if side == "a" else target)
     return end.describe("client", "target")
 
 
@@ -611,6 +614,8 @@ class _Link:
         self._cancel_attempt()
         self.forwarder._connecting.pop(self, None)
         if self.pair is not None:
+            for side in self.pair.cut_short():  # at shutdown: a reset, as in _relay_ended
+                net.abort(self.client if side == "a" else self.target)
             self.pair.close()
         if self.target is not None:
             self.reactor.unwatch(self.target.fileno(), closing=True)

@@ -119,6 +119,11 @@ class RelayEnd:
     reason: str  # eof | reset | idle | linger | error
     side: str | None = None
     detail: str = ""
+    # Sides still owed bytes the relay held (a stream's pipe or copy buffer) when it ended (the
+    # linger or idle timeout ran out while they did not read): a FIN would tell them a stream
+    # cut short was whole, so the owner resets them (zcrelay.forward). Found on the reactor's
+    # path (Pair); the capture's tasks hold their pipes out of sight.
+    cut: tuple[str, ...] = ()
 
     def describe(self, a: str = "a", b: str = "b") -> str:
         if self.side is None:
@@ -144,6 +149,7 @@ class _Relay:
         self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
+        self.settled: set[str] = set()  # sides whose counts `undelivered` has settled
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
@@ -247,19 +253,20 @@ class _Relay:
         self._await_delivery(other)
         return True
 
-    def undelivered(self, up: Flow, down: Flow) -> None:
-        """Take out of the counts what the side that was to get the gone side's bytes has not
-        acknowledged (the linger ran out first): the reset that passes the end on throws it
-        away. Call as the relay ends."""
-        if self.gone is None:
-            return
-        other = "b" if self.gone == "a" else "a"
-        lost = syscalls.tcp_unacked(self.ends[other])
-        if lost:
-            flow = up if self.gone == "a" else down
-            spliced = min(lost, flow.spliced)
-            flow.spliced -= spliced
-            flow.copied -= min(lost - spliced, flow.copied)
+    def undelivered(self, up: Flow, down: Flow, sides) -> None:
+        """Take out of the counts what `sides` have not been sent: the reset that tells them of
+        the end throws it away. Call as the relay ends, before the sockets are closed; once a
+        side."""
+        for side in sides:
+            if side in self.settled:
+                continue
+            self.settled.add(side)
+            lost = syscalls.tcp_unsent(self.ends[side])
+            if lost:
+                flow = down if side == "a" else up
+                spliced = min(lost, flow.spliced)
+                flow.spliced -= spliced
+                flow.copied -= min(lost - spliced, flow.copied)
 
     def _halt(self, src_side: str) -> None:
         raise NotImplementedError
@@ -281,7 +288,8 @@ class _Relay:
         raise NotImplementedError
 
     def conclude(self, up: Flow, down: Flow) -> RelayEnd:
-        self.undelivered(up, down)
+        if self.gone is not None:  # the other side is reset in turn (the linger ran out first)
+            self.undelivered(up, down, ("b" if self.gone == "a" else "a",))
         if self.end is None:
             # Only the linger deadline ends a relay without setting an end.
             self.end = RelayEnd("linger")
@@ -349,9 +357,20 @@ class Pair(_Relay):
             self._timer = self.reactor.call_at(self._deadline(), self._on_deadline)
 
     def _stop(self) -> None:
-        if self.close():
-            self.conclude(self.up, self.down)
+        if not self.closed:
+            cut = self.cut_short()
+            self.close()
+            self.conclude(self.up, self.down).cut = cut
             self.on_done(self)
+
+    def cut_short(self) -> tuple[str, ...]:
+        """The sides a stream still holds bytes for (in its pipe or copy buffer): ended now,
+        they never get them, and the owner resets them (see RelayEnd.cut). Their counts leave
+        out what they have not acknowledged, which that reset throws away."""
+        cut = tuple(side for stream, side in zip(self.streams, ("b", "a"))
+                    if not stream.done and (stream.held or stream.pending))
+        self.undelivered(self.up, self.down, cut)
+        return cut
 
     def _halt(self, src_side: str) -> None:
         self.reactor.halt(self.streams[src_side == "b"])

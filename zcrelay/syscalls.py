@@ -250,14 +250,26 @@ def tcp_closed(sock) -> bool:
 
 
 _SIOCOUTQ = 0x5411  # TIOCOUTQ: a socket's bytes not yet acknowledged by its peer (tcp(7))
+_SIOCOUTQNSD = 0x894B  # its bytes not yet sent at all
 
 
 def tcp_unacked(sock) -> int:
     """The bytes a TCP socket (a socket object) holds that its peer has not acknowledged:
-    what a reset (SO_LINGER 0) would throw away. 0 for a socket in CLOSE (reset or lost: it
-    will deliver nothing more, and SIOCOUTQ goes on counting what was unacknowledged when it
-    got there), for any other socket (a Unix socket's bytes wait in its peer's queue, where a
-    close leaves them), or when it cannot be told."""
+    while there are any, a reset (SO_LINGER 0) would throw some away. 0 for a socket in CLOSE
+    (reset or lost: it will deliver nothing more, and SIOCOUTQ goes on counting what was
+    unacknowledged when it got there), for any other socket (a Unix socket's bytes wait in its
+    peer's queue, where a close leaves them), or when it cannot be told."""
+    return _tcp_queued(sock, _SIOCOUTQ)
+
+
+def tcp_unsent(sock) -> int:
+    """The bytes a TCP socket (a socket object) has not sent at all: what a reset certainly
+    throws away (what was sent has most likely arrived, awaiting a delayed ACK). 0 as for
+    tcp_unacked."""
+    return _tcp_queued(sock, _SIOCOUTQNSD)
+
+
+def _tcp_queued(sock, request: int) -> int:
     if tcp_closed(sock):  # also False for a socket that is not TCP
         return 0
     import socket  # here, as in set_urgent_inline
@@ -265,6 +277,6 @@ def tcp_unacked(sock) -> int:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return 0
     try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"), "little", signed=True)
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"), "little", signed=True)
     except OSError:
         return 0

@@ -422,8 +422,10 @@ errno's name and the side, as in eio on target (...).
 A reset or a lost peer ends the connection, but what zcrelay already took from that side (a
 reply the target sent before it reset, which without a relay would have been in the client's
 own receive queue) still reaches the other side, which is reset only once it has acknowledged
-every byte, or once no byte has moved for **--linger** seconds; then up and down leave out what
-it never acknowledged.
+every byte, or once no byte has moved for **--linger** seconds. A side that zcrelay still holds
+bytes for when **--idle-timeout**, **--linger** or a shutdown ends the connection is reset too,
+rather than closed, so that it cannot take a stream cut short for a whole one. Whenever a reset
+throws away bytes zcrelay had queued for a side, up and down leave out the ones never sent.
 
 With **--max-conns**, accepting stops at the limit and further clients wait in the listen
 backlog (**--backlog**) until a connection ends; the first time the limit is reached, zcrelay
