@@ -202,18 +202,19 @@ _zcrelay() {
                 -l|--listen) return ;;
                 --method) return ;;
                 --linger) return ;;
+                --idle-timeout) return ;;
                 --rate-limit) return ;;
                 --pipe-size) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--listen -l --method --linger --rate-limit --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--listen -l --method --linger --idle-timeout --rate-limit --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    -l|--listen|--method|--linger|--rate-limit|--pipe-size) ((i++)) ;;
+                    -l|--listen|--method|--linger|--idle-timeout|--rate-limit|--pipe-size) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

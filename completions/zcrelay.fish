@@ -91,6 +91,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from send' -F
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s l -l listen -x -d 'Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l method -x -d 'splice: file -> pipe -> socket; sendfile: sendfile(2)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l linger -x -d 'After the last byte, wait this long for each client to close'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l idle-timeout -x -d 'Reset a client that goes this many seconds without a byte moving (0: never)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l rate-limit -x -d 'Cap each client\'s throughput, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l pipe-size -x -d 'The pipe a file is spliced through (K/M suffixes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s v -l verbose -d 'More detail on stderr (the method each direction uses, a summary)'

@@ -476,3 +476,29 @@ def test_a_sized_file_that_refuses_zero_copy_is_copied(tmp_path, method, span):
     sink.join()
     assert sink.sha.hexdigest() == hashlib.sha256(content[offset:offset + length]).hexdigest()
     assert f"{method} refused the file (EINVAL)" in err, err
+
+
+def test_serve_idle_timeout_lets_a_stalled_client_go_and_spares_a_slow_one(zcrelay, tmp_path):
+    """A client that stops reading held its socket, the file and a pipe (4 fds) for as long as
+    it chose, and a few hundred of them ran serve out of fds. With --idle-timeout, one that
+    lets no byte move for that long is reset and counted as failed; one that reads slowly but
+    steadily (here serve's --rate-limit keeps the transfer 8 times longer than the timeout)
+    gets the whole file."""
+    import socket
+
+    data = random_file(tmp_path / "data", 8 << 20)
+    server = zcrelay("serve", str(data), "--listen", "127.0.0.1:0", "--idle-timeout", "0.5", "--rate-limit", "2M")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    stalled.connect(("127.0.0.1", server.port))
+    with socket.create_connection(("127.0.0.1", server.port)) as steady:
+        got = b"".join(iter(lambda: steady.recv(1 << 20), b""))
+    assert hashlib.sha256(got).hexdigest() == sha256_file(data)
+    stalled.settimeout(30)
+    with pytest.raises(ConnectionResetError):  # after what its kernel took
+        while stalled.recv(1 << 20):
+            pass
+    stalled.close()
+    code, err = server.stop()
+    assert code == 0, err
+    assert "idle (0.5s without a byte moving)" in err and "2 connections" in err and "1 failed" in err, err

@@ -54,6 +54,7 @@ class SendConfig:
     rate_limit: int | None = None
     linger: float | None = 10.0  # seconds to wait for the peer's close after the last byte
     nodelay: bool = False
+    idle_timeout: float | None = None  # serve: seconds a client may go without a byte moving
 
 
 def open_file(path: str) -> tuple[int, int]:

@@ -7,6 +7,7 @@ cut short by the server stopping gets a reset, never a clean end of a truncated 
 
 from __future__ import annotations
 
+import math
 import os
 
 import trio
@@ -66,17 +67,27 @@ class FileServer:
         flow = Flow()
         started = trio.current_time()
         outcome = "ok"
+        idle = self.config.idle_timeout
         try:
-            with sock, abort_unless_sent(sock, flow):  # a client cut short sees a reset
-                # Opened for each client, as socat and nginx do: a file replaced since serve
-                # started (an editor's save, a new build, a rotated log) is served as it is
-                # now, not the inode serve opened first, forever.
-                fd, size = open_file(self.path)
-                try:
-                    # A file that reports size 0 (procfs) is sent to its EOF: length None.
-                    await transfer(fd, sock, 0, size or None, flow, self.config)
-                finally:
-                    os.close(fd)
+            # With --idle-timeout, a client that stops reading is let go (reset) once no byte
+            # has moved for that long: each held 4 fds (socket, file, pipe) for as long as it
+            # chose, and a few hundred of them ran serve out of fds.
+            with trio.CancelScope(deadline=started + idle if idle else math.inf) as idle_scope:
+                if idle:
+                    flow.on_bytes = lambda _n: setattr(idle_scope, "deadline", trio.current_time() + idle)
+                with sock, abort_unless_sent(sock, flow):  # a client cut short sees a reset
+                    # Opened for each client, as socat and nginx do: a file replaced since
+                    # serve started (an editor's save, a new build, a rotated log) is served as
+                    # it is now, not the inode serve opened first, forever.
+                    fd, size = open_file(self.path)
+                    try:
+                        # A file that reports size 0 (procfs) is sent to its EOF: length None.
+                        await transfer(fd, sock, 0, size or None, flow, self.config)
+                    finally:
+                        os.close(fd)
+            if idle_scope.cancelled_caught and flow.end != "eof":  # not in the linger after the last byte
+                outcome = f"idle ({idle:g}s without a byte moving)"
+                self.failed += 1
         except trio.Cancelled:
             outcome = "shutdown"
             raise

@@ -472,7 +472,9 @@ says nothing, as procfs's 0 and sysfs's page, is sent to its end of file.
     "serve": """
 A client whose transfer fails on zcrelay's side (the file cannot be opened or shrinks, no fd is
 left) or is cut short by the server stopping gets a TCP reset, never a clean end of a
-truncated file.
+truncated file. Each client holds four file descriptors (its socket, the file, a pipe) until its
+transfer ends: **--idle-timeout** resets one that lets no byte move for that long, so that
+clients that stop reading cannot run serve out of them.
 """,
     "bench": """
 With **--json**, the results are one JSON object on standard output. GB is 1,000,000,000

@@ -188,6 +188,7 @@ def serve(
     listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
     method: str = METHOD,
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
+    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Reset a client that goes this many seconds without a byte moving (0: never).", show_default=False),
     rate_limit: Optional[str] = CLIENT_RATE,
     pipe_size: str = FILE_PIPE_SIZE,
     verbose: int = VERBOSE,
@@ -200,7 +201,7 @@ def serve(
     method = method_value(method)
     bind = address(listen_on, listen=True, option="--listen")
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
-                        linger=linger)
+                        linger=linger, idle_timeout=idle_timeout or None)
     setup_logging(verbose, quiet)
     state: dict = {}
 
