@@ -359,11 +359,11 @@ async def test_what_the_relay_holds_from_a_side_that_resets_reaches_the_other_fi
     assert down.bytes == len(reply)
 
 
-async def test_what_a_side_never_acknowledged_is_not_counted_as_delivered(path):
+async def test_what_a_reset_throws_away_is_not_counted_as_delivered(path):
     """The client does not read while the relay waits to hand it the reply of a server that
     reset: the linger ends the wait, and the reset passed on to the client throws away what
-    it had not acknowledged. The count of bytes delivered is what the client got, not what
-    the relay handed its kernel."""
+    the relay's kernel had not sent it. The count of bytes delivered is what the client got,
+    not what the relay handed its kernel."""
     end, down, reply, got = await _reply_then_reset(path, 0.5, client_reads=False)
     assert (end.reason, end.side) == ("reset", "b"), end
     assert 0 < len(got) < len(reply) and got == reply[:len(got)]
