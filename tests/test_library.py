@@ -11,7 +11,6 @@ process's fds (/proc/self/fd) before and after, and the pool's statistics say wh
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import logging
@@ -748,7 +747,7 @@ async def test_on_finished_gets_a_frozen_record_of_each_connection(tmp_path, pat
     assert (refused.number, refused.rule, refused.peer, refused.target) == (2, 2, refused_peer, rules[1].target)
     assert (refused.up, refused.down, refused.spliced, refused.copied, refused.close) == (0, 0, 0, 0, "refused")
     assert finished.counted == [1, 2]  # the forwarder's totals already had each one
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # immutable
         relayed.close = "changed"  # type: ignore[misc]
     # The log line is the record's: one record type for both.
     assert [text for _, text in lines if text.startswith("conn=")] == [r.log_line() for r in finished.records]
