@@ -615,10 +615,11 @@ class _Link:
         self.conn.close = close
         self._cancel_attempt()
         self.forwarder._connecting.pop(self, None)
-        if self.pair is not None:
-            for side in self.pair.cut_short():  # at shutdown: a reset, as in _relay_ended
+        pair = self.pair
+        if pair is not None and not pair.closed:  # ended from outside (shutdown), not by itself
+            for side in pair.cut_short():  # bytes owed: a reset, as in _relay_ended
                 net.abort(self.client if side == "a" else self.target)
-            self.pair.close()
+            pair.close()
         if self.target is not None:
             self.reactor.unwatch(self.target.fileno(), closing=True)
             self.target.close()

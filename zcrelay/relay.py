@@ -367,9 +367,14 @@ class Pair(_Relay):
         """The sides a stream still holds bytes for (in its pipe or copy buffer): ended now,
         they never get them, and the owner resets them (see RelayEnd.cut). Their counts leave
         out what they have not acknowledged, which that reset throws away."""
-        cut = tuple(side for stream, side in zip(self.streams, ("b", "a"))
-                    if not stream.done and (stream.held or stream.pending))
-        self.undelivered(self.up, self.down, cut)
+        up, down = self.streams  # written out: this runs as every connection ends
+        cut: tuple[str, ...] = ()
+        if not up.done and (up.held or up.pending):
+            cut = ("b",)
+        if not down.done and (down.held or down.pending):
+            cut += ("a",)
+        if cut:
+            self.undelivered(self.up, self.down, cut)
         return cut
 
     def _halt(self, src_side: str) -> None:
