@@ -785,3 +785,29 @@ async def test_an_on_finished_that_raises_is_logged_and_the_forwarder_goes_on(tm
     totals = forwarder.totals
     assert (totals.connections, totals.active, totals.closes) == (3, 0, Counter({"eof": 3}))
     assert open_fds() == base
+
+
+async def test_a_callers_on_bytes_is_kept_with_idle_and_linger():
+    """A caller's Flow.on_bytes (a progress display, say) was overwritten by relay(idle=...),
+    which counts activity through the same hook: the caller's callback saw no byte. With idle
+    and linger both set (activity is tracked from the start, and again from the half-close),
+    it must see every byte, once."""
+    seen = {"up": 0, "down": 0}
+    up = Flow(on_bytes=lambda n: seen.__setitem__("up", seen["up"] + n))
+    down = Flow(on_bytes=lambda n: seen.__setitem__("down", seen["down"] + n))
+    up_data, down_data = payload(71, 3 * MiB), payload(72, 2 * MiB + 5)
+    (user, a), (b, server) = await tcp_pair(), await tcp_pair()
+    got = {}
+    with user, a, b, server, trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_eof, user, up_data)
+            nursery.start_soon(send_then_eof, server, down_data)
+
+            async def read(name, sock):
+                got[name] = sha(await recv_to_eof(sock))
+
+            nursery.start_soon(read, "up", server)
+            nursery.start_soon(read, "down", user)
+            end = await relay(a, b, Engine(), up, down, idle=30, linger=30)
+    assert end.reason == "eof" and got == {"up": sha(up_data), "down": sha(down_data)}
+    assert seen == {"up": len(up_data), "down": len(down_data)} == {"up": up.bytes, "down": down.bytes}

@@ -147,6 +147,7 @@ class _Relay:
         self.last_activity = trio.current_time()
         self.linger_at = float("inf")  # the half-close + linger (see _linger_deadline)
         self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
+        self.tracking = False  # the flows report their bytes to touch (_track_activity)
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
         self.settled: set[str] = set()  # sides whose counts `undelivered` has settled
@@ -163,16 +164,20 @@ class _Relay:
         return max(self.linger_at, self.last_activity + self.linger)
 
     def _track_activity(self) -> None:
-        """From the half-close on, the direction still open reports its bytes (touch), so that
-        --linger counts silence, not age: a reply that takes longer than `linger` but keeps
-        flowing was cut short, with a FIN that made it look whole. Before the half-close (and
-        without `idle`) no byte pays for this."""
+        """Have both directions report their bytes (touch), after a caller's own on_bytes (a
+        progress display), which was overwritten: from the start with `idle`, else from the
+        half-close on, so that --linger counts silence, not age (a reply that takes longer
+        than `linger` but keeps flowing was cut short, with a FIN that made it look whole).
+        Before then no byte pays for this. Once per relay."""
+        if self.tracking:
+            return
+        self.tracking = True
         touch = self.touch
         for flow in self.flows:
             previous = flow.on_bytes
             if previous is None:
                 flow.on_bytes = touch
-            elif previous != touch:
+            else:
                 flow.on_bytes = lambda n, previous=previous: (previous(n), touch(n))
 
     def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
@@ -324,7 +329,7 @@ class Pair(_Relay):
         self._timer = None
         self._poll = None  # the wait for delivery after a reset (_await_delivery)
         if idle:
-            up.on_bytes = down.on_bytes = self.touch
+            self._track_activity()
         # First the streams, which may raise (epoll refusing an fd) and then leave nothing
         # behind; a timer armed before them would fire later for a relay that never started.
         self.streams = reactor.start([(a.fileno(), b.fileno(), up), (b.fileno(), a.fileno(), down)],
@@ -524,7 +529,7 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
     # ends both directions. The a → b direction runs in this task.
     state.flows = (up, down)
     if idle:
-        up.on_bytes = down.on_bytes = state.touch
+        state._track_activity()
     async with trio.open_nursery() as nursery:
         state.nursery = nursery
         if idle:
