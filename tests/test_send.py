@@ -440,18 +440,21 @@ def test_a_client_cut_short_by_serve_stopping_sees_a_reset(zcrelay, tmp_path):
     assert "stopped: 1 connections" in err, err
 
 
-def test_a_send_interrupted_by_sigint_resets_the_peer(tmp_path):
-    """Ctrl-C mid-send: exit 130 and nothing printed, as documented, but the receiver got a FIN
-    and a clean end of a truncated stream; it must get a reset."""
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_send_interrupted_by_a_signal_resets_the_peer(tmp_path, signum, status):
+    """Ctrl-C mid-send: exit 130 and nothing printed, as documented; SIGTERM: death by its
+    default action, as documented. But the receiver got a FIN and a clean end of a truncated
+    stream (SIGTERM's kernel close sent one too); it must get a reset."""
     random_file(tmp_path / "data", 64 << 20)
     outcome = {}
     received = threading.Event()
     with _receiver(outcome, received, 1 << 20) as port:
         sender = shell(f"exec $Z send data 127.0.0.1:{port} --rate-limit 8M", tmp_path)
         assert received.wait(30), sender.wait()
-        sender.proc.send_signal(signal.SIGINT)
+        sender.proc.send_signal(signum)
         code, err = sender.wait()
-    assert code == 130 and err == "", err
+    assert code == status and err == "", err
     size, end = outcome["end"]
     assert size < 64 << 20
     assert end == "ConnectionResetError", outcome

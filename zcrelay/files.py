@@ -167,13 +167,30 @@ def abort_unless_sent(sock: socket.socket, flow: Flow) -> Iterator[None]:
     Ctrl-C) before transfer has handed over the last byte, make the close a reset (net.abort).
     A FIN there told the receiver the stream was complete: `zcrelay listen > out`, nc or a
     client of serve got a truncated file and exit status 0. After the last byte (the linger)
-    the FIN has been sent already and the close stays a close."""
+    the FIN has been sent already and the close stays a close. A signal that kills the process
+    by its default action (SIGTERM on send, SIGHUP) raises nothing here: the CLI's handler asks
+    abort_in_flight first."""
+    _in_flight[sock] = flow
     try:
         yield
     except BaseException:
         if flow.end != "eof":
             net.abort(sock)
         raise
+    finally:
+        del _in_flight[sock]
+
+
+_in_flight: dict[socket.socket, Flow] = {}  # sockets inside abort_unless_sent, and their flows
+
+
+def abort_in_flight() -> None:
+    """Make the close of every transfer not yet at its last byte a reset: the process is about
+    to die of a signal (zcrelay.cli.common.terminated), and the kernel's close would send a FIN,
+    which told the receiver a truncated file was whole."""
+    for sock, flow in list(_in_flight.items()):
+        if flow.end != "eof":
+            net.abort(sock)
 
 
 def _lost_after_the_last_byte(flow: Flow, err: int) -> ConnectionLost:

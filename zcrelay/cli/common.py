@@ -149,11 +149,15 @@ def interrupted(signum: int, frame: object) -> None:
 def terminated(signum: int, frame: object) -> None:
     """The CLI's SIGTERM and SIGHUP handler where they were left to their default action: the
     same end (death by the signal, status 128 + signum), but first the unix:PATH socket files
-    zcrelay bound are removed (a one-shot `listen`, `serve`, `listen -k` on SIGHUP). A SIGTERM
+    zcrelay bound are removed (a one-shot `listen`, `serve`, `listen -k` on SIGHUP), and a file
+    transfer not yet at its last byte is made to end with a reset (send). A SIGTERM
     that comes while a server stops is ignored (see serve_until_signal)."""
     if _stopping and signum == signal.SIGTERM:
         return
     remove_socket_files()
+    files = sys.modules.get("zcrelay.files")  # imported only by send and serve
+    if files is not None:
+        files.abort_in_flight()  # a file cut short: a reset, not a FIN (files.abort_unless_sent)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

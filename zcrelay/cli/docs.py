@@ -465,8 +465,8 @@ A lost connection ends as with **connect**: the bytes already received reach sta
 first. With **--keep-open** the line is a warning and the next connection is accepted.
 """,
     "send": """
-A transfer that fails or is stopped (SIGINT) before its last byte ends with a TCP reset, not a
-FIN, so that the receiver cannot take a truncated file for the whole one. A file whose size
+A transfer that fails or is stopped (SIGINT, SIGTERM, SIGHUP) before its last byte ends with a
+TCP reset, not a FIN, so that the receiver cannot take a truncated file for the whole one. A file whose size
 says nothing, as procfs's 0 and sysfs's page, is sent to its end of file.
 """,
     "serve": """
