@@ -649,8 +649,9 @@ async def test_a_reply_the_relay_holds_when_the_target_resets_reaches_the_client
     assert f" down={len(reply)} " in line.group(0), err
 
 
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
 @pytest.mark.parametrize("how", ["idle", "linger", "shutdown"])
-async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay, path, how):
+async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay, path, how, capture, tmp_path):
     """The target sends 16 MiB to a client that reads none of it (a small window): more than
     the client's socket buffers take, so the relay holds a pipe-full for it when --idle-timeout, --linger (the client half-closed) or a
     shutdown (SIGTERM) ends the connection. It closed the client with a FIN, so a client that
@@ -661,6 +662,7 @@ async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay
     listener.listen(1)
     reply = os.urandom(16 * MiB)
     options = {"idle": ["--idle-timeout", "0.5"], "linger": ["--linger", "0.5"], "shutdown": []}[how]
+    options += ["--capture-dir", str(tmp_path)] if capture else []
     relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *options, *path_args(path))
     got = bytearray()
     with trio.fail_after(30):

@@ -28,7 +28,7 @@ from zcrelay.excgroups import first_error, split_cancelled
 from zcrelay.logs import library_logger
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
-from zcrelay.relay import Engine, Pair, RelayEnd, relay
+from zcrelay.relay import Engine, Pair, RelayEnd, owes, relay, undelivered
 from zcrelay.stats import Flow, Totals
 
 log = library_logger()  # "zcrelay", with the NullHandler a library's logger has
@@ -328,9 +328,16 @@ class Forwarder:
                     if config.capture_dir:
                         session = capture.open_session(config.capture_dir, conn.number, conn.peer,
                                                        str(conn.target))
-                    end = await relay(client, target, self.engine, conn.up, conn.down,
-                                      idle=config.idle_timeout, linger=config.linger,
-                                      captures=session.captures if session else (None, None))
+                    try:
+                        end = await relay(client, target, self.engine, conn.up, conn.down,
+                                          idle=config.idle_timeout, linger=config.linger,
+                                          captures=session.captures if session else (None, None))
+                    except BaseException:  # cancelled (a shutdown): as _Link._finish does
+                        for flow, src, dst in ((conn.up, client, target), (conn.down, target, client)):
+                            if owes(flow, src):  # bytes on their way to dst: a reset, not a FIN
+                                undelivered(flow, dst)
+                                net.abort(dst)
+                        raise
                     conn.close = _relay_ended(end, client, target)
         except Exception as exc:  # a bug must not take the other connections down
             conn.close = f"internal-error ({type(exc).__name__}: {exc})"

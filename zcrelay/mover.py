@@ -137,6 +137,7 @@ async def splice_stream(src: int, dst: int, pool: PipePool, flow: Flow,
                     unyielded = 0
     finally:
         if pipe is not None:
+            flow.owed = pipe.held  # cancelled mid-pump: bytes the destination never gets
             pool.put(pipe)
 
 
@@ -265,23 +266,32 @@ async def copy_stream(src: int, dst: int, flow: Flow, bufsize: int = COPY_BUFSIZ
         if n == 0:
             await checkpoint()
             return
-        if on_read is not None:
-            await on_read(view[:n])
-        if not await write_all(dst, view[:n], flow):
+        copied = flow.copied
+        try:
+            if on_read is not None:
+                await on_read(view[:n])
+            waited = await write_all(dst, view[:n], flow)
+        except BaseException:
+            flow.owed = n - (flow.copied - copied)  # read, then cancelled or failed: never sent
+            raise
+        if not waited:
             await checkpoint()
 
 
 async def write_all(dst: int, data: memoryview, flow: Flow) -> bool:
-    """Write all of `data` to `dst`, counting it as copied; return whether it had to wait."""
+    """Write all of `data` to `dst`, counting each write as copied as it returns (a write cut
+    short by a cancellation is counted for what it wrote); return whether it had to wait."""
     waited = False
     sent = 0
     while sent < len(data):
         try:
-            sent += os.write(dst, data[sent:])
+            m = os.write(dst, data[sent:])
         except BlockingIOError:
             await wait_writable(dst)
             waited = True
+            continue
         except OSError as exc:
             raise translate(exc, DESTINATION, "write") from exc
-    flow.add_copied(len(data))
+        sent += m
+        flow.add_copied(m)
     return waited

@@ -119,10 +119,10 @@ class RelayEnd:
     reason: str  # eof | reset | idle | linger | error
     side: str | None = None
     detail: str = ""
-    # Sides still owed bytes the relay held (a stream's pipe or copy buffer) when it ended (the
-    # linger or idle timeout ran out while they did not read): a FIN would tell them a stream
-    # cut short was whole, so the owner resets them (zcrelay.forward). Found on the reactor's
-    # path (Pair); the capture's tasks hold their pipes out of sight.
+    # Sides still owed bytes when the relay ended (the linger or idle timeout ran out while
+    # they did not read): held by the relay (a stream's pipe or copy buffer) or unread in the
+    # other side's socket. A FIN would tell them a stream cut short was whole, so the owner
+    # resets them (zcrelay.forward). Found by the reactor (Pair.cut_short), or with `owes`.
     cut: tuple[str, ...] = ()
 
     def describe(self, a: str = "a", b: str = "b") -> str:
@@ -131,6 +131,30 @@ class RelayEnd:
         who = a if self.side == "a" else b
         text = f"{self.reason} by {who}" if self.reason == "reset" else f"{self.reason} on {who}"
         return f"{text} ({self.detail})" if self.detail and self.reason != "reset" else text
+
+
+def owes(flow: Flow, src: Endpoint) -> bool:
+    """Whether the direction of `flow`, reading `src`, still had bytes on their way when it was
+    stopped: held by a task's mover (Flow.owed), or still unread in `src` (FIONREAD). Its
+    destination would take a FIN for a clean end of a stream that was cut short."""
+    return bool(flow.owed) or _unread(src.fileno()) > 0
+
+
+def _unread(fd: int) -> int:
+    try:
+        return syscalls.fionread(fd)
+    except OSError:
+        return 0  # closed, or not a socket or pipe: nothing to read
+
+
+def undelivered(flow: Flow, dst: Endpoint) -> None:
+    """Take out of `flow`'s counts what its destination `dst` has not been sent, about to be
+    reset (a reset throws it away). Call before `dst` is closed."""
+    lost = syscalls.tcp_unsent(dst)
+    if lost:
+        spliced = min(lost, flow.spliced)
+        flow.spliced -= spliced
+        flow.copied -= min(lost - spliced, flow.copied)
 
 
 class _Relay:
@@ -266,12 +290,7 @@ class _Relay:
             if side in self.settled:
                 continue
             self.settled.add(side)
-            lost = syscalls.tcp_unsent(self.ends[side])
-            if lost:
-                flow = down if side == "a" else up
-                spliced = min(lost, flow.spliced)
-                flow.spliced -= spliced
-                flow.copied -= min(lost - spliced, flow.copied)
+            undelivered(down if side == "a" else up, self.ends[side])
 
     def _halt(self, src_side: str) -> None:
         raise NotImplementedError
@@ -369,14 +388,14 @@ class Pair(_Relay):
             self.on_done(self)
 
     def cut_short(self) -> tuple[str, ...]:
-        """The sides a stream still holds bytes for (in its pipe or copy buffer): ended now,
-        they never get them, and the owner resets them (see RelayEnd.cut). Their counts leave
-        out what they have not acknowledged, which that reset throws away."""
+        """The sides a stream still has bytes for (in its pipe or copy buffer, or unread in its
+        source): ended now, they never get them, and the owner resets them (see RelayEnd.cut).
+        Their counts leave out what was never sent them, which that reset throws away."""
         up, down = self.streams  # written out: this runs as every connection ends
         cut: tuple[str, ...] = ()
-        if not up.done and (up.held or up.pending):
+        if not up.done and (up.held or up.pending or _unread(up.src)):
             cut = ("b",)
-        if not down.done and (down.held or down.pending):
+        if not down.done and (down.held or down.pending or _unread(down.src)):
             cut += ("a",)
         if cut:
             self.undelivered(self.up, self.down, cut)
@@ -536,4 +555,8 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
             nursery.start_soon(state.watch_idle, idle)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
-    return state.conclude(up, down)
+    cut = ("b",) * owes(up, a) + ("a",) * owes(down, b)
+    state.undelivered(up, down, cut)
+    end = state.conclude(up, down)
+    end.cut = cut
+    return end

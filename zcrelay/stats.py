@@ -21,7 +21,7 @@ class Flow:
     every chunk with the byte count (activity tracking, progress).
     """
 
-    __slots__ = ("spliced", "copied", "fallback", "end", "on_bytes")
+    __slots__ = ("spliced", "copied", "fallback", "end", "on_bytes", "owed")
 
     def __init__(self, spliced: int = 0, copied: int = 0, fallback: str | None = None,
                  end: str | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -30,6 +30,9 @@ class Flow:
         self.fallback = fallback
         self.end = end
         self.on_bytes = on_bytes
+        # Bytes a task's mover held for the destination when it was cancelled (zcrelay.mover),
+        # which the relay's owner must not let the destination take for a clean end.
+        self.owed = 0
 
     def __repr__(self) -> str:
         return (f"Flow(spliced={self.spliced}, copied={self.copied}, fallback={self.fallback!r}, "

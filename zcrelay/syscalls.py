@@ -152,7 +152,7 @@ def pipe_size(fd: int) -> int:
 
 
 def fionread(fd: int) -> int:
-    """Bytes waiting in a pipe or socket's receive queue (FIONREAD), for tests and diagnostics."""
+    """Bytes waiting in a pipe or socket's receive queue (FIONREAD)."""
     import array
     import termios
 
