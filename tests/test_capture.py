@@ -323,13 +323,36 @@ def test_client_reset_is_passed_on_with_capture(zcrelay, tmp_path):
     assert "internal" not in err and "Traceback" not in err, err
 
 
+def _offer_chunks(capture, chunks) -> None:
+    """Feed `capture` (a CaptureFile) as a relay direction does, in its own trio run: for each
+    (pipe, chunk), write the chunk into the pipe, offer it to the capture, then read it back
+    out (the relay's pump, in short) and check it; then close the capture's input."""
+    import trio
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture.writer)
+            for src, chunk in chunks:
+                view = memoryview(chunk)
+                while view:  # a pipe write may be short
+                    view = view[os.write(src.w, view):]
+                src.held = len(chunk)
+                await capture.offer(src)
+                got = b""
+                while len(got) < len(chunk):
+                    got += os.read(src.r, len(chunk) - len(got))
+                assert got == chunk
+                src.held = 0
+            capture.close_input()
+
+    trio.run(main)
+
+
 def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
     """In-process, real pipes and a real file: splice(2) into the capture file refused with
     EINVAL (a file system without splice_write). The copy fallback must take every chunk, not
     only the first; the capture stays complete."""
     import errno
-
-    import trio
 
     from zcrelay import capture as capturing, syscalls
     from zcrelay.pipes import Pipe
@@ -346,20 +369,8 @@ def test_capture_copy_fallback_covers_every_chunk(tmp_path, monkeypatch):
     capture = capturing.CaptureFile(fd, "cap")
     chunks = [os.urandom(10_000 + i) for i in range(4)]
     src = Pipe.open(1 << 16)
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(capture.writer)
-            for chunk in chunks:
-                os.write(src.w, chunk)
-                src.held = len(chunk)
-                await capture.offer(src)
-                assert os.read(src.r, len(chunk)) == chunk  # the relay's pump, in short
-                src.held = 0
-            capture.close_input()
-
     try:
-        trio.run(main)
+        _offer_chunks(capture, [(src, chunk) for chunk in chunks])
     finally:
         src.close()
         capture.close()
@@ -490,8 +501,6 @@ def test_a_later_chunk_from_a_larger_pipe_is_captured_whole(tmp_path):
     pipe, sized for the first chunk's pipe, took only part of a later chunk from a larger
     pipe: a RuntimeError, which ended the connection (close=internal-error). The private pipe
     must follow the source's size, and the file hold every chunk in order."""
-    import trio
-
     from zcrelay import capture as capturing
     from zcrelay.pipes import Pipe
 
@@ -500,25 +509,8 @@ def test_a_later_chunk_from_a_larger_pipe_is_captured_whole(tmp_path):
     small, large = Pipe.open(1 << 12), Pipe.open(1 << 20)
     assert small.size < large.size
     chunks = [(small, os.urandom(small.size)), (large, os.urandom(large.size)), (small, os.urandom(100))]
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(capture.writer)
-            for src, chunk in chunks:
-                view = memoryview(chunk)
-                while view:  # a pipe write may be short
-                    view = view[os.write(src.w, view):]
-                src.held = len(chunk)
-                await capture.offer(src)
-                got = b""
-                while len(got) < len(chunk):  # the relay's pump, in short
-                    got += os.read(src.r, len(chunk) - len(got))
-                assert got == chunk
-                src.held = 0
-            capture.close_input()
-
     try:
-        trio.run(main)
+        _offer_chunks(capture, chunks)
     finally:
         small.close()
         large.close()

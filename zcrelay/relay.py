@@ -174,7 +174,7 @@ class _Relay:
         self.tracking = False  # the flows report their bytes to touch (_track_activity)
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
-        self.settled: set[str] = set()  # sides whose counts `undelivered` has settled
+        self.settled: set[str] = set()  # sides whose counts `settle` has settled
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
@@ -282,7 +282,7 @@ class _Relay:
         self._await_delivery(other)
         return True
 
-    def undelivered(self, up: Flow, down: Flow, sides) -> None:
+    def settle(self, up: Flow, down: Flow, sides) -> None:
         """Take out of the counts what `sides` have not been sent: the reset that tells them of
         the end throws it away. Call as the relay ends, before the sockets are closed; once a
         side."""
@@ -313,7 +313,7 @@ class _Relay:
 
     def conclude(self, up: Flow, down: Flow) -> RelayEnd:
         if self.gone is not None:  # the other side is reset in turn (the linger ran out first)
-            self.undelivered(up, down, ("b" if self.gone == "a" else "a",))
+            self.settle(up, down, ("b" if self.gone == "a" else "a",))
         if self.end is None:
             # Only the linger deadline ends a relay without setting an end.
             self.end = RelayEnd("linger")
@@ -398,7 +398,7 @@ class Pair(_Relay):
         if not down.done and (down.held or down.pending or _unread(down.src)):
             cut += ("a",)
         if cut:
-            self.undelivered(self.up, self.down, cut)
+            self.settle(self.up, self.down, cut)
         return cut
 
     def _halt(self, src_side: str) -> None:
@@ -556,7 +556,7 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
     cut = ("b",) * owes(up, a) + ("a",) * owes(down, b)
-    state.undelivered(up, down, cut)
+    state.settle(up, down, cut)
     end = state.conclude(up, down)
     end.cut = cut
     return end
