@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -278,7 +279,6 @@ async def test_a_reset_whose_error_was_taken_is_not_passed_on_as_eof(path):
     far side saw a clean end of a stream cut short (5 resets in 30 through `zcrelay forward`,
     both directions busy). Here the test takes the error itself (SO_ERROR), as that splice
     does, before the relay starts: the relay must call it a reset and shut nothing down."""
-    import struct
 
     (client, a), (b, server) = await traffic.tcp_pair(), await traffic.tcp_pair()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -303,7 +303,6 @@ async def _reply_then_reset(path: str, linger: float, client_reads: bool):
     or only once the relay has ended and its owner aborted a (as zcrelay forward does).
     Returns (the relay's end, its down flow, the reply, what the client got)."""
     import contextlib
-    import struct
 
     reply = os.urandom(3 << 20)
     (client, a), (b, server) = await traffic.tcp_pair(near_rcvbuf=65536), await traffic.tcp_pair()
@@ -368,6 +367,51 @@ async def test_what_a_reset_throws_away_is_not_counted_as_delivered(path):
     assert (end.reason, end.side) == ("reset", "b"), end
     assert 0 < len(got) < len(reply) and got == reply[:len(got)]
     assert down.bytes == len(got)
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+async def test_a_fin_stuck_behind_bytes_the_target_does_not_take_starts_the_linger(path, capture, tmp_path):
+    """The client uploads 64 KiB and sends its FIN; the target takes 12 KiB at most (a small
+    window, and b's fixed small send buffer) and reads nothing: the relay holds the rest,
+    with the FIN behind it, which it cannot pass on. The linger started only once the FIN was
+    passed on, so the relay never ended (without an idle timeout, the default). It must end
+    after the linger, resetting both sides: the target never got the whole upload, and the
+    client must not take a FIN for an upload delivered."""
+    from zcrelay import capture as capturing
+
+    (client, a), (target, b) = await traffic.tcp_pair(), await traffic.tcp_pair(near_rcvbuf=4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fixed, and small: no autotuning
+    upload = os.urandom(64 * 1024)
+    view = memoryview(upload)
+    while view:
+        view = view[await client.send(view):]
+    client.shutdown(socket.SHUT_WR)
+    session = capturing.open_session(str(tmp_path), 1, "127.0.0.1:1", "t") if capture else None
+    up = Flow()
+    try:
+        with trio.fail_after(10):
+            start = trio.current_time()
+            end = await relay(a, b, Engine(splice=(path == "splice")), up, Flow(), linger=0.3,
+                              captures=session.captures if session else (None, None))
+            elapsed = trio.current_time() - start
+    finally:
+        if session is not None:
+            session.close()
+    assert (end.reason, sorted(end.cut)) == ("linger", ["a", "b"]), end
+    assert 0.3 <= elapsed < 5, elapsed
+    for sock in (a, b):  # as zcrelay forward does with the sides in end.cut
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    got = bytearray()
+    with pytest.raises(ConnectionResetError):
+        while data := await target.recv(1 << 20):
+            got += data
+    with pytest.raises(ConnectionResetError):
+        await client.recv(1)
+    assert len(got) < len(upload) and got == upload[:len(got)]
+    assert len(got) <= up.bytes < len(upload)  # what was never sent to b is not counted
+    client.close()
+    target.close()
 
 
 # --- layering ---------------------------------------------------------------------------------------

@@ -167,6 +167,46 @@ async def test_half_closed_connection_ends_after_linger(zcrelay, path):
 
 
 @pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+async def test_a_fin_stuck_behind_a_target_that_does_not_read_starts_the_linger(zcrelay, path, capture, tmp_path):
+    """A client uploads 300 KiB, then sends its FIN, to a target that reads nothing: the
+    relay's Unix socket to it takes at most 208 KiB (its send buffer, fixed), so the relay
+    holds the rest, and the FIN behind it cannot be passed on. --linger started only once the
+    FIN was passed on, so the connection was held until --idle-timeout: for ever by default,
+    and its pipe with it. Now --linger counts from the FIN's arrival (the forwarder looks for
+    such FINs in one sweep); the client is reset, as it must not take a FIN for an upload
+    delivered, and the target gets a stream cut short (a Unix socket cannot be reset).
+    (tests/test_engine.py has the same case on TCP, for relay().)"""
+    listener = trio.socket.socket(socket.AF_UNIX)
+    await listener.bind(str(tmp_path / "target.sock"))
+    listener.listen(1)
+    options = ["--linger", "0.5"] + (["--capture-dir", str(tmp_path)] if capture else [])
+    relay = zcrelay("forward", "127.0.0.1:0", f"unix:{tmp_path / 'target.sock'}", *options, *path_args(path))
+    upload = os.urandom(300 * 1024)
+    got = bytearray()
+    with trio.fail_after(20):
+        client = trio.socket.socket()
+        await client.connect(("127.0.0.1", relay.port))
+        target, _ = await listener.accept()
+        await send_all(client, upload)
+        client.shutdown(socket.SHUT_WR)
+        start = trio.current_time()
+        with pytest.raises(ConnectionResetError):
+            await client.recv(1)
+        elapsed = trio.current_time() - start
+        while data := await target.recv(1 << 20):
+            got += data
+    client.close()
+    target.close()
+    listener.close()
+    assert 0.4 <= elapsed < 10, elapsed
+    assert len(got) < len(upload) and traffic.digest(bytes(got)) == traffic.digest(upload[:len(got)])
+    relay.wait_for_lines(" close=", 1)
+    code, err = relay.stop()
+    [line] = conn_lines(err)
+    assert line.group(6) == "linger", err
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
 async def test_linger_does_not_cut_a_reply_that_is_still_flowing(zcrelay, path, capture, tmp_path):
     """A client sends its request and half-closes (nc -N, HTTP/1.0 style); the reply takes
     longer than --linger but never pauses for that long. It was cut at --linger, and with a
@@ -674,16 +714,27 @@ async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay
                 client.shutdown(socket.SHUT_WR)
             sock, _ = await listener.accept()
 
+            sent = trio.Event()
+
             async def serve():
                 try:
                     await send_all(sock, reply)
+                    sent.set()
                 except OSError:
                     pass  # closed with bytes unread: the relay's kernel resets the target too
 
             nursery.start_soon(serve)
             if how == "shutdown":
-                while relay.proc.poll() is None and syscalls.tcp_unacked(sock) < 2 * MiB:
-                    await trio.sleep(0.01)  # until the relay holds its share (a poll: no event for it)
+                # Until the relay holds its share: it takes no more (the target's queue stays
+                # as it is for 0.3 s: the relay's receive queue is full), or it has taken all
+                # (its receive buffer can grow to tcp_rmem's maximum, 32 MiB on some hosts).
+                # How far each buffer grows varies from run to run. A poll: no event says so.
+                queued, still = -1, 0
+                while relay.proc.poll() is None and still < 30 and not (sent.is_set() and not queued):
+                    await trio.sleep(0.01)
+                    now_queued = syscalls.tcp_unacked(sock)
+                    still = still + 1 if now_queued == queued and queued else 0
+                    queued = now_queued
                 code, err = relay.stop()
             else:
                 # Ended while the client read nothing (the target's task sends meanwhile).

@@ -265,6 +265,10 @@ class Reactor:
             self._halt(s)
             self._deafen(s.src, _WANT_IN)
 
+    def stalled(self, s: Stream) -> bool:
+        """Whether `s` waits for its destination to take what it holds."""
+        return not s.done and self._writers.get(s.dst) is s
+
     def _halt(self, s: Stream) -> None:
         s.done = True
         if self._readers.get(s.src) is s:

@@ -119,10 +119,11 @@ class RelayEnd:
     reason: str  # eof | reset | idle | linger | error
     side: str | None = None
     detail: str = ""
-    # Sides still owed bytes when the relay ended (the linger or idle timeout ran out while
-    # they did not read): held by the relay (a stream's pipe or copy buffer) or unread in the
-    # other side's socket. A FIN would tell them a stream cut short was whole, so the owner
-    # resets them (zcrelay.forward). Found by the reactor (Pair.cut_short), or with `owes`.
+    # The sides to reset (cut_sides): the relay ended (the linger or idle timeout ran out, a
+    # shutdown) with bytes on their way, held by the relay (a stream's pipe or copy buffer) or
+    # unread in a socket. A FIN would tell the side they were for that a stream cut short was
+    # whole, and the side they came from that they were delivered; so the owner resets them
+    # (zcrelay.forward). Found by the reactor (Pair.cut_short), or with `owes`.
     cut: tuple[str, ...] = ()
 
     def describe(self, a: str = "a", b: str = "b") -> str:
@@ -138,6 +139,15 @@ def owes(flow: Flow, src: Endpoint) -> bool:
     stopped: held by a task's mover (Flow.owed), or still unread in `src` (FIONREAD). Its
     destination would take a FIN for a clean end of a stream that was cut short."""
     return bool(flow.owed) or _unread(src.fileno()) > 0
+
+
+def cut_sides(up_owes: bool, down_owes: bool) -> tuple[str, ...]:
+    """The sides a relay that ends with bytes on their way resets: the side they were for,
+    which a FIN would tell that a stream cut short was whole, and the side they came from,
+    whose bytes are thrown away (a kernel that closes a socket with bytes unread resets its
+    peer for the same reason: a client that sent a request and its FIN took a FIN for a
+    request delivered). Both, if a direction owes bytes; none otherwise."""
+    return ("a", "b") if up_owes or down_owes else ()
 
 
 def _unread(fd: int) -> int:
@@ -253,6 +263,28 @@ class _Relay:
             self.linger_at = trio.current_time() + self.linger
             self._track_activity()
             self._deadline_moved()
+
+    def notice_fins(self) -> None:
+        """Start the linger for a side whose FIN has come while its stream still waits to
+        deliver what came before it, to a destination that stopped reading. The half-close
+        (stream_ended) starts the linger only once the FIN is passed on, which such a
+        destination never lets happen: the connection, and a pipe full of bytes, were held
+        until --idle-timeout, and for ever without one (the default). Called every
+        `fin_check_interval(linger)` while no linger runs: by relay(), and for the Pairs of
+        zcrelay.forward by the forwarder, in one sweep. Only a TCP source can tell."""
+        if self.linger is None or self.linger_at != float("inf"):
+            return  # no linger, or one runs already (a half-close, a reset)
+        for side in self.live:
+            if self._stalled(side) and syscalls.tcp_peer_done(self.ends[side]):
+                self.linger_at = trio.current_time() + self.linger
+                self._track_activity()
+                self._deadline_moved()
+                return
+
+    def _stalled(self, src_side: str) -> bool:
+        """Whether the stream out of `src_side` waits for its destination (True when that
+        cannot be told cheaply: the FIN check decides)."""
+        return True
 
     def _hand_over(self, gone: str) -> bool:
         """`gone` is reset or lost: halt the stream into it and let what it sent reach the other
@@ -388,21 +420,21 @@ class Pair(_Relay):
             self.on_done(self)
 
     def cut_short(self) -> tuple[str, ...]:
-        """The sides a stream still has bytes for (in its pipe or copy buffer, or unread in its
-        source): ended now, they never get them, and the owner resets them (see RelayEnd.cut).
-        Their counts leave out what was never sent them, which that reset throws away."""
+        """The sides to reset as the relay ends now (see cut_sides): both, if a stream still
+        has bytes on their way (in its pipe or copy buffer, or unread in its source). Their
+        counts leave out what was never sent them, which that reset throws away."""
         up, down = self.streams  # written out: this runs as every connection ends
-        cut: tuple[str, ...] = ()
-        if not up.done and (up.held or up.pending or _unread(up.src)):
-            cut = ("b",)
-        if not down.done and (down.held or down.pending or _unread(down.src)):
-            cut += ("a",)
+        cut = cut_sides(not up.done and bool(up.held or up.pending or _unread(up.src)),
+                        not down.done and bool(down.held or down.pending or _unread(down.src)))
         if cut:
             self.settle(self.up, self.down, cut)
         return cut
 
     def _halt(self, src_side: str) -> None:
         self.reactor.halt(self.streams[src_side == "b"])
+
+    def _stalled(self, src_side: str) -> bool:
+        return self.reactor.stalled(self.streams[src_side == "b"])
 
     def _await_delivery(self, side: str, wait: float = 0.001) -> None:
         if self.closed:
@@ -435,6 +467,7 @@ class _TaskRelay(_Relay):
         super().__init__(a, b, linger)
         self.nursery: trio.Nursery | None = None  # its scope is cancelled when the relay ends
         self.scopes = {"a": trio.CancelScope(), "b": trio.CancelScope()}  # each direction's, by source
+        self.lingering = False  # watch_linger runs
 
     def _stop(self) -> None:
         if self.nursery is not None:
@@ -455,8 +488,17 @@ class _TaskRelay(_Relay):
         self.nursery.start_soon(poll)
 
     def _deadline_moved(self) -> None:
-        if self.nursery is not None:  # called once: at the half-close, or at a reset (_hand_over)
+        # Called when the linger starts: at a half-close, a reset (_hand_over) or a FIN that
+        # cannot be passed on (notice_fins); the first time starts the watch, which follows
+        # every later move of the deadline by itself.
+        if self.nursery is not None and not self.lingering:
+            self.lingering = True
             self.nursery.start_soon(self.watch_linger)
+
+    async def watch_fins(self, interval: float) -> None:
+        while self.linger_at == float("inf"):
+            await trio.sleep(interval)
+            self.notice_fins()
 
     async def watch_linger(self) -> None:
         while True:
@@ -503,17 +545,33 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     if captures != (None, None):
         return await _relay_in_tasks(_TaskRelay(a, b, linger), a, b, engine, up, down, idle, captures)
     # Without captures the relay is a Pair of the engine's reactor: this task only waits for
-    # it to end, so a message costs no task switch.
+    # it to end (and, with a linger, wakes now and then for notice_fins), so a message costs
+    # no task switch.
     done = trio.Event()
     pair = Pair(engine.reactor(), a, b, up, down, idle=idle, linger=linger, on_done=lambda _pair: done.set())
     try:
-        await done.wait()
+        if linger is not None:
+            interval = fin_check_interval(linger)
+            while not done.is_set():
+                with trio.move_on_after(interval):
+                    await done.wait()
+                if not done.is_set():
+                    pair.notice_fins()
+        else:
+            await done.wait()
     finally:
         pair.close()
     if pair.crash is not None:
         raise pair.crash
     assert pair.end is not None
     return pair.end
+
+
+def fin_check_interval(linger: float) -> float:
+    """How often a relay with `linger` looks for a FIN stuck behind a destination that does
+    not read (_Relay.notice_fins): such a connection ends at most this much later than
+    `linger` after its FIN came. A quarter of the linger, within 50 ms and 5 s."""
+    return min(max(linger / 4, 0.05), 5.0)
 
 
 def _check_endpoints(a: Endpoint, b: Endpoint) -> None:
@@ -553,9 +611,11 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
         state.nursery = nursery
         if idle:
             nursery.start_soon(state.watch_idle, idle)
+        if state.linger is not None:
+            nursery.start_soon(state.watch_fins, fin_check_interval(state.linger))
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
-    cut = ("b",) * owes(up, a) + ("a",) * owes(down, b)
+    cut = cut_sides(owes(up, a), owes(down, b))
     state.settle(up, down, cut)
     end = state.conclude(up, down)
     end.cut = cut

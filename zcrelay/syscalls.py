@@ -249,6 +249,26 @@ def tcp_closed(sock) -> bool:
         return False
 
 
+# The states in which the peer has sent its FIN (or the connection is gone): TIME_WAIT, CLOSE,
+# CLOSE_WAIT, LAST_ACK, CLOSING. Only a FIN that came in sequence, after every byte before it,
+# moves a socket there.
+_TCP_PEER_DONE = frozenset({6, 7, 8, 9, 11})
+
+
+def tcp_peer_done(sock) -> bool:
+    """Whether the peer of `sock` (a TCP socket object) has sent its FIN, or the connection
+    is reset: all it will ever send is in `sock`'s receive queue. False for any other socket
+    (a Unix socket has no state to ask), or when it cannot be told."""
+    import socket  # here, as in set_urgent_inline
+
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _TCP_PEER_DONE
+    except OSError:
+        return False
+
+
 _SIOCOUTQ = 0x5411  # TIOCOUTQ: a socket's bytes not yet acknowledged by its peer (tcp(7))
 _SIOCOUTQNSD = 0x894B  # its bytes not yet sent at all
 
