@@ -131,3 +131,37 @@ def test_an_exception_out_of_the_loop_leaves_the_wakeup_fd_open():
             raise KeyboardInterrupt
     os.fstat(host._wakeup)  # still open
     os.close(host._wakeup)
+
+
+def test_a_reactor_callback_that_raises_ends_the_run_as_under_trio_run():
+    """A reactor callback that raises (a bug: failing streams are ended by the reactor itself)
+    used to leave the loop at once, abandoning the guest run: no task's cleanup ran (a
+    forwarder's listeners, its connections), and trio's run state stayed in this thread, so
+    no later trio.run could start ("Attempted to call run() from inside a run()"). It now
+    ends the run as the reactor's crashed system task does under trio.run: every task is
+    cancelled and cleaned up, and the error comes out as a TrioInternalError caused by it."""
+    engine = Engine()
+    cleaned = []
+
+    async def main():
+        reactor = engine.reactor()
+
+        def bug() -> None:
+            raise ValueError("a callback's bug")
+
+        reactor.call_at(trio.current_time(), bug)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned.append(reactor.closed)
+            engine.close()
+
+    with pytest.raises(trio.TrioInternalError) as caught:
+        run_hosted(main)
+    cause = caught.value.__cause__
+    while isinstance(cause, BaseExceptionGroup):  # trio's system nursery groups it, as under trio.run
+        (cause,) = cause.exceptions
+    assert isinstance(cause, ValueError)
+    assert cleaned == [True]  # the task's cleanup ran, after the crashed reactor was closed
+    assert hosting.current() is None
+    trio.run(trio.sleep, 0)  # no run left behind in this thread

@@ -207,7 +207,8 @@ def test_a_signal_while_the_workers_start_stops_cleanly(monkeypatch):
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         return pid
 
-    def work(settings, socks, worker, stop_fd):  # in the child: serve until told to stop
+    def work(settings, socks, worker, stop_fd, ready):  # in the child: serve until told to stop
+        ready([])
         select.select([stop_fd], [], [])
         return ExitCode.OK, Totals()
 
@@ -216,3 +217,91 @@ def test_a_signal_while_the_workers_start_stops_cleanly(monkeypatch):
     code = pool.serve(ForwardConfig(rules=(rule,)), 4, Totals(), lambda bound: None, work)
     assert code == ExitCode.OK
     assert len(forked) == 1  # told to stop: no more workers started
+
+
+def _one_rule():
+    from zcrelay.addresses import parse
+    from zcrelay.forward import ForwardConfig, Rule
+
+    return ForwardConfig(rules=(Rule(parse("127.0.0.1:0", listen=True), parse("127.0.0.1:9", listen=False)),))
+
+
+def test_a_worker_that_crashes_says_why(capfd):
+    """A bug in a worker (an exception the CLI's boundary does not map to an exit code) is a
+    traceback in one process. In a worker it was swallowed by the os._exit that ends every
+    worker: the parent said only 'worker 1 exited with code 1', and the cause was lost."""
+    from zcrelay.cli import workers as pool
+    from zcrelay.exitcodes import ExitCode
+    from zcrelay.stats import Totals
+
+    def work(settings, socks, worker, stop_fd, ready=lambda bound: None):  # in the child
+        if worker[0] == 1:
+            raise AssertionError("a bug in worker 1")
+        select.select([stop_fd], [], [])
+        return ExitCode.OK, Totals()
+
+    code = pool.serve(_one_rule(), 2, Totals(), lambda bound: None, work)
+    err = capfd.readouterr().err
+    assert code == ExitCode.FAILURE
+    assert "Traceback" in err and "AssertionError: a bug in worker 1" in err, err
+
+
+def test_workers_that_fail_to_start_print_no_listening_line():
+    """'listening on' was printed as soon as the workers were forked, before any of them
+    served: workers that then failed to start (out of fds, say: exit 7) left a ready line that
+    a supervisor or a script waiting for it took for a running relay. One process prints only
+    its error then; so does a relay whose workers fail: the line comes once every worker
+    serves, and not at all if one ended first."""
+    from zcrelay.cli import workers as pool
+    from zcrelay.exitcodes import ExitCode
+    from zcrelay.stats import Totals
+
+    def work(settings, socks, worker, stop_fd, ready=lambda bound: None):  # in the child
+        if worker[0] == 2:
+            return ExitCode.NO_RESOURCES, Totals()  # failed before it served (its error said why)
+        ready([])
+        select.select([stop_fd], [], [])
+        return ExitCode.OK, Totals()
+
+    readied = []
+    code = pool.serve(_one_rule(), 3, Totals(), readied.append, work)
+    assert code == ExitCode.NO_RESOURCES
+    assert readied == []
+
+
+def test_a_fork_that_fails_names_the_worker_and_leaks_nothing(monkeypatch):
+    """fork(2) fails with EAGAIN at a process limit (a container's pids.max, RLIMIT_NPROC). It
+    said only "error: Resource temporarily unavailable", not what could not be had, and the
+    report pipe made for that worker stayed open. The workers already started are stopped."""
+    import errno
+
+    from zcrelay.cli import workers as pool
+    from zcrelay.exitcodes import ExitCode
+    from zcrelay.stats import Totals
+
+    real_fork = os.fork
+    forked: list[int] = []
+
+    def fork() -> int:
+        if forked:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    def work(settings, socks, worker, stop_fd, ready):  # in the child: serve until told to stop
+        ready([])
+        select.select([stop_fd], [], [])
+        return ExitCode.OK, Totals()
+
+    monkeypatch.setattr(os, "fork", fork)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    try:
+        pool.serve(_one_rule(), 3, Totals(), lambda bound: None, work)
+    except OSError as exc:
+        failure = exc
+    assert failure.errno == errno.EAGAIN
+    assert "worker 2 of 3" in failure.strerror and "Resource temporarily unavailable" in failure.strerror
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    wait_gone(forked)

@@ -21,6 +21,8 @@ import os
 import select
 from typing import Callable
 
+import trio
+
 from zcrelay.reactor import Reactor
 
 _current: "Host | None" = None
@@ -90,8 +92,29 @@ class Host:
                     poll.poll()
                     _drain(self._wakeup)
             else:
-                reactor.host_run(queue)
+                try:
+                    reactor.host_run(queue)
+                except Exception as exc:
+                    self._crash(reactor, exc)
         return self._outcome
+
+    def _crash(self, reactor: Reactor, exc: Exception) -> None:
+        """A reactor callback (a watch's, a timer's) raised: a bug, since the reactor ends a
+        failing stream itself. Under trio.run the reactor's system task would crash the run:
+        TrioInternalError, every task cancelled and cleaned up. Do the same here rather than
+        let it out of the loop: that abandoned the guest run, so no task's cleanup ran (a
+        forwarder's listeners and connections), and trio's run state stayed in this thread
+        (no later trio.run could start). The reactor is closed, as its crashed task closes it,
+        and the loop serves trio's ticks until the run has ended."""
+        self.reactor = None
+        reactor.close()
+        # Thread-safe, so that it also wakes trio's I/O thread: a sync callback that raises
+        # crashes the run as a system task's exception does (trio's entry queue).
+        trio.lowlevel.current_trio_token().run_sync_soon(_reraise, exc)
+
+
+def _reraise(exc: Exception) -> None:
+    raise exc
 
 
 def _drain(fd: int) -> None:

@@ -10,8 +10,10 @@ readable for all), then closes its end. A worker also sees that pipe readable (E
 parent dies, so no worker outlives its parent, and no signal can reach a worker between its
 handlers (workers ignore SIGINT and SIGTERM: a Ctrl-C on the terminal reaches the parent,
 which stops them all; a second one kills them).
-Each worker writes its totals as JSON on its own report pipe before it exits; the parent
-prints one summary line.
+Each worker writes READY on its own report pipe once it serves (its listeners are in its
+loop), and its totals as JSON before it exits; the parent prints the "listening on" lines once
+every worker has said it serves (none if one ended first: a worker that failed to start, out
+of fds say, is an error and no ready line, as in one process), and one summary line.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import sys
+import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -38,6 +42,7 @@ class Worker:
     pid: int
     report: int  # read end of its report pipe
     status: int | None = None  # os.waitstatus_to_exitcode: an exit code, or -signal
+    head: bytes = b""  # the first byte of its report, if _wait_ready read it instead of READY
 
 
 def bind_all(settings: ForwardConfig, count: int) -> list[list]:
@@ -74,10 +79,10 @@ def probe_pipe_size(settings: ForwardConfig) -> ForwardConfig:
 
 def serve(settings: ForwardConfig, count: int, totals: Totals,
           on_ready: Callable[[list[Bound]], None],
-          work: Callable[[ForwardConfig, list, tuple[int, int], int], tuple[ExitCode, Totals]]) -> ExitCode:
-    """Bind, run `work(settings, sockets, (K, N), stop_fd)` in N forked workers, call
-    `on_ready`, serve until SIGINT/SIGTERM, add the workers' totals to `totals`; return the
-    exit code."""
+          work: Callable[..., tuple[ExitCode, Totals]]) -> ExitCode:
+    """Bind, run `work(settings, sockets, (K, N), stop_fd, ready)` in N forked workers (each
+    calls `ready(bound)` once it serves), call `on_ready` once all of them have, serve until
+    SIGINT/SIGTERM, add the workers' totals to `totals`; return the exit code."""
     settings = probe_pipe_size(settings)
     bound = bind_all(settings, count)
     names = [Bound(rule, net.local_name(socks[0])) for rule, socks in zip(settings.rules, bound)]
@@ -128,7 +133,12 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
                 if not state.stopping:  # else a signal came during start-up: start no more
                     report_r, report_w = os.pipe()
                     sys.stderr.flush()  # nothing buffered may be written twice
-                    pid = os.fork()
+                    try:
+                        pid = _fork(index, count)
+                    except BaseException:
+                        os.close(report_r)
+                        os.close(report_w)
+                        raise
             finally:
                 if pid != 0:  # the parent; the child lets them through once it ignores them
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -149,19 +159,36 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
                         for sock in s:
                             if all(sock is not mine for mine in socks):
                                 sock.close()
-                    code, mine = work(settings, socks, (index, count), stop_r)
-                    os.write(report_w, json.dumps(mine.record()).encode())
+
+                    def ready(_bound: object, fd: int = report_w) -> None:
+                        os.write(fd, READY)
+
+                    code, mine = work(settings, socks, (index, count), stop_r, ready)
+                except BaseException:
+                    # A bug (an exception the CLI boundary does not map to a code): its
+                    # traceback, as one process prints it. os._exit swallowed it, and the
+                    # parent could say only "exited with code 1".
+                    with contextlib.suppress(BaseException):
+                        traceback.print_exc()
+                else:
+                    with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+                        os.write(report_w, json.dumps(mine.record()).encode())
                 finally:
-                    sys.stderr.flush()
+                    with contextlib.suppress(BaseException):
+                        sys.stderr.flush()
                     os._exit(code)
             os.close(report_w)
             workers.append(Worker(index, pid, report_r))
         close_all(bound)  # the workers hold them now
         os.close(stop_r)
-        on_ready(names)  # every worker exists (connections queue in the backlog until accepted)
+        stop_r = -1
+        if _wait_ready(workers):  # else one ended first: _wait says which, and its code is ours
+            on_ready(names)
         code = _wait(workers, stop, state, totals)
     finally:
         close_all(bound)  # again, if a fork failed half-way (closing twice is harmless)
+        if stop_r >= 0:
+            os.close(stop_r)
         stop()
         for worker in workers:
             if worker.status is None:  # a fork or the wait failed: the closed pipe stops it
@@ -175,6 +202,15 @@ def serve(settings: ForwardConfig, count: int, totals: Totals,
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _fork(index: int, count: int) -> int:
+    """os.fork, with an error that says what could not be had: EAGAIN at a process limit (a
+    container's pids.max, RLIMIT_NPROC) read "error: Resource temporarily unavailable"."""
+    try:
+        return os.fork()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot start worker {index} of {count} (fork: {exc.strerror})") from None
 
 
 @dataclass
@@ -198,7 +234,7 @@ def _wait(workers: list[Worker], stop: Callable[[], None], state: _State, totals
         if state.signals > 1:
             code = ExitCode.INTERRUPTED
             continue
-        report = _read_report(worker.report)
+        report = _read_report(worker.report, worker.head)
         if report is not None:
             totals.merge(report)
         if worker.status != 0 or report is None:
@@ -219,13 +255,33 @@ def _wait(workers: list[Worker], stop: Callable[[], None], state: _State, totals
 
 
 _CODES = {int(c) for c in ExitCode}
+READY = b"+"  # a worker's first byte on its report pipe once it serves; JSON starts with "{"
 
 
-def _read_report(fd: int) -> dict | None:
-    chunks = []
+def _wait_ready(workers: list[Worker]) -> bool:
+    """Block until every worker has written READY, or one has ended without it (EOF, or its
+    report first); whether all did. Only the first byte of each report pipe is read."""
+    poller = select.poll()
+    waiting = {worker.report: worker for worker in workers}
+    for fd in waiting:
+        poller.register(fd, select.POLLIN)
+    while waiting:
+        for fd, _ in poller.poll():  # a signal runs its handler and the poll resumes (PEP 475)
+            first = os.read(fd, 1)
+            if first != READY:
+                waiting[fd].head = first  # its report's first byte ("{"), or b"" at EOF
+                return False
+            poller.unregister(fd)
+            del waiting[fd]
+    return True
+
+
+def _read_report(fd: int, head: bytes = b"") -> dict | None:
+    chunks = [head]
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
+    data = b"".join(chunks).removeprefix(READY)  # not read when another worker failed to start
     try:
-        return json.loads(b"".join(chunks)) if chunks else None
+        return json.loads(data) if data else None
     except ValueError:
         return None
