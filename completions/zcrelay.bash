@@ -174,19 +174,20 @@ _zcrelay() {
                 --offset) return ;;
                 --length) return ;;
                 --linger) return ;;
+                --idle-timeout) return ;;
                 --connect-timeout) return ;;
                 --rate-limit) return ;;
                 --pipe-size) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--method --offset --length --linger --connect-timeout --rate-limit --no-progress --progress --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--method --offset --length --linger --idle-timeout --connect-timeout --rate-limit --no-progress --progress --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    --method|--offset|--length|--linger|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
+                    --method|--offset|--length|--linger|--idle-timeout|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

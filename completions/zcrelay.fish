@@ -78,6 +78,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from send' -l method -x -d 'splic
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l offset -x -d 'Start at this byte of FILE (K, M, G suffixes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l length -x -d 'Send this many bytes'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l linger -x -d 'After the last byte, wait this long for the peer to close (0: do not wait)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l idle-timeout -x -d 'Give up, resetting the receiver, after this many seconds without a byte moving (0: never)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l connect-timeout -x -d 'Seconds to reach the peer (0: none)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l no-progress -l progress -d 'Show a progress display on stderr'

@@ -505,3 +505,217 @@ def test_serve_idle_timeout_lets_a_stalled_client_go_and_spares_a_slow_one(zcrel
     code, err = server.stop()
     assert code == 0, err
     assert "idle (0.5s without a byte moving)" in err and "2 connections" in err and "1 failed" in err, err
+
+
+class _Stalled:
+    """A listener (TCP on 127.0.0.1, or unix:PATH) whose one client is accepted and then not
+    read from until `release()`; after that a thread reads it to its end, hashing:
+    `end` is "eof" or the error's name, `size` and `sha` what came before it."""
+
+    def __init__(self, unix_path=None) -> None:
+        import socket
+
+        if unix_path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(str(unix_path))
+            self.listener.listen(1)
+            self.address = f"unix:{unix_path}"
+        self.accepted = threading.Event()
+        self._release = threading.Event()
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.end = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.listener.settimeout(60)
+        conn, _ = self.listener.accept()
+        self.accepted.set()
+        with conn:
+            self._release.wait(60)
+            try:
+                while chunk := conn.recv(1 << 16):
+                    self.size += len(chunk)
+                    self.sha.update(chunk)
+                self.end = "eof"
+            except OSError as exc:
+                self.end = type(exc).__name__
+
+    def release(self) -> None:
+        self._release.set()
+        if self.accepted.is_set():
+            self.thread.join(60)
+        self.listener.close()
+
+
+def _assert_a_prefix(stalled: _Stalled, data) -> None:
+    content = data.read_bytes()
+    assert 0 < stalled.size < len(content), stalled.size
+    assert stalled.sha.hexdigest() == hashlib.sha256(content[:stalled.size]).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_send_idle_timeout_resets_a_receiver_that_never_reads(tmp_path, data, method):
+    """A receiver that accepts and never reads held `send` forever: there was no idle timeout.
+    With --idle-timeout, once no byte has moved for that long, `send` gives up: exit 1 (a peer
+    that stopped reading, as for EPIPE), one line, and the receiver gets a reset after what its
+    kernel took, not a clean end of a truncated file."""
+    stalled = _Stalled()
+    started = time.monotonic()
+    code, err = shell(f"$Z send data {stalled.address} --method {method} --idle-timeout 0.3",
+                      tmp_path).wait(30)
+    took = time.monotonic() - started
+    stalled.release()
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: no byte moved for 0.3s"), err
+    assert f" of {SIZE} bytes" in lines[0], err
+    assert took < 10, took
+    assert stalled.end == "ConnectionResetError"
+    _assert_a_prefix(stalled, data)
+
+
+def test_send_cut_short_to_a_unix_receiver_says_it_was_not_told(tmp_path, data):
+    """A unix socket has no reset (SO_LINGER 0 does nothing on AF_UNIX): a receiver whose
+    transfer is cut short sees an ordinary end of stream after the bytes it got. The sender
+    must exit non-zero and say that the receiver could not be told."""
+    stalled = _Stalled(tmp_path / "sock")
+    code, err = shell(f"$Z send data {stalled.address} --idle-timeout 0.3", tmp_path).wait(30)
+    stalled.release()
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: no byte moved for 0.3s"), err
+    assert "unix socket" in lines[0] and "cannot be reset" in lines[0], err
+    assert stalled.end == "eof"  # what a unix receiver sees: nothing better exists
+    _assert_a_prefix(stalled, data)
+
+
+def test_a_file_that_shrinks_under_a_unix_receiver_is_said_not_told(tmp_path):
+    """The file shrinks mid-send to a unix socket: exit 10 as for TCP, and the one line says
+    the receiver saw an ordinary end of stream."""
+    victim = sparse_file(tmp_path / "victim", 256 << 20, [(0, b"start")])
+    stalled = _Stalled(tmp_path / "sock")
+    sender = shell(f"$Z send victim {stalled.address} --rate-limit 32M", tmp_path)
+    assert stalled.accepted.wait(30)
+    stalled._release.set()  # reads from now on
+    while stalled.size < (2 << 20) and sender.proc.poll() is None:
+        time.sleep(0.01)  # polling a counter the reader thread advances, not a wait for readiness
+    os.truncate(victim, 1 << 20)
+    code, err = sender.wait(30)
+    stalled.release()
+    assert code == 10, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zcrelay: error: the file shrank"), err
+    assert "cannot be reset" in lines[0], err
+    assert stalled.end == "eof"
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+def test_send_idle_timeout_spares_a_rate_limited_transfer(tmp_path, method):
+    """--rate-limit sleeps between chunks by design (4 KiB at 8K/s: half a second each, longer
+    than the timeout): that is not the receiver stalling, and must not end the transfer."""
+    payload = os.urandom(12 << 10)
+    (tmp_path / "small").write_bytes(payload)
+    sink = Sink()
+    code, err = shell(f"$Z send small 127.0.0.1:{sink.port} --method {method} --rate-limit 8K "
+                      f"--idle-timeout 0.3", tmp_path).wait(30)
+    assert code == 0, err
+    sink.join()
+    assert sink.sha.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_serve_idle_timeout_spares_a_rate_limited_client(zcrelay, tmp_path):
+    """serve's --idle-timeout fired while --rate-limit slept between chunks: a client reading
+    at once was reset, a third of the way in."""
+    import socket
+
+    data = random_file(tmp_path / "data", 12 << 10)
+    server = zcrelay("serve", str(data), "--listen", "127.0.0.1:0", "--idle-timeout", "0.3",
+                     "--rate-limit", "8K")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        got = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+    assert hashlib.sha256(got).hexdigest() == sha256_file(data)
+    server.wait_for_lines("conn=1 ", 1)
+    code, err = server.stop()
+    assert code == 0, err
+    assert next(line for line in err.splitlines() if "conn=1 " in line).endswith(" ok"), err
+
+
+def test_transfer_under_trio_gives_up_on_an_idle_receiver(tmp_path):
+    """The library's transfer honours SendConfig.idle_timeout in a trio run as well (serve,
+    a program that embeds it): IdleTimeout, a ConnectionLost, after the bytes that fit."""
+    import socket
+
+    import trio
+
+    from zcrelay import files
+    from zcrelay.stats import Flow
+
+    data = random_file(tmp_path / "data", 8 << 20)
+    ours, theirs = socket.socketpair()
+    fd = os.open(data, os.O_RDONLY)
+    flow = Flow()
+
+    async def main():
+        sock = trio.socket.from_stdlib_socket(ours)
+        with pytest.raises(files.IdleTimeout) as idle:
+            await files.transfer(fd, sock, 0, 8 << 20, flow, files.SendConfig(idle_timeout=0.3))
+        assert isinstance(idle.value, files.ConnectionLost)
+        assert str(idle.value).startswith("no byte moved for 0.3s")
+        sock.close()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(fd)
+    got = b"".join(iter(lambda: theirs.recv(1 << 16), b""))
+    theirs.close()
+    assert 0 < len(got) == flow.bytes < 8 << 20
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data.read_bytes()[:len(got)]).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["splice", "sendfile"])
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_a_receiver_gone_mid_send_is_named_and_its_count_not_taken_for_received(tmp_path, data, method, family):
+    """The receiver reads 1 MiB, then resets (TCP, SO_LINGER 0) or closes (unix). sendfile's
+    EPIPE was called "the peer stopped reading" for a reset, and "connection lost after N
+    bytes" counted what was handed to the kernel (4.5 MB where the receiver had read 1 MiB):
+    a user resuming with --offset N would leave a hole. Exit 1, one line, the right cause,
+    and the count said to be what was sent, not what arrived."""
+    import socket
+    import struct
+
+    if family == "tcp":
+        listener = socket.create_server(("127.0.0.1", 0))
+        where = f"127.0.0.1:{listener.getsockname()[1]}"
+    else:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / "sock"))
+        listener.listen(1)
+        where = f"unix:{tmp_path / 'sock'}"
+    got = bytearray()
+
+    def give_up():
+        conn, _ = listener.accept()
+        while len(got) < 1 << 20:
+            got.extend(conn.recv((1 << 20) - len(got)))
+        if family == "tcp":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    peer = threading.Thread(target=give_up)
+    peer.start()
+    with listener:
+        code, err = shell(f"$Z send data {where} --method {method}", tmp_path).wait()
+        peer.join()
+    assert code == 1, err
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data.read_bytes()[:1 << 20]).hexdigest()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    why = "reset by the peer" if family == "tcp" else "closed by the peer"
+    assert lines[0].startswith(f"zcrelay: error: connection lost ({why}): sent "), err
+    assert f" of {SIZE} bytes, of which the receiver may have read fewer" in lines[0], err

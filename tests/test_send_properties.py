@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of `send`'s engine (zcrelay.files.transfer): bytes
 [offset, offset + length) of the file reach the peer exactly, by splice or by sendfile, and the
 file's own position is never moved, whatever the file size, the span, the pipe size and the
-rate limit.
+rate limit, with or without an idle timeout (which keeps the socket non-blocking and arms
+SIGALRM).
 
 `transfer` runs in process with blocking waits (zcrelay.waits), as `zcrelay send` runs it, on a
 real loopback TCP connection whose far end is a thread reading to EOF and then closing
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 
 from hypothesis import given
@@ -35,8 +37,8 @@ def spans(draw):
 @PROPERTY_SETTINGS
 @given(case=spans(), seed=st.integers(0, 2**32), method=st.sampled_from(("splice", "sendfile")),
        pipe_size=st.sampled_from(traffic.PIPE_SIZES), rate=st.sampled_from((None, 64 << 20)),
-       position=st.integers(0, 5000))
-def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_size, rate, position):
+       position=st.integers(0, 5000), idle=st.sampled_from((None, 30.0)))
+def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_size, rate, position, idle):
     size, offset, length = case
     data = traffic.payload(seed, "file", size)
     path = tmp_path_factory.mktemp("send") / "file"
@@ -47,7 +49,7 @@ def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_siz
     os.lseek(fd, position, os.SEEK_SET)  # someone's position in a shared fd: left alone
     sink = Sink()  # a thread: reads to EOF, hashing, then closes
     flow = Flow()
-    config = SendConfig(method=method, pipe_size=pipe_size, rate_limit=rate, linger=30)
+    config = SendConfig(method=method, pipe_size=pipe_size, rate_limit=rate, linger=30, idle_timeout=idle)
     try:
         with socket.create_connection(("127.0.0.1", sink.port)) as sock:
             waits.run_blocking(transfer, fd, sock, offset, length, flow, config)
@@ -58,3 +60,5 @@ def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_siz
     assert sink.size == expected
     assert sink.sha.digest() == hashlib.sha256(data[offset:offset + expected]).digest()
     assert flow.bytes == flow.spliced == expected and flow.copied == 0 and flow.end == "eof"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the idle alarm is disarmed
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and flow.on_bytes is None

@@ -11,7 +11,13 @@ attribute: a file that ends before its size while fstat still reports that size 
 
 A transfer that fails or is stopped before its last byte ends with a TCP reset, not a FIN
 (`abort_unless_sent`): a receiver that saw a clean end of stream took a truncated file for
-the whole one.
+the whole one. A unix socket has no reset (SO_LINGER does nothing on AF_UNIX; the kernel only
+gives the peer ECONNRESET when the closing side leaves bytes *it* received unread): a unix
+receiver cut short sees an ordinary end of stream, and the error says it could not be told.
+
+With `idle_timeout`, a transfer during which no byte moves for that long (a receiver that
+stopped reading) is cut short with IdleTimeout (`_Idle`); the rate limit's own sleeps do not
+count.
 
 After the last byte the socket's write side is shut down and whatever the peer still sends is
 read and dropped until it closes (bounded by `linger`): closing with unread bytes would send a
@@ -21,15 +27,19 @@ reset, which can destroy data still queued for the peer.
 from __future__ import annotations
 
 import errno
+import math
 import os
+import signal
 import socket
 import stat
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from zcrelay import direct, net, waits
 from zcrelay.addresses import Address
+from zcrelay.direct import Pacer
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError
 from zcrelay.logs import library_logger
 from zcrelay.mover import SOURCE
@@ -47,6 +57,12 @@ class BadRange(ZcrelayError):
     """--offset/--length do not fit the file."""
 
 
+class IdleTimeout(ConnectionLost):
+    """No byte moved for SendConfig.idle_timeout seconds before the last one was sent: the
+    receiver stopped reading, and the transfer was cut short (the receiver is reset, where a
+    reset exists). A ConnectionLost: the CLI's exit status for a peer that stopped reading."""
+
+
 @dataclass(frozen=True)
 class SendConfig:
     method: str = "splice"
@@ -54,7 +70,9 @@ class SendConfig:
     rate_limit: int | None = None
     linger: float | None = 10.0  # seconds to wait for the peer's close after the last byte
     nodelay: bool = False
-    idle_timeout: float | None = None  # serve: seconds a client may go without a byte moving
+    # Seconds a transfer may go without a byte moving before its last byte (IdleTimeout); the
+    # linger after it is bounded by `linger` alone.
+    idle_timeout: float | None = None
 
 
 def open_file(path: str) -> tuple[int, int]:
@@ -120,28 +138,35 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
     A file that reports size 0 is sent with length None (span and `serve` give it so):
     procfs files report 0 and have content, and sending 0 bytes of /proc/self/status with exit
     status 0 was a silent lie. An empty file ends at once all the same."""
-    pacer = RateLimit(config.rate_limit) if config.rate_limit else None
-    blocking = waits.blocking()  # then `sock` is a stdlib socket (net.connect)
+    pacer: Pacer | None = RateLimit(config.rate_limit) if config.rate_limit else None
+    idle = _Idle(config.idle_timeout, flow, length, pacer) if config.idle_timeout else None
+    pacer = idle if idle is not None and pacer is not None else pacer
+    # Nothing else runs in this process: let the kernel wait inside each send, as socat's
+    # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups). Not with
+    # an idle timeout: a blocking send returns (and counts its bytes) only when done, so a
+    # slow receiver looked idle for as long as one call took.
+    blocking = waits.blocking() and idle is None  # `sock` is then a stdlib socket (net.connect)
     if blocking:
-        # Nothing else runs in this process: let the kernel wait inside each send, as socat's
-        # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups).
         sock.setblocking(True)
     try:
-        if length is None:
-            await _send_to_eof(fd, sock.fileno(), offset, flow, config, pacer)
-        else:
-            try:
-                await _send_span(fd, sock.fileno(), offset, length, flow, config, pacer)
-            except direct.FileShrank as exc:
-                if os.fstat(fd).st_size <= exc.reached:
-                    raise
-                # Not shrunk: its size said more than it holds (sysfs: a page). Its EOF is its end.
+        with idle.watching() if idle is not None else nullcontext():
+            if length is None:
+                await _send_to_eof(fd, sock.fileno(), offset, flow, config, pacer)
+            else:
+                try:
+                    await _send_span(fd, sock.fileno(), offset, length, flow, config, pacer)
+                except direct.FileShrank as exc:
+                    if os.fstat(fd).st_size <= exc.reached:
+                        raise
+                    # Not shrunk: its size said more than it holds (sysfs: a page). Its EOF is its end.
     except StreamError as exc:
         if exc.role == SOURCE:
             raise InputFailed(f"reading the file: {os.strerror(exc.errno)}") from None
-        why = "the peer stopped reading" if exc.errno == errno.EPIPE else os.strerror(exc.errno).lower()
         total = "" if length is None else f" of {length}"
-        raise ConnectionLost(f"connection lost after {flow.bytes}{total} bytes: {why}") from None
+        # flow.bytes is what the kernel took, not what the receiver read: what was in flight
+        # at a reset is lost. Read as "received", it made `--offset N` resume past a hole.
+        raise ConnectionLost(f"connection lost ({_why(exc.errno, sock)}): sent {flow.bytes}{total} "
+                             f"bytes, of which the receiver may have read fewer") from None
     finally:
         if blocking:
             sock.setblocking(False)  # the linger below waits with a deadline
@@ -155,7 +180,10 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or errno.EIO
         raise _lost_after_the_last_byte(flow, err) from None
     try:
-        with waits.move_on_after(config.linger if config.linger is not None else float("inf")):
+        # Not bounded by the idle timeout: the linger is how a reset after the last byte (a
+        # receiver that did not read it all) is told from a clean end, and --linger says how
+        # long that is worth waiting for.
+        with waits.move_on_after(config.linger if config.linger is not None else math.inf):
             await direct.drain_discard(sock.fileno())
     except StreamError as exc:
         raise _lost_after_the_last_byte(flow, exc.errno) from None
@@ -173,12 +201,22 @@ def abort_unless_sent(sock: socket.socket, flow: Flow) -> Iterator[None]:
     _in_flight[sock] = flow
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if flow.end != "eof":
             net.abort(sock)
+            if sock.family == socket.AF_UNIX and isinstance(exc, _UNTOLD):
+                # No reset on AF_UNIX: the receiver, still there, takes our close for the end.
+                exc.args = (f"{exc}; {UNIX_UNTOLD}",)
         raise
     finally:
         del _in_flight[sock]
+
+
+UNIX_UNTOLD = ("the receiver is on a unix socket, which cannot be reset: it sees an ordinary end "
+               "of stream")
+# The failures of ours that leave a receiver that is still there (a reset or a peer that went
+# away needs no telling): their message says so on a unix socket.
+_UNTOLD = (direct.FileShrank, InputFailed, IdleTimeout)
 
 
 _in_flight: dict[socket.socket, Flow] = {}  # sockets inside abort_unless_sent, and their flows
@@ -193,13 +231,125 @@ def abort_in_flight() -> None:
             net.abort(sock)
 
 
+class _Idle:
+    """SendConfig.idle_timeout while a span is sent: IdleTimeout once no byte has moved for
+    `seconds`. It also stands in for the rate limit's pacer (same `chunk` and `spent`), so that
+    the pacer's sleeps, which are ours and not the receiver's, stop the clock.
+
+    In a trio run (serve) a cancel scope whose deadline each chunk pushes back, as the relay's
+    idle timeout. Without trio (send: zcrelay.waits) nothing can push back a deadline in the
+    middle of a wait, so SIGALRM is the clock: its handler raises IdleTimeout from whatever
+    syscall the transfer waits in, as Ctrl-C's KeyboardInterrupt does (abort_unless_sent then
+    resets the receiver), or sets the alarm again for what is left. Python runs signal handlers
+    in the main thread only: elsewhere a blocking transfer with an idle timeout is refused."""
+
+    def __init__(self, seconds: float, flow: Flow, length: int | None,
+                 pacer: Pacer | None) -> None:
+        self.seconds = seconds
+        self.flow = flow
+        self.length = length
+        self.pacer = pacer
+        self.chunk = pacer.chunk if pacer is not None else 0
+        self.last = waits.current_time()  # when a byte last moved
+        self.pausing = False  # in the pacer's sleep
+        self.watched = False  # the alarm may raise (blocking mode)
+        self._scope = None  # trio's cancel scope (trio mode)
+
+    def moved(self, _n: int) -> None:
+        self.last = waits.current_time()
+        if self._scope is not None:
+            self._scope.deadline = self.last + self.seconds
+
+    def left(self) -> float:
+        return max(0.0, self.last + self.seconds - waits.current_time())
+
+    def expired(self) -> IdleTimeout:
+        total = "" if self.length is None else f" of {self.length}"
+        return IdleTimeout(f"no byte moved for {self.seconds:g}s (idle timeout): sent {self.flow.bytes}"
+                           f"{total} bytes, of which the receiver may have read fewer")
+
+    async def spent(self, n: int) -> None:
+        """The pacer's wait, outside the idle clock."""
+        assert self.pacer is not None
+        self.pausing = True
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+        try:
+            await self.pacer.spent(n)
+        finally:
+            self.pausing = False
+            self.moved(0)
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        previous = self.flow.on_bytes
+
+        def on_bytes(n: int) -> None:
+            self.moved(n)
+            if previous is not None:
+                previous(n)
+
+        self.flow.on_bytes = on_bytes
+        try:
+            if waits.blocking():
+                with self._alarm():
+                    yield
+            else:
+                import trio
+
+                with trio.CancelScope(deadline=self.last + self.seconds) as scope:
+                    self._scope = scope
+                    yield
+                if scope.cancelled_caught:
+                    raise self.expired()
+        finally:
+            self._scope = None
+            self.flow.on_bytes = previous
+
+    @contextmanager
+    def _alarm(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("an idle timeout without trio needs the main thread (SIGALRM)")
+        previous = signal.signal(signal.SIGALRM, self._on_alarm)
+        self.watched = True
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        try:
+            yield
+        finally:
+            self.watched = False  # first: an alarm from here on raises nothing
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if not self.watched:
+            return
+        left = self.left()
+        if left > 0 or self.pausing:
+            # Never 0, which would disarm it: a few microseconds round down to that.
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if left > 0 else self.seconds)
+            return
+        self.watched = False
+        raise self.expired()
+
+
+def _why(err: int, sock: socket.socket) -> str:
+    """Why a send failed, in words. EPIPE before our FIN means the connection is gone: over TCP
+    a reset (the peer's, or its answer to our bytes after it closed) whose ECONNRESET an earlier
+    call took; a unix socket's peer simply closed (as zcrelay.pipeline._why says it)."""
+    if err == errno.EPIPE:
+        return "reset by the peer" if sock.family != socket.AF_UNIX else "closed by the peer"
+    if err == errno.ECONNRESET:
+        return "reset by the peer"
+    return os.strerror(err).lower()
+
+
 def _lost_after_the_last_byte(flow: Flow, err: int) -> ConnectionLost:
     return ConnectionLost(f"connection lost after the last of {flow.bytes} bytes, before the peer "
                           f"closed (it may not have read them all): {os.strerror(err).lower()}")
 
 
 async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
-                     pacer: RateLimit | None) -> None:
+                     pacer: Pacer | None) -> None:
     """Send bytes [offset, offset + length) zero-copy where the file allows it. Some files
     refuse splice and sendfile (EINVAL) before the first byte, sized or not (/proc/PID's files,
     /proc/config.gz): then the span is read at explicit offsets (serve's clients share the fd)
@@ -215,7 +365,7 @@ async def _send_span(fd: int, sock: int, offset: int, length: int, flow: Flow, c
 
 
 async def _send_zero_copy(fd: int, sock: int, offset: int, length: int, flow: Flow, config: SendConfig,
-                          pacer: RateLimit | None) -> None:
+                          pacer: Pacer | None) -> None:
     if config.method == "sendfile":
         await direct.send_file_sendfile(fd, sock, offset, length, flow, pacer)
         return
@@ -231,7 +381,7 @@ _TO_EOF = 1 << 62
 
 
 async def _send_to_eof(fd: int, sock: int, offset: int, flow: Flow, config: SendConfig,
-                       pacer: RateLimit | None) -> None:
+                       pacer: Pacer | None) -> None:
     """Send from `offset` to EOF (a file whose size says nothing: procfs's 0)."""
     try:
         await _send_span(fd, sock, offset, _TO_EOF, flow, config, pacer)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import trio
 
 from zcrelay import direct, net
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
-from zcrelay.files import SendConfig, abort_unless_sent, open_file, transfer
+from zcrelay.files import IdleTimeout, SendConfig, abort_unless_sent, open_file, transfer
 from zcrelay.logs import library_logger
 from zcrelay.stats import Flow
 
@@ -32,6 +33,12 @@ class FileServer:
         self.path = path
         self.address = address
         self.config = config
+        # A client that got the whole file may keep its 4 fds (socket, file, pipe) no longer
+        # than --idle-timeout either, waiting for it to close (files.transfer times the
+        # sending only).
+        linger = config.linger if config.linger is not None else math.inf
+        idle = config.idle_timeout or math.inf
+        self._transfer_config = replace(config, linger=min(linger, idle)) if idle < linger else config
         self.connections = 0
         self.sent = 0
         self.failed = 0
@@ -67,30 +74,26 @@ class FileServer:
         flow = Flow()
         started = trio.current_time()
         outcome = "ok"
-        idle = self.config.idle_timeout
         try:
             # With --idle-timeout, a client that stops reading is let go (reset) once no byte
-            # has moved for that long: each held 4 fds (socket, file, pipe) for as long as it
-            # chose, and a few hundred of them ran serve out of fds.
-            with trio.CancelScope(deadline=started + idle if idle else math.inf) as idle_scope:
-                if idle:
-                    flow.on_bytes = lambda _n: setattr(idle_scope, "deadline", trio.current_time() + idle)
-                with sock, abort_unless_sent(sock, flow):  # a client cut short sees a reset
-                    # Opened for each client, as socat and nginx do: a file replaced since
-                    # serve started (an editor's save, a new build, a rotated log) is served as
-                    # it is now, not the inode serve opened first, forever.
-                    fd, size = open_file(self.path)
-                    try:
-                        # A file that reports size 0 (procfs) is sent to its EOF: length None.
-                        await transfer(fd, sock, 0, size or None, flow, self.config)
-                    finally:
-                        os.close(fd)
-            if idle_scope.cancelled_caught and flow.end != "eof":  # not in the linger after the last byte
-                outcome = f"idle ({idle:g}s without a byte moving)"
-                self.failed += 1
+            # has moved for that long (files.transfer): each held 4 fds (socket, file, pipe)
+            # for as long as it chose, and a few hundred of them ran serve out of fds.
+            with sock, abort_unless_sent(sock, flow):  # a client cut short sees a reset
+                # Opened for each client, as socat and nginx do: a file replaced since serve
+                # started (an editor's save, a new build, a rotated log) is served as it is
+                # now, not the inode serve opened first, forever.
+                fd, size = open_file(self.path)
+                try:
+                    # A file that reports size 0 (procfs) is sent to its EOF: length None.
+                    await transfer(fd, sock, 0, size or None, flow, self._transfer_config)
+                finally:
+                    os.close(fd)
         except trio.Cancelled:
             outcome = "shutdown"
             raise
+        except IdleTimeout:
+            outcome = f"idle ({self.config.idle_timeout:g}s without a byte moving)"
+            self.failed += 1
         except (direct.FileShrank, InputFailed, ConnectionLost) as exc:
             outcome = f"error ({exc})"
             self.failed += 1

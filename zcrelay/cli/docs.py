@@ -349,7 +349,11 @@ Each stream in flight uses one pipe per direction; empty pipes are kept in a sma
 reused, and a pipe that still holds bytes is never reused. Each connection is relayed in both
 directions at once, and an end-of-file in one direction is passed on as a half-close (shutdown of
 the write side), so protocols that half-close keep working; **--linger** ends a half-closed connection once no
-byte has moved for that many seconds, so a reply that keeps flowing is never cut short.
+byte has moved for that many seconds, so a reply that keeps flowing is never cut short. A side's
+end-of-file counts from its arrival, even while zcrelay still holds bytes before it that the
+other side does not take (a target that stopped reading an upload): such a connection ends
+after the linger too, instead of waiting for **--idle-timeout**, and for ever without one. zcrelay
+looks for such end-of-files every quarter of the linger (at most 5 s); only a TCP side can tell.
 
 **Fallback.** When a file descriptor cannot be spliced (a terminal, a file opened with O_APPEND,
 an old or unusual kernel or file system), the first splice fails with EINVAL, ENOSYS or EBADF
@@ -424,7 +428,9 @@ reply the target sent before it reset, which without a relay would have been in 
 own receive queue) still reaches the other side, which is reset only once it has acknowledged
 every byte, or once no byte has moved for **--linger** seconds. A side that zcrelay still holds
 bytes for when **--idle-timeout**, **--linger** or a shutdown ends the connection is reset too,
-rather than closed, so that it cannot take a stream cut short for a whole one. Whenever a reset
+rather than closed, so that it cannot take a stream cut short for a whole one, and so is the side
+those bytes came from, so that it cannot take them for delivered (as a kernel that closes a
+socket with bytes unread resets its peer). Whenever a reset
 throws away bytes zcrelay had queued for a side, up and down leave out the ones never sent.
 
 With **--max-conns**, accepting stops at the limit and further clients wait in the listen
@@ -467,7 +473,13 @@ first. With **--keep-open** the line is a warning and the next connection is acc
     "send": """
 A transfer that fails or is stopped (SIGINT, SIGTERM, SIGHUP) before its last byte ends with a
 TCP reset, not a FIN, so that the receiver cannot take a truncated file for the whole one. A file whose size
-says nothing, as procfs's 0 and sysfs's page, is sent to its end of file.
+says nothing, as procfs's 0 and sysfs's page, is sent to its end of file; a file that grows
+during the transfer is sent up to its size at the start. **--idle-timeout** gives up on a
+receiver that lets no byte move for that long before the last one (the rate limit's own pauses
+do not count): it is reset, and zcrelay exits 1, as for a connection lost mid-transfer. The byte
+count in such an error is what was sent; the receiver may have read fewer. A Unix socket has
+no reset: a receiver on one that is cut short sees an ordinary end of stream, and the error
+says so.
 """,
     "serve": """
 A client whose transfer fails on zcrelay's side (the file cannot be opened or shrinks, no fd is

@@ -32,6 +32,7 @@ def send(
     offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
     length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  \\[default: to the end]", show_default=False),
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
+    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Give up, resetting the receiver, after this many seconds without a byte moving (0: never).", show_default=False),
     connect_timeout: float = CONNECT_TIMEOUT,
     rate_limit: Optional[str] = RATE,
     progress: Optional[bool] = PROGRESS,
@@ -39,13 +40,14 @@ def send(
     verbose: int = VERBOSE,
     quiet: bool = QUIET,
 ) -> ExitCode:
-    """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile."""
+    """Send FILE (or a span of it) to ADDR, zero-copy. Exits 10 if FILE shrinks meanwhile, 1 if
+    the connection is lost or (--idle-timeout) no byte moves for that long."""
     method = method_value(method)
     where = address(target, listen=False, option="ADDR")
     start = parse_size(offset, "--offset", exact=True)
     count = parse_size(length, "--length", exact=True) if length is not None else None
     config = SendConfig(method=method, pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
-                        linger=linger)
+                        linger=linger, idle_timeout=idle_timeout or None)
     setup_logging(verbose, quiet)
     flow = Flow()
 

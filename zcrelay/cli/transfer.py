@@ -8,8 +8,10 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 - stdout's reader went away (`| head -c 100`): BROKEN_PIPE (141, as a program killed by
   SIGPIPE reports), with no message
 - the file shrank during `send`: FILE_CHANGED (10)
-- the connection was reset or the peer stopped reading mid-transfer, or (send, serve) it was
-  reset after the last byte instead of closed: FAILURE (1)
+- the connection was reset or closed by the peer mid-transfer, or (send, serve) it was reset
+  after the last byte instead of closed, or (send --idle-timeout) no byte moved for that long:
+  FAILURE (1), the code of a lost peer. Not CONNECT_FAILED (6): that one says the target was
+  never reached and nothing was sent, so a retry is safe; here bytes may have arrived.
 """
 
 from __future__ import annotations
