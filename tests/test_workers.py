@@ -303,5 +303,8 @@ def test_a_fork_that_fails_names_the_worker_and_leaks_nothing(monkeypatch):
         failure = exc
     assert failure.errno == errno.EAGAIN
     assert "worker 2 of 3" in failure.strerror and "Resource temporarily unavailable" in failure.strerror
+    from zcrelay.cli.common import exit_code_for
+
+    assert exit_code_for(failure) == (ExitCode.NO_RESOURCES, f"out of resources: {failure.strerror}")
     assert sorted(os.listdir("/proc/self/fd")) == fds
     wait_gone(forked)

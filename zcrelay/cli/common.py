@@ -126,7 +126,9 @@ def exit_code_for(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(exc, ZcrelayError):
         return ExitCode.FAILURE, str(exc)
     if isinstance(exc, OSError):
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+        # EAGAIN gets here from fork(2) at a process limit (--workers; a non-blocking call's
+        # EAGAIN never leaves its layer).
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN):
             return ExitCode.NO_RESOURCES, f"out of resources: {exc.strerror}"
         return ExitCode.FAILURE, f"{exc.strerror or exc}"
     raise exc
