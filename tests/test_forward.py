@@ -338,18 +338,23 @@ async def test_refused_target_is_logged_and_relay_serves_on(zcrelay, path):
         server = await serve_traffic(nursery)
         relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{dead_port}",
                         "--rule", f"127.0.0.1:0=127.0.0.1:{server.port}", *path_args(path), listeners=2)
-        client = trio.socket.socket()
-        with client:
-            await client.connect(("127.0.0.1", relay.ports[0]))
-            with trio.fail_after(10):
-                assert await read_to_eof(client) == b""
+        fds = []
+        for _ in range(51):  # each target socket refused is closed: the fd count stays put
+            client = trio.socket.socket()
+            with client:
+                await client.connect(("127.0.0.1", relay.ports[0]))
+                with trio.fail_after(10):
+                    assert await read_to_eof(client) == b""
+            relay.wait_for_lines(" close=", len(fds) + 1)
+            fds.append(len(os.listdir(f"/proc/{relay.proc.pid}/fd")))
+        assert fds[-1] == fds[0], fds
         results = await traffic.run_clients(("127.0.0.1", relay.ports[1]), 4, MiB, MiB)
         await traffic.check(results, server)
         nursery.cancel_scope.cancel()
-    relay.wait_for_lines(" close=", 5)
+    relay.wait_for_lines(" close=", 55)
     code, err = relay.stop()
     closes = [m.group(6) for m in conn_lines(err)]
-    assert "refused" in closes and closes.count("eof") == 4
+    assert closes.count("refused") == 51 and closes.count("eof") == 4
     assert code == 0
 
 
