@@ -42,7 +42,7 @@ _NOTES = (
     "splice, references to the page cache's pages. Only sender + sink is the whole cost of a "
     "transfer.",
     f"Sink: {SINK_TEXT}.",
-    "*: CPU copies and context switches per chunk as the articles count them (shared/SPLICE.md), "
+    "*: CPU copies and context switches per chunk as the zero-copy articles count them, "
     "not measured; SG: with scatter-gather NICs, as loopback is, so sendfile copies nothing here "
     "(cpu_copies 0 in --json). syscalls and ctx sw vol/inv (the sender's ru_nvcsw/ru_nivcsw) are "
     "measured, per run of the whole file.",

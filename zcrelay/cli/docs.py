@@ -569,7 +569,8 @@ SIGNALS = """
 closes the open ones (serve resets the clients whose file was not sent whole), prints a summary on standard error and exits with status 0. The summary
 gives the connections, the bytes each way, the share spliced and the fallbacks with their
 reasons; serve's gives the connections, the bytes sent and the clients that failed. A SIGINT
-that arrives before the command is running exits with status 130. While a server stops, a
+that arrives before the command is running exits with status 130 (one during Python's own
+start-up, the first few milliseconds, may end it as Python does, with a traceback). While a server stops, a
 second SIGTERM is ignored (timeout(1) sends one to zcrelay and one to its process group, and
 a service manager may repeat it), and a second SIGINT ends it at once (status 130).
 

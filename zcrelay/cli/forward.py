@@ -234,7 +234,7 @@ def forward(
     listen: Optional[str] = typer.Argument(None, metavar="LISTEN", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH.", show_default=False),
     target: Optional[str] = typer.Argument(None, metavar="TARGET", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
     rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable); split at the '=' that leaves an address on each side.", show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=r"TOML file with options and \[\[rule]] tables; the command line wins.", show_default=False),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", readable=False, help=r"TOML file with options and \[\[rule]] tables; the command line wins.", show_default=False),
     pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  \\[default: 1M]", show_default=False),
     max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  \\[default: 0]", show_default=False),
     max_idle_pipes: Optional[int] = typer.Option(None, "--max-idle-pipes", min=0, metavar="N", help="Empty pipes kept for reuse.  \\[default: 16]", show_default=False),

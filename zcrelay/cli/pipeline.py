@@ -188,7 +188,7 @@ def serve(
     listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
     method: str = METHOD,
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
-    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Reset a client that goes this many seconds without a byte moving (0: never).", show_default=False),
+    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Reset a client that goes this many seconds without a byte moving (0: never).  \\[default: 0]", show_default=False),
     rate_limit: Optional[str] = CLIENT_RATE,
     pipe_size: str = FILE_PIPE_SIZE,
     verbose: int = VERBOSE,

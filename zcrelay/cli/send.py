@@ -32,7 +32,7 @@ def send(
     offset: str = typer.Option("0", "--offset", metavar="BYTES", help="Start at this byte of FILE (K, M, G suffixes)."),
     length: Optional[str] = typer.Option(None, "--length", metavar="BYTES", help="Send this many bytes.  \\[default: to the end]", show_default=False),
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for the peer to close (0: do not wait)."),
-    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Give up, resetting the receiver, after this many seconds without a byte moving (0: never).", show_default=False),
+    idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Give up, resetting the receiver, after this many seconds without a byte moving (0: never).  \\[default: 0]", show_default=False),
     connect_timeout: float = CONNECT_TIMEOUT,
     rate_limit: Optional[str] = RATE,
     progress: Optional[bool] = PROGRESS,
