@@ -325,36 +325,21 @@ async def test_a_captured_relay_counts_its_fallbacks_and_captures_every_byte(tmp
     are; either way both captures hold exactly what was relayed."""
     from zcrelay.capture import CaptureFile
 
-    (client, a), (b, server) = trio.socket.socketpair(), trio.socket.socketpair()
+    from tests.test_reactor import _exchange
+
     engine = Engine(pool=PipePool(size=65536), splice=path == "splice")
     up_data, down_data = os.urandom(3 * MiB + 17), os.urandom(2 * MiB + 5)
     fds = [os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for name in ("up", "down")]
     captures = (CaptureFile(fds[0], "up"), CaptureFile(fds[1], "down"))
-    got = {}
-    up, down = Flow(), Flow()
-
-    async def side(sock, data, key):
-        async def send():
-            view = memoryview(data)
-            while view:
-                view = view[await sock.send(view[:200_000]):]
-            sock.shutdown(socket.SHUT_WR)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got[key] = await traffic.recv_all(sock, random.Random(2))
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(side, client, up_data, "client_got")
-            nursery.start_soon(side, server, down_data, "server_got")
-            end = await relay(a, b, engine, up, down, linger=10, captures=captures)
-    for capture in captures:
-        capture.close()
-    for fd in fds:
-        os.close(fd)
+    pairs = trio.socket.socketpair(), trio.socket.socketpair()
+    try:  # _exchange checks both directions' content
+        end, up, down = await _exchange(*pairs, up_data, down_data, engine, captures=captures)
+    finally:
+        for capture in captures:
+            capture.close()
+        for fd in fds:
+            os.close(fd)
     assert end.reason == "eof"
-    assert got["server_got"] == (len(up_data), traffic.digest(up_data))
-    assert got["client_got"] == (len(down_data), traffic.digest(down_data))
     assert traffic.digest((tmp_path / "up").read_bytes()) == traffic.digest(up_data)
     assert traffic.digest((tmp_path / "down").read_bytes()) == traffic.digest(down_data)
     if path == "splice":
@@ -364,7 +349,7 @@ async def test_a_captured_relay_counts_its_fallbacks_and_captures_every_byte(tmp
         assert (up.copied, down.copied) == (len(up_data), len(down_data))
         assert up.fallback == down.fallback == "splice disabled"
         assert engine.fallbacks == {"splice disabled": 2}
-    for sock in (client, a, b, server):
+    for sock in (*pairs[0], *pairs[1]):
         sock.close()
 
 
