@@ -274,12 +274,15 @@ class _Relay:
         zcrelay.forward by the forwarder, in one sweep. Only a TCP source can tell."""
         if self.linger is None or self.linger_at != float("inf"):
             return  # no linger, or one runs already (a half-close, a reset)
-        for side in self.live:
-            if self._stalled(side) and syscalls.tcp_peer_done(self.ends[side]):
-                self.linger_at = trio.current_time() + self.linger
-                self._track_activity()
-                self._deadline_moved()
-                return
+        if any(self._stalled(side) and syscalls.tcp_peer_done(self.ends[side]) for side in self.live):
+            self._start_linger()
+
+    def _start_linger(self) -> None:
+        """Start the linger now, unless one runs already (set at a half-close)."""
+        if self.linger is not None and self.linger_at == float("inf"):
+            self.linger_at = trio.current_time() + self.linger  # and silence counts (as there)
+            self._track_activity()
+            self._deadline_moved()
 
     def _stalled(self, src_side: str) -> bool:
         """Whether the stream out of `src_side` waits for its destination (True when that
@@ -295,10 +298,7 @@ class _Relay:
             if other in self.live:
                 self.live.discard(other)
                 self._halt(other)
-            if self.linger is not None and self.linger_at == float("inf"):  # else set at a half-close
-                self.linger_at = trio.current_time() + self.linger  # and silence counts (as there)
-                self._track_activity()
-                self._deadline_moved()
+            self._start_linger()
         if gone in self.live:
             # Its stream writes out what it had, then ends (stream_ended again). A reset
             # socket has nothing more to come; on one that is still up (an error sending to
