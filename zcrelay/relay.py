@@ -271,10 +271,10 @@ class _Relay:
         destination never lets happen: the connection, and a pipe full of bytes, were held
         until --idle-timeout, and for ever without one (the default). Called every
         `fin_check_interval(linger)` while no linger runs: by relay(), and for the Pairs of
-        zcrelay.forward by the forwarder, in one sweep. Only a TCP source can tell."""
+        zcrelay.forward by the forwarder, in one sweep."""
         if self.linger is None or self.linger_at != float("inf"):
             return  # no linger, or one runs already (a half-close, a reset)
-        if any(self._stalled(side) and syscalls.tcp_peer_done(self.ends[side]) for side in self.live):
+        if any(self._stalled(side) and syscalls.peer_done(self.ends[side]) for side in self.live):
             self._start_linger()
 
     def _start_linger(self) -> None:

@@ -249,24 +249,23 @@ def tcp_closed(sock) -> bool:
         return False
 
 
-# The states in which the peer has sent its FIN (or the connection is gone): TIME_WAIT, CLOSE,
-# CLOSE_WAIT, LAST_ACK, CLOSING. Only a FIN that came in sequence, after every byte before it,
-# moves a socket there.
-_TCP_PEER_DONE = frozenset({6, 7, 8, 9, 11})
+def peer_done(sock) -> bool:
+    """Whether the peer of `sock` (a stream socket object, TCP or Unix) has sent all it ever
+    will: its FIN came (a shutdown of its write side, or its close), or the connection is
+    reset or lost. What it sent before may still wait in `sock`'s receive queue; poll(2)
+    reports the FIN anyway (POLLRDHUP: the kernel's RCV_SHUTDOWN, which TCP sets only for a
+    FIN that came in sequence, after every byte before it), and a reset or the end of both
+    directions as POLLHUP or POLLERR. A zero-timeout poll: it never waits. False when it
+    cannot be told."""
+    import select  # here, as in set_urgent_inline
 
-
-def tcp_peer_done(sock) -> bool:
-    """Whether the peer of `sock` (a TCP socket object) has sent its FIN, or the connection
-    is reset: all it will ever send is in `sock`'s receive queue. False for any other socket
-    (a Unix socket has no state to ask), or when it cannot be told."""
-    import socket  # here, as in set_urgent_inline
-
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
+    poller = select.poll()
     try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _TCP_PEER_DONE
-    except OSError:
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        events = poller.poll(0)
+    except (OSError, ValueError):
         return False
+    return bool(events) and bool(events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR))
 
 
 _SIOCOUTQ = 0x5411  # TIOCOUTQ: a socket's bytes not yet acknowledged by its peer (tcp(7))
