@@ -156,3 +156,94 @@ async def test_a_first_address_that_drops_syns_leaves_time_for_the_next(zcrelay,
         code, err = relay.stop()
     assert code == 0, err
     assert [m.group(6) for m in conn_lines(err)] == ["eof", "eof"], err
+
+
+@contextlib.contextmanager
+def _refused_then_served(monkeypatch):
+    """A name that resolves (net._getaddrinfo, the resolver of both the trio and the blocking
+    path) to two addresses: first 127.0.0.1 on a port bound but not listening (refused, and
+    held so nobody else takes it), then 127.0.0.1 on a listener. Yields (address, listener,
+    the (family, sockaddr) lists net.connect reported resolving)."""
+    from zcrelay import net
+    from zcrelay.addresses import Address
+
+    with socket.socket() as refusing, socket.create_server(("127.0.0.1", 0)) as listener:
+        refusing.bind(("127.0.0.1", 0))
+        listener.settimeout(10)
+        sockaddrs = [refusing.getsockname(), listener.getsockname()]
+
+        async def two_addresses(host, port):
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", s) for s in sockaddrs]
+
+        monkeypatch.setattr(net, "_getaddrinfo", two_addresses)
+        yield Address("zcrelay-two-addresses.invalid", sockaddrs[1][1]), listener, sockaddrs
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def _no_collection_no_unclosed_sockets():
+    """The cyclic GC off inside, then run once: no socket of net.connect's may end closed by the
+    collector rather than by net.connect (ResourceWarning "unclosed"). Off, because a failed
+    attempt's socket stays reachable only from a cycle (the OSError kept as `last`, its
+    traceback, the connecting frame's locals): a collection at the wrong time closed a leaked
+    one before the fd count below could see it."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
+
+
+async def _connect_and_close(connect, address, listener, sockaddrs) -> None:
+    """One net.connect to the two addresses: it must reach the second; both ends closed after."""
+    resolved = []
+    sock = await connect(address, 10, resolved.append)
+    with sock:
+        assert resolved == [[(socket.AF_INET, s) for s in sockaddrs]]
+        assert sock.getpeername() == sockaddrs[1]
+        accepted, _ = listener.accept()
+        accepted.close()
+
+
+ATTEMPTS = 20  # a leak of one fd per refused address shows as 20
+
+
+async def test_a_refused_address_closes_its_socket_before_the_next(monkeypatch):
+    """A name with two addresses, the first refused: net.connect (trio's path: serve, tee,
+    connect, forward's resolving connections) reaches the second, and the socket of the refused
+    attempt is closed, not left open for the rest of the process; ATTEMPTS connections, the fd
+    count where it started."""
+    from zcrelay import net
+
+    with _refused_then_served(monkeypatch) as target:
+        await _connect_and_close(net.connect, *target)  # any first-use fds before counting
+        with _no_collection_no_unclosed_sockets():
+            before = _open_fds()
+            for _ in range(ATTEMPTS):
+                await _connect_and_close(net.connect, *target)
+            assert _open_fds() == before
+
+
+def test_a_refused_address_closes_its_socket_without_trio_too(monkeypatch):
+    """The same on the blocking path (zcrelay.waits.run_blocking: `send`, and `tee` from a
+    pipe), where the resolver is socket.getaddrinfo."""
+    from zcrelay import net, waits
+
+    with _refused_then_served(monkeypatch) as target:
+        waits.run_blocking(_connect_and_close, net.connect, *target)
+        with _no_collection_no_unclosed_sockets():
+            before = _open_fds()
+            for _ in range(ATTEMPTS):
+                waits.run_blocking(_connect_and_close, net.connect, *target)
+            assert _open_fds() == before

@@ -41,7 +41,8 @@ class FileServer:
         self._transfer_config = replace(config, linger=min(linger, idle)) if idle < linger else config
         self.connections = 0
         self.sent = 0
-        self.failed = 0
+        self.failed = 0  # clients that did not get the whole file, cut_short included
+        self.cut_short = 0  # of those, clients reset by the server stopping mid-file
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound address with task_status.started(str), serve until cancelled."""
@@ -90,6 +91,9 @@ class FileServer:
                     os.close(fd)
         except trio.Cancelled:
             outcome = "shutdown"
+            if flow.end != "eof":  # reset mid-file by abort_unless_sent: a failure for the client
+                self.failed += 1
+                self.cut_short += 1
             raise
         except IdleTimeout:
             outcome = f"idle ({self.config.idle_timeout:g}s without a byte moving)"

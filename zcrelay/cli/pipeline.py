@@ -214,6 +214,9 @@ def serve(
     code = run_mapped(main)
     server = state.get("server")
     if code == ExitCode.OK and server is not None:
+        # The clients the stop reset mid-file are failures (they got part of the file), named
+        # apart as forward's summary names its fallbacks' reasons: "3 failed (2 cut short)".
+        cut_short = f" ({server.cut_short} cut short)" if server.cut_short else ""
         say(f"stopped: {server.connections} connections, {server.sent} bytes sent, "
-            f"{server.failed} failed")
+            f"{server.failed} failed{cut_short}")
     return code
