@@ -29,6 +29,20 @@ def test_a_port_is_ascii_digits_only(text):
     one_line_error(run_zcrelay("connect", text, stdin=subprocess.DEVNULL), 2)
 
 
+@pytest.mark.parametrize("text, port", [("localhost:http", 80), ("[::1]:https", 443), (":ssh", 22),
+                                        ("127.0.0.1:0080", 80)])
+def test_a_port_may_be_a_service_name(text, port):
+    """ssh -L, socat and nc take a service name for a port ("host:http"); zcrelay said "port
+    'http' is not a number". (netbase's /etc/services, which .ci/run installs.)"""
+    assert addresses.parse(text, listen=True).port == port
+
+
+@pytest.mark.parametrize("text, says", [("localhost:no-such-service", "not a number or a TCP service"),
+                                        ("localhost:8o", "is not a number")])
+def test_a_port_that_is_no_number_and_no_service_is_a_usage_error(text, says):
+    one_line_error(run_zcrelay("connect", text, stdin=subprocess.DEVNULL), 2, says, repr(text))
+
+
 @pytest.mark.parametrize("text, says", [("[::1]", "no port after ']'"), ("[::1", "no closing ']'")])
 def test_a_bracketed_address_says_what_is_missing(text, says):
     one_line_error(run_zcrelay("connect", text, stdin=subprocess.DEVNULL), 2, says)

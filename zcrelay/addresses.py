@@ -6,6 +6,7 @@ Accepted forms (also in the man page's ADDRESSES section):
     HOST:PORT         a name or an IPv4 address; names are resolved, IPv4 and IPv6 tried in turn
     [IPV6]:PORT       an IPv6 address
     unix:PATH         a Unix stream socket; unix:@NAME is the abstract namespace
+A PORT after a colon may be a TCP service name from /etc/services (host:http).
 Port 0 asks the kernel for a free port (listen only).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 
@@ -60,8 +62,17 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]{0,31}")  # a name in services(5)
+
+
 def _port(text: str, original: str, allow_zero: bool) -> int:
     if not _digits(text):
+        if _SERVICE.fullmatch(text):  # a service name, as ssh -L, socat and nc take ("http")
+            try:
+                return socket.getservbyname(text, "tcp")
+            except OSError:
+                raise AddressError(f"{original!r}: port {text!r} is not a number or a TCP service "
+                                   f"in /etc/services (expected {FORMS})") from None
         raise AddressError(f"{original!r}: port {text!r} is not a number (expected {FORMS})")
     # int() refuses more than 4300 digits, leading zeros too, with a ValueError of its own.
     digits = text.lstrip("0")
