@@ -18,14 +18,14 @@ complete -c zcrelay -n "not __fish_seen_subcommand_from $__zcrelay_commands" -a 
 # bench
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l size -x -d 'Size of the temporary file to move, e.g. 16M'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l file -r -F -d 'Move this existing file instead of a temporary one'
-complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s r -l repeat -x -d 'Runs per method, interleaved; the table shows the median'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s r -l repeat -x -d 'Runs per method (1 to 100), interleaved; the table shows the median'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l spread -d 'Let the scheduler place the sender and the sink on any CPUs (by default both run on one CPU; see the notes)'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l json -d 'Print the results as JSON on stdout'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s h -l help -d 'Show this message and exit'
 
 # demo
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l size -x -d 'Bytes each connection sends (and gets back)'
-complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s n -l connections -x -d 'Connections at once'
+complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s n -l connections -x -d 'Connections at once (1 to 256)'
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l pipe-size -x -d 'Pipe buffer per stream in flight'
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -l no-splice -d 'Copy through user space instead, for comparison'
 complete -c zcrelay -n '__fish_seen_subcommand_from demo' -s h -l help -d 'Show this message and exit'
@@ -42,9 +42,9 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l linger -x -d 'Se
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l resolve-ttl -x -d 'Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection)'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-splice -l splice -d '--no-splice copies through user space instead of splicing (for comparison, odd kernels); --splice undoes a config file\'s splice = false'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l no-nodelay -l nodelay -d '--no-nodelay leaves Nagle\'s algorithm on (TCP_NODELAY is set on both sides by default); --nodelay undoes a config file\'s nodelay = false'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'Listen backlog'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s w -l workers -x -d 'Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker)'
-complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l backlog -x -d 'Listen backlog (at least 1)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s w -l workers -x -d 'Serve with N processes (1 to 256); each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker)'
+complete -c zcrelay -n '__fish_seen_subcommand_from forward' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Also record each direction of each connection to its own file in DIR (mode 0600), {time}-{conn}-{peer}-up.bin and -down.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s v -l verbose -d 'More detail on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s q -l quiet -d 'No per-connection lines: only the listening lines, warnings, errors and the summary on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Show this message and exit'
@@ -89,7 +89,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from send' -s h -l help -d 'Show 
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -F
 
 # serve
-complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s l -l listen -x -d 'Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port'
+complete -c zcrelay -n '__fish_seen_subcommand_from serve' -s l -l listen -x -d 'Where to listen: PORT (binds 127.0.0.1), :PORT (every interface), HOST:PORT, [IPV6]:PORT, unix:PATH, unix:@NAME (abstract); port 0 picks a free port'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l method -x -d 'splice: file -> pipe -> socket; sendfile: sendfile(2)'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l linger -x -d 'After the last byte, wait this long for each client to close'
 complete -c zcrelay -n '__fish_seen_subcommand_from serve' -l idle-timeout -x -d 'Reset a client that goes this many seconds without a byte moving (0: never)'
@@ -105,8 +105,8 @@ complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s a -l append -d 'Appe
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l output-error -x -d 'What an error writing an output does (GNU tee\'s modes): warn, warn-nopipe, exit, exit-nopipe'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s p -d 'Same as --output-error warn-nopipe'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l pipe-size -x -d 'Grow stdin\'s and stdout\'s pipes (and zcrelay\'s own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows'
-complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s l -l listen -x -d 'Relay capture mode: listen here (as \'zcrelay forward\')'
-complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s t -l target -x -d 'Relay capture mode: forward each connection here'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s l -l listen -x -d 'Relay capture mode: where to listen: PORT (binds 127.0.0.1), :PORT (every interface), HOST:PORT, [IPV6]:PORT, unix:PATH, unix:@NAME (abstract); port 0 picks a free port'
+complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s t -l target -x -d 'Relay capture mode: where to forward each connection: PORT (127.0.0.1:PORT), HOST:PORT, [IPV6]:PORT, unix:PATH, unix:@NAME (abstract)'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l capture-dir -x -a '(__fish_complete_directories)' -d 'Relay capture mode: write each direction of each connection to its own file in DIR (see \'zcrelay forward --capture-dir\')'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from tee' -s v -l verbose -d 'Say how stdin and the outputs are handled (pipe sizes, fallbacks)'

@@ -8,6 +8,7 @@ missing program fails the test instead of skipping it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -121,6 +122,120 @@ def test_help_shows_the_defaults_written_into_help_texts(command):
     shown = " ".join(out.split())
     missing = [d for d in _written_defaults(command) if d not in shown]
     assert not missing, f"zcrelay {command} --help drops {missing}"
+
+
+# --- (a2) --help shows metavars, and each address lists the forms the parser takes -------------
+
+@functools.cache
+def help_output(command: str, columns: int) -> str:
+    argv = zcrelay_argv(*([command] if command else []), "--help")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=zcrelay_env(COLUMNS=str(columns)),
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _params(command: str) -> list:
+    group = typer.main.get_command(load())
+    return [p for p in group.commands[command].params if not getattr(p, "hidden", False)]
+
+
+@pytest.mark.parametrize("command", ["", *sorted(COMMANDS)], ids=lambda c: c or "root")
+def test_help_shows_metavars_not_types_ranges_or_braces(command):
+    """typer 0.28 wrote "{ADDR}" for a required argument in the usage line, "<str>" beside every
+    argument, "<int>" for -v (a flag that counts) and "SECONDS [x>=0]" for a number
+    (zcrelay.cli.app.Command undoes each); at 80 columns a word too long for the help column
+    ended in "…"."""
+    out = help_output(command, 1000)
+    assert not re.findall(r"<[a-z ]+>", out), out
+    assert not re.findall(r"\[-?[\d.]+<=?x|\[x[<>]=?", out), out
+    for text in (out, help_output(command, 80)):
+        assert "…" not in text, text
+    if not command:
+        return
+    usage = next(line for line in out.splitlines() if "Usage:" in line).split()
+    arguments = [p.metavar if p.required or p.metavar.startswith("[") else f"[{p.metavar}]"
+                 for p in _params(command) if p.param_type_name == "argument"]
+    assert usage[1:] == ["zcrelay", command, "[OPTIONS]", *arguments]
+    for param in _params(command):
+        if param.param_type_name != "option" or param.is_flag:
+            continue
+        long = next(n for n in param.opts if n.startswith("--"))
+        row = next(line for line in out.splitlines() if f" {long} " in line)
+        if param.count:  # the row goes from the option's names straight to its help
+            short = next(n for n in param.opts if not n.startswith("--"))
+            first_words = " ".join(param.help.split()[:3])
+            assert re.search(rf"{long}\s+{short}\s+{re.escape(first_words)}", row), row
+            assert "[default:" not in row, row
+        else:  # a metavar of its own, not one made from the type
+            assert param.metavar and param.metavar in row.split(), row
+
+
+# Every address a command takes, and whether it is a listen address (zcrelay.addresses.parse's
+# `listen`): the call in the command's body decides it, so a new one must be added here.
+ADDRESSES = {
+    ("forward", "LISTEN"): True, ("forward", "TARGET"): False, ("connect", "ADDR"): False,
+    ("listen", "ADDR"): True, ("send", "ADDR"): False, ("serve", "--listen"): True,
+    ("tee", "--listen"): True, ("tee", "--target"): False,
+}
+FORM_EXAMPLES = {"PORT": "8080", ":PORT": ":8080", "HOST:PORT": "example.org:8080",
+                 "[IPV6]:PORT": "[::1]:8080", "unix:PATH": "unix:/run/x.sock", "unix:@NAME": "unix:@x"}
+
+
+def _address_params() -> list[tuple[str, str, object]]:
+    found = []
+    for command in COMMANDS:
+        for param in _params(command):
+            names = param.opts if param.param_type_name == "option" else [param.metavar]
+            found += [(command, name, param) for name in names if (command, name) in ADDRESSES]
+    return found
+
+
+def test_every_address_parameter_is_known():
+    """A parameter with an address metavar is in ADDRESSES, so the next test checks its help."""
+    found = _address_params()
+    assert {(command, name) for command, name, _ in found} == set(ADDRESSES)
+    for command in COMMANDS:
+        for param in _params(command):
+            if param.metavar in ("LISTEN", "TARGET", "ADDR"):
+                assert any((c, p.name) == (command, param.name) for c, _, p in found), (command, param.name)
+
+
+def _accepted(example: str, listen: bool) -> bool:
+    try:
+        addresses.parse(example, listen=listen)
+    except addresses.AddressError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command,name", [
+    pytest.param(*key, marks=pytest.mark.xfail(strict=True, reason="send's ADDR is TARGET in "
+                 "zcrelay/cli/transfer.py, whose help still lacks PORT and unix:@NAME: send.py "
+                 "should take zcrelay.cli.app.TARGET, as connect does"))
+    if key == ("send", "ADDR") else key for key in ADDRESSES])
+def test_address_help_lists_exactly_the_forms_the_parser_takes(command, name):
+    """connect and send took a bare PORT that their help did not list, and listen [IPV6]:PORT
+    and unix:@NAME; a target's help must not offer :PORT or port 0, which it refuses."""
+    listen = ADDRESSES[command, name]
+    param = next(p for c, n, p in _address_params() if (c, n) == (command, name))
+    words = {word.rstrip(".") for word in re.split(r"[\s,;()]+", docs._unescape(param.help))}
+    listed = {form for form in FORM_EXAMPLES if form in words}
+    assert listed == {form for form, example in FORM_EXAMPLES.items() if _accepted(example, listen)}
+    assert ("port 0" in param.help) == _accepted("0", listen)
+    assert " ".join(param.help.split()) in " ".join(help_output(command, 1000).split())
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_numbers_bounds_are_in_its_help_when_not_obvious(command):
+    """--help no longer prints "[1<=x<=256]" after N: a bound other than "0 or more" must be
+    in the help text itself."""
+    for param in _params(command):
+        low, high = getattr(param.type, "min", None), getattr(param.type, "max", None)
+        if high is not None:
+            assert str(high) in param.help, param.name
+        if low not in (None, 0):
+            assert str(low) in param.help, param.name
 
 
 @pytest.mark.parametrize("path", [BASH, ZSH, FISH], ids=lambda p: p.name)

@@ -1,5 +1,5 @@
-"""click's exception classes and float type, wherever this typer keeps them: typer up to 0.2x
-depends on click, later versions vendor it as typer._click. Nothing else of click is used
+"""click's exception classes and parameter types, wherever this typer keeps them: typer up to
+0.2x depends on click, later versions vendor it as typer._click. Nothing else of click is used
 directly."""
 
 try:
@@ -10,6 +10,7 @@ except ImportError:  # typer that depends on the click package
 UsageError = exceptions.UsageError
 ClickException = exceptions.ClickException
 FloatParamType = types.FloatParamType
+StringParamType = types.StringParamType
 import typer
 
 Abort = typer.Abort

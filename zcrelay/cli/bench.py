@@ -85,7 +85,7 @@ def bench(
     file: Optional[str] = typer.Option(None, "--file", metavar="PATH", show_default=False,
                                        help="Move this existing file instead of a temporary one."),
     repeat: int = typer.Option(3, "--repeat", "-r", min=1, max=100, metavar="N",
-                               help="Runs per method, interleaved; the table shows the median."),
+                               help="Runs per method (1 to 100), interleaved; the table shows the median."),
     spread: bool = typer.Option(False, "--spread",
                                 help="Let the scheduler place the sender and the sink on any CPUs "
                                      "(by default both run on one CPU; see the notes)."),

@@ -15,7 +15,7 @@ from zcrelay.exitcodes import ExitCode
 @app.command()
 def demo(
     size: str = typer.Option("64M", "--size", metavar="SIZE", help="Bytes each connection sends (and gets back)."),
-    connections: int = typer.Option(4, "--connections", "-n", min=1, max=256, metavar="N", help="Connections at once."),
+    connections: int = typer.Option(4, "--connections", "-n", min=1, max=256, metavar="N", help="Connections at once (1 to 256)."),
     pipe_size: str = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight."),
     no_splice: bool = typer.Option(False, "--no-splice", help="Copy through user space instead, for comparison."),
 ) -> ExitCode:

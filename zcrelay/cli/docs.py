@@ -227,7 +227,7 @@ def _prose(text: str) -> list[str]:
 def _usage_roff(name: str, pieces: tuple[str, ...]) -> str:
     words = []
     for piece in pieces:
-        inner = piece.strip("[]{}.")  # typer writes a required argument as {NAME}
+        inner = piece.strip("[]{}.")  # {NAME}: a required argument, as plain typer writes it
         rendered = f"\\fI{roff(inner)}\\fR"
         if piece.startswith("["):
             rendered = f"[{rendered}]"

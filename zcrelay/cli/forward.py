@@ -13,7 +13,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
-from zcrelay.cli.app import app
+from zcrelay.cli.app import LISTEN_FORMS, TARGET_FORMS, app
 from zcrelay.addresses import AddressError, first_clash, forwarding_cycle, rule_readings
 from zcrelay.cli.common import (address, error, failed, pipe_size_value, run, say, serve_until_signal,
                                  setup_logging, summary)
@@ -231,9 +231,9 @@ def _seconds(value: float | None) -> float | None:
 
 @app.command()
 def forward(
-    listen: Optional[str] = typer.Argument(None, metavar="LISTEN", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all interfaces), unix:PATH.", show_default=False),
-    target: Optional[str] = typer.Argument(None, metavar="TARGET", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False),
-    rule: list[str] = typer.Option([], "--rule", "-r", metavar="LISTEN=TARGET", help="Another LISTEN=TARGET pair, each with its own listener (repeatable); split at the '=' that leaves an address on each side.", show_default=False),
+    listen: Optional[str] = typer.Argument(None, metavar="LISTEN", help=f"Where to listen: {LISTEN_FORMS}.", show_default=False),
+    target: Optional[str] = typer.Argument(None, metavar="TARGET", help=f"Where to connect: {TARGET_FORMS}.", show_default=False),
+    rule: list[str] = typer.Option([], "--rule", "-r", metavar="RULE", help="Another LISTEN=TARGET pair, each with its own listener (repeatable); split at the '=' that leaves an address on each side.", show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", readable=False, help=r"TOML file with options and \[\[rule]] tables; the command line wins.", show_default=False),
     pipe_size: Optional[str] = typer.Option(None, "--pipe-size", metavar="SIZE", help="Pipe buffer per stream in flight, e.g. 64K, 1M; clamped to what the kernel allows.  \\[default: 1M]", show_default=False),
     max_conns: Optional[int] = typer.Option(None, "--max-conns", min=0, metavar="N", help="Most connections at once; more wait in the backlog (0: no limit).  \\[default: 0]", show_default=False),
@@ -244,9 +244,9 @@ def forward(
     resolve_ttl: Optional[float] = typer.Option(None, "--resolve-ttl", min=0, metavar="SECONDS", help="Reuse the addresses a TARGET name resolved to for this long (0: resolve on every connection).  \\[default: 5]", show_default=False),
     splice: Optional[bool] = typer.Option(None, "--splice/--no-splice", help="--no-splice copies through user space instead of splicing (for comparison, odd kernels); --splice undoes a config file's splice = false.", show_default=False),
     nodelay: Optional[bool] = typer.Option(None, "--nodelay/--no-nodelay", help="--no-nodelay leaves Nagle's algorithm on (TCP_NODELAY is set on both sides by default); --nodelay undoes a config file's nodelay = false.", show_default=False),
-    backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog.  \\[default: 4096]", show_default=False),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes; each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  \\[default: 1]", show_default=False),
-    capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600): {time}-{conn}-{peer}-{up|down}.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
+    backlog: Optional[int] = typer.Option(None, "--backlog", min=1, metavar="N", help="Listen backlog (at least 1).  \\[default: 4096]", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, max=256, metavar="N", help="Serve with N processes (1 to 256); each TCP listener is bound N times with SO_REUSEPORT so the kernel spreads connections over them (limits such as --max-conns are per worker).  \\[default: 1]", show_default=False),
+    capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Also record each direction of each connection to its own file in DIR (mode 0600), {time}-{conn}-{peer}-up.bin and -down.bin, with a {time}-{conn}-{peer}.json sidecar; a failing disk stops only that capture.", show_default=False),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-connection lines: only the listening lines, warnings, errors and the summary on stderr."),
 ) -> ExitCode:

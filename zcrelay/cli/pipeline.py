@@ -13,11 +13,11 @@ import trio
 import typer
 
 from zcrelay import net
-from zcrelay.cli.app import PROGRESS, app
+from zcrelay.cli.app import LISTEN_FORMS, PROGRESS, TARGET, app
 from zcrelay.cli.common import address, error, pipe_size_value, say, serve_until_signal, setup_logging, summary
 from zcrelay.cli.progress import Display, show_progress, stdin_size
 from zcrelay.cli.transfer import (CLIENT_RATE, CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, NO_SPLICE, PIPE_SIZE, QUIET,
-                                  RATE, TARGET, VERBOSE, method_value, rate_value, run_mapped)
+                                  RATE, VERBOSE, method_value, rate_value, run_mapped)
 from zcrelay.excgroups import BaseExceptionGroup, single_error
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file
@@ -125,7 +125,7 @@ def connect(
 
 @app.command()
 def listen(
-    where: str = typer.Argument(..., metavar="ADDR", help="Where to listen: PORT (binds 127.0.0.1), HOST:PORT, :PORT (all interfaces), unix:PATH; port 0 picks a free port.", show_default=False),
+    where: str = typer.Argument(..., metavar="ADDR", help=f"Where to listen: {LISTEN_FORMS}.", show_default=False),
     keep_open: bool = typer.Option(False, "--keep-open", "-k", help="After a connection ends, accept the next one (until SIGINT/SIGTERM)."),
     no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open."),
     close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF.", show_default=False),
@@ -185,7 +185,7 @@ def listen(
 @app.command()
 def serve(
     file: str = typer.Argument(..., metavar="FILE", help="A regular file to serve.", show_default=False),
-    listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help="Where to listen: PORT, HOST:PORT, :PORT, unix:PATH; port 0 picks a free port.", show_default=False),
+    listen_on: str = typer.Option(..., "--listen", "-l", metavar="ADDR", help=f"Where to listen: {LISTEN_FORMS}.", show_default=False),
     method: str = METHOD,
     linger: float = typer.Option(10.0, "--linger", min=0, metavar="SECONDS", help="After the last byte, wait this long for each client to close."),
     idle_timeout: float = typer.Option(0.0, "--idle-timeout", min=0, metavar="SECONDS", help="Reset a client that goes this many seconds without a byte moving (0: never).  \\[default: 0]", show_default=False),

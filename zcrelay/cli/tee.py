@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from zcrelay.cli.app import PROGRESS, app
+from zcrelay.cli.app import LISTEN_FORMS, PROGRESS, TARGET_FORMS, app
 from zcrelay.cli.common import address, pipe_size_value, setup_logging
 from zcrelay.cli.teepipe import APPEND_FLAGS, PIPE_SIZE, run_pipeline_tee
 from zcrelay.exitcodes import ExitCode
@@ -44,8 +44,8 @@ def tee(
     output_error: Optional[str] = typer.Option(None, "--output-error", metavar="MODE", help=OUTPUT_ERROR_HELP, show_default=False),
     nopipe: bool = typer.Option(False, "-p", help="Same as --output-error warn-nopipe."),
     pipe_size: str = typer.Option(PIPE_SIZE, "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
-    listen: Optional[str] = typer.Option(None, "--listen", "-l", metavar="LISTEN", help="Relay capture mode: listen here (as 'zcrelay forward').", show_default=False),
-    target: Optional[str] = typer.Option(None, "--target", "-t", metavar="TARGET", help="Relay capture mode: forward each connection here.", show_default=False),
+    listen: Optional[str] = typer.Option(None, "--listen", "-l", metavar="LISTEN", help=f"Relay capture mode: where to listen: {LISTEN_FORMS}.", show_default=False),
+    target: Optional[str] = typer.Option(None, "--target", "-t", metavar="TARGET", help=f"Relay capture mode: where to forward each connection: {TARGET_FORMS}.", show_default=False),
     capture_dir: Optional[str] = typer.Option(None, "--capture-dir", metavar="DIR", help="Relay capture mode: write each direction of each connection to its own file in DIR (see 'zcrelay forward --capture-dir').", show_default=False),
     progress: Optional[bool] = PROGRESS,
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Say how stdin and the outputs are handled (pipe sizes, fallbacks)."),
