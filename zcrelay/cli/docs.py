@@ -353,7 +353,7 @@ byte has moved for that many seconds, so a reply that keeps flowing is never cut
 end-of-file counts from its arrival, even while zcrelay still holds bytes before it that the
 other side does not take (a target that stopped reading an upload): such a connection ends
 after the linger too, instead of waiting for **--idle-timeout**, and for ever without one. zcrelay
-looks for such end-of-files every quarter of the linger (at most 5 s); only a TCP side can tell.
+looks for such end-of-files every quarter of the linger (at most 5 s), on TCP and Unix sockets alike.
 
 **Fallback.** When a file descriptor cannot be spliced (a terminal, a file opened with O_APPEND,
 an old or unusual kernel or file system), the first splice fails with EINVAL, ENOSYS or EBADF
@@ -533,7 +533,8 @@ ADDRESS_FORMS = [
 ]
 
 ADDRESSES_OUTRO = """
-Port 0 asks the kernel for a free port (listen addresses only); the "listening on" line tells
+A PORT after a colon may also be a TCP service name from /etc/services, as in ssh, socat and
+nc: host:http is host:80. Port 0 asks the kernel for a free port (listen addresses only); the "listening on" line tells
 which port was chosen. A malformed address is a usage error (exit status 2) and the message says
 which forms are accepted.
 """
@@ -568,7 +569,8 @@ SIGNALS = """
 **SIGINT** and **SIGTERM** stop a running relay cleanly: zcrelay stops accepting new connections,
 closes the open ones (serve resets the clients whose file was not sent whole), prints a summary on standard error and exits with status 0. The summary
 gives the connections, the bytes each way, the share spliced and the fallbacks with their
-reasons; serve's gives the connections, the bytes sent and the clients that failed. A SIGINT
+reasons; serve's gives the connections, the bytes sent and the clients that failed, among them
+the clients the stop cut short mid-file, named in parentheses: "2 failed (1 cut short)". A SIGINT
 that arrives before the command is running exits with status 130 (one during Python's own
 start-up, the first few milliseconds, may end it as Python does, with a traceback). While a server stops, a
 second SIGTERM is ignored (timeout(1) sends one to zcrelay and one to its process group, and
