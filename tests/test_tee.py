@@ -671,3 +671,90 @@ def test_outputs_left_pipeless_mid_stream_keep_their_offsets(tmp_path, monkeypat
     assert a.pipeless and b.pipeless and "pipe budget" in b.fallback
     for name in "abc":
         assert sha256_file(tmp_path / name) == hashlib.sha256(before + after).hexdigest(), name
+
+
+def test_outputs_beyond_the_fd_limit_for_private_pipes_are_copied_not_fatal(tmp_path):
+    """Each output but the consumer needs a private pipe, two fds more than GNU tee needs for
+    it. Under `ulimit -n 64` (1024, the usual default, behaves alike from about 340 FILEs)
+    `zcrelay tee` with 40 FILEs opened and truncated them all, then exited 7 ("out of
+    resources: Too many open files") without writing a byte, where GNU tee copies. An output
+    left without a private pipe (EMFILE) is fed through user space, as under the pipe budget:
+    a fallback said with -v, and every output gets the whole input."""
+    files = 40
+    data = os.urandom(3 << 20)
+    (tmp_path / "in").write_bytes(data)
+    names = " ".join(f"{tmp_path}/f{i}" for i in range(files))
+    gnu = bash(f"ulimit -n 64; cat {tmp_path}/in | tee {names} >/dev/null")
+    assert gnu.returncode == 0, gnu.stderr  # GNU tee: one fd a FILE
+    r = bash(f"set -o pipefail; ulimit -n 64; cat {tmp_path}/in | {ZC} -v {names} | cat > {tmp_path}/out",
+             timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr and b"error" not in r.stderr, r.stderr
+    assert b"Too many open files (EMFILE)" in r.stderr, r.stderr  # the fallback, with its reason
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "out") == want
+    for i in range(files):
+        assert sha256_file(tmp_path / f"f{i}") == want, f"f{i}"
+
+
+def test_more_files_than_the_fd_limit_are_refused_each_as_gnu_tee_does(tmp_path):
+    """`zcrelay tee f1 ... f70` under `ulimit -n 64`: GNU tee writes every FILE it could open,
+    says "fN: Too many open files" for the others and exits 1. zcrelay exited 7 ("out of
+    resources") after truncating them all and writing none: the message for the first FILE
+    refused imported `logging`, which found no fd left. Each FILE is now whole or named in a
+    message, stdout is whole, and the exit status is 9; zcrelay keeps one fd more than GNU tee
+    (its /dev/null), so it may refuse one FILE more."""
+    files = 70
+    data = os.urandom(3 << 20)
+    (tmp_path / "in").write_bytes(data)
+    names = " ".join(f"{tmp_path}/f{i}" for i in range(files))
+    r = bash(f"set -o pipefail; ulimit -n 64; cat {tmp_path}/in | {ZC} {names} | cat > {tmp_path}/out",
+             timeout=120)
+    gnu = bash(f"mkdir {tmp_path}/gnu && cd {tmp_path}/gnu && ulimit -n 64 && "
+               f"cat {tmp_path}/in | tee {' '.join(f'f{i}' for i in range(files))} >/dev/null; echo $?")
+    assert gnu.stdout.split()[-1] == b"1"  # GNU tee: the FILEs it could not open are errors
+    err = r.stderr.decode()
+    assert "Traceback" not in err and "out of resources" not in err, err
+    assert r.returncode == 9, err
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "out") == want
+    written = 0
+    for i in range(files):
+        if f"f{i}: Too many open files" in err:
+            continue
+        assert sha256_file(tmp_path / f"f{i}") == want, f"f{i}"
+        written += 1
+    gnu_written = sum(sha256_file(p) == want for p in (tmp_path / "gnu").iterdir())
+    assert gnu_written - 1 <= written <= gnu_written, (written, gnu_written)
+
+
+def test_a_stdin_pipe_shared_with_another_reader_gives_each_tee_identical_outputs(tmp_path):
+    """Three `zcrelay tee` reading one pipe (a FIFO with several readers, a pipe handed to two
+    background jobs): each byte goes to one of them, and each one's outputs must be the same
+    bytes, as with GNU tee, whose read(2) takes a byte once. tee(2) only peeks: stdout got the
+    front of the pipe, then the splice that took the round for the FILE found other bytes
+    (the other reader had taken some) or none (EAGAIN: "FILE: Resource temporarily
+    unavailable", then exit 7). stdout and FILE differed, and the stdouts together held
+    more bytes than the input."""
+    data = os.urandom(64 << 20)
+    r, w = os.pipe()
+    procs = []
+    for i in range(3):
+        script = f"set -o pipefail; {ZC} {tmp_path}/f{i} | cat > {tmp_path}/o{i}"
+        procs.append(subprocess.Popen(["bash", "-c", script], stdin=r, stderr=subprocess.PIPE,
+                                      env=zcrelay_env()))
+    os.close(r)
+    try:
+        view = memoryview(data)
+        while view:  # small writes: the readers take turns
+            view = view[os.write(w, view[:4096]):]
+    finally:
+        os.close(w)
+    total = 0
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        out, file = tmp_path / f"o{i}", tmp_path / f"f{i}"
+        assert sha256_file(out) == sha256_file(file), (i, out.stat().st_size, file.stat().st_size)
+        total += out.stat().st_size
+    assert total == len(data)

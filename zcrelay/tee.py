@@ -122,23 +122,38 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1, flow: Flow
         outcome.failed.append(message)
 
     sinks = [stdout_sink(stdout, config.pipe_size, outcome)]
+    # The tee's own fds, and the files its lazy imports open, before the FILEs: at the fd limit
+    # (many FILEs, a low `ulimit -n`) a FILE is refused and said, as GNU tee does, where the
+    # tee failed after truncating them all (exit 7 for its /dev/null fd, or an ImportError
+    # when the message's `import logging` found no fd: `reserve` is given back for it).
+    import array  # noqa: F401  (zcrelay.syscalls.fionread imports these two lazily)
+    import termios  # noqa: F401
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         for path in config.files:
             try:
                 sinks.append(open_output(path, config.append))
             except OSError as exc:
+                if reserve >= 0 and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    os.close(reserve)
+                    reserve = -1
                 message = _message(path, exc.errno or errno.EIO)
                 if mode in ("exit", "exit-nopipe"):
                     raise OutputErrorExit(message) from None
                 log.error("%s", message)
                 outcome.failed.append(message)
+        if reserve >= 0:
+            os.close(reserve)  # the tee's private pipes may have it now (teeing._give_pipes)
+            reserve = -1
         src, feed = _source(stdin, config.pipe_size, outcome)
         feed_flow = Flow()
         try:
             if feed is None:  # stdin is the pipe: one loop, no task (runs without trio too)
-                outcome.bytes = (await teeing.tee_pipeline(src, sinks, on_error, flow)).bytes
+                outcome.bytes = (await teeing.tee_pipeline(src, sinks, on_error, flow, devnull,
+                                                           take=True)).bytes
             else:
-                outcome.bytes = await _tee_fed(stdin, src, feed, feed_flow, sinks, on_error, flow)
+                outcome.bytes = await _tee_fed(stdin, src, feed, feed_flow, sinks, on_error, flow, devnull)
         except (BaseExceptionGroup, StreamError) as exc:
             # A nursery wraps what on_error raised; the CLI wants the decision itself.
             leaf = first_error(exc)
@@ -158,6 +173,9 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1, flow: Flow
     finally:
         for sink in sinks[1:]:
             os.close(sink.fd)
+        os.close(devnull)
+        if reserve >= 0:
+            os.close(reserve)
     return outcome
 
 
@@ -167,13 +185,13 @@ def needs_trio(stdin: int = 0) -> bool:
 
 
 async def _tee_fed(stdin: int, src: int, feed: Pipe, feed_flow: Flow, sinks: list[teeing.Sink],
-                   on_error, flow: Flow | None) -> int:
+                   on_error, flow: Flow | None, devnull: int | None = None) -> int:
     """The tee with a task filling our pipe from a stdin that is not a pipe."""
     import trio  # only here: with a pipe on stdin the tee runs without trio (zcrelay.waits)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(teeing.feed_pipe, stdin, feed, feed_flow)
-        result = await teeing.tee_pipeline(src, sinks, on_error, flow)
+        result = await teeing.tee_pipeline(src, sinks, on_error, flow, devnull)
         nursery.cancel_scope.cancel()  # no output left: stop reading (GNU tee does)
     return result.bytes
 

@@ -6,7 +6,10 @@ zcrelay.errors.translate, once.
 
 Why the loops look the way they do: tee(2) always duplicates from the *front* of its source
 pipe and never consumes. So every output of one source must take exactly the same bytes in
-each round, after which the round is consumed from the source by one splice. A round is:
+each round, after which the round is consumed from the source by one splice. So the source
+must be ours alone: stdin, which another process may read too, is first moved with splice(2)
+into a pipe of our own, which is the source (step 0, when that one is empty; see _take).
+A round is:
 
 1. the *lead* output (a pipe we do not own, e.g. stdout) takes what it can with tee(2): that
    count `n` is the round;
@@ -18,9 +21,10 @@ each round, after which the round is consumed from the source by one splice. A r
    of the source;
 4. each private pipe is spliced to its output.
 
-An output the kernel's pipe budget leaves without a large enough private pipe (past
-pipe-user-pages-soft a pipe cannot grow) is *pipeless*: in its rounds step 3 reads the round
-into user space and writes it to the consumer and to every pipeless output (a fallback, reported).
+An output the kernel leaves without a large enough private pipe (past pipe-user-pages-soft a
+pipe cannot grow; past RLIMIT_NOFILE none can be made) is *pipeless*: in its rounds step 3 reads
+the round into user space and writes it to the consumer and to every pipeless output (a
+fallback, reported).
 """
 
 from __future__ import annotations
@@ -115,17 +119,28 @@ class TeeResult:
         return f"TeeResult(bytes={self.bytes}, rounds={self.rounds}, stopped={self.stopped!r})"
 
 
-async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flow | None = None) -> TeeResult:
+async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flow | None = None,
+                       devnull: int | None = None, take: bool = False) -> TeeResult:
     """Copy the pipe `src` to every sink until EOF or until no sink is left. `flow`, if given,
     counts each round as it is taken (a progress display reads it from another thread).
+    `devnull`: an fd open on /dev/null for writing, which the caller owns and closes (one is
+    opened here otherwise): a caller that opens it before the outputs keeps that fd from
+    them under RLIMIT_NOFILE. `take`: `src` is a pipe that others may read too (stdin): see
+    _take.
 
     Invariant: at the top of each round every private pipe is empty. `src` must be a pipe
     (stdin, or the feed pipe filled by `feed_pipe`). Non-blocking behaviour on `src` and on
     inherited pipes comes from SPLICE_F_NONBLOCK, so stdio need not be made O_NONBLOCK.
     """
     result = TeeResult()
+    syscalls.fionread(src)  # its lazy imports open files: now, not at the fd limit (_give_pipes)
+    own = _own_pipe(src) if take else None
+    given, src = src, (own.r if own is not None else src)  # the rounds are tee'd from `src`
     src_size = syscalls.pipe_size(src)
-    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    starved: str | None = None  # why no private pipe can be made (the fd limit), once met
+    own_devnull = devnull is None
+    if devnull is None:
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
         while True:
             live = [s for s in sinks if s.live]
@@ -149,13 +164,17 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 src_size = size
                 for sink in sinks:
                     sink.drop_pipe()
-            for sink in others:
-                if sink.pipe is None:
-                    _give_pipe(sink, src_size)
+            starved = _give_pipes(others, src_size, starved)
             others = [s for s in others if not s.pipeless]
             readers = [s for s in live if s.pipeless]
-            # 1. the round's size
             waited = False
+            if own is not None and not own.held:
+                # 0. take the next bytes from the given pipe: the round's bytes are ours alone
+                taken, waited = await _take(given, own)
+                if not taken:
+                    await checkpoint()
+                    return result
+            # 1. the round's size
             if lead is not None:
                 try:
                     n, waited = await _tee_lead(src, lead)
@@ -182,7 +201,7 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 for sink in others:
                     if not sink.pipe.held:
                         sink.drop_pipe()
-                        _give_pipe(sink, src_size)
+                starved = _give_pipes(others, src_size, starved)
                 readers += [s for s in others if s.pipeless]
                 others = [s for s in others if not s.pipeless]
             for sink in others:
@@ -197,6 +216,8 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 await _copy_to_readers(src, n, consumer, readers, on_error)
             else:
                 await _consume(src, n, consumer, devnull, on_error)
+            if own is not None:
+                own.held -= n
             for sink in live:
                 if sink.kind == NULL:
                     sink.written += n
@@ -212,9 +233,49 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
             if not waited:
                 await checkpoint()
     finally:
-        os.close(devnull)
+        if own_devnull:
+            os.close(devnull)
+        if own is not None:
+            own.close()
         for sink in sinks:
             sink.drop_pipe()
+
+
+def _own_pipe(src: int) -> Pipe | None:
+    """The pipe the rounds are tee'd from in take mode, as large as `src` if the pipe budget
+    allows (smaller only makes rounds smaller); None past the fd limit: the rounds are then
+    tee'd from `src` itself, which is right unless another process reads it too."""
+    try:
+        return Pipe.open(syscalls.pipe_size(src))
+    except OSError as exc:
+        if exc.errno not in _NO_PIPE:
+            raise
+        return None
+
+
+async def _take(src: int, own: Pipe) -> tuple[int, bool]:
+    """Move what `src` holds, up to `own`'s capacity, into `own`, which is empty; return
+    (bytes, whether it waited), 0 at EOF.
+
+    Why: tee(2) only peeks at a pipe. Tee'd straight from a stdin that another process reads
+    too (a FIFO with several readers, a pipe two background jobs inherited), stdout got the
+    front of it and the splice that took the round for the FILEs found other bytes, or none:
+    the outputs differed. splice(2) takes bytes as read(2) does, once, and costs no copy
+    (a pipe to pipe splice moves page references: about 2 us a MiB here). `own` is empty,
+    so EAGAIN means that `src` is.
+    """
+    waited = False
+    while True:
+        try:
+            n = syscalls.splice(src, own.w, own.size)
+        except BlockingIOError:
+            waited = True
+            await wait_readable(src)
+            continue
+        except OSError as exc:
+            raise translate(exc, SOURCE, "splice") from exc
+        own.held += n
+        return n, waited
 
 
 def sink_pipe_done(sink: Sink) -> None:
@@ -240,7 +301,8 @@ def _consumer(live: list[Sink], lead: Sink | None) -> Sink | None:
 
 def _private_pipe(src_size: int) -> Pipe | None:
     """An empty pipe at least as large as the source, or None when the kernel's pipe budget
-    (pipe-user-pages-soft) leaves it smaller: it could not take a whole round."""
+    (pipe-user-pages-soft) leaves it smaller: it could not take a whole round. Raises
+    OSError when no pipe can be made at all (EMFILE, ENFILE)."""
     pipe = Pipe.open(src_size)
     if pipe.size < src_size:
         pipe.close()
@@ -248,12 +310,47 @@ def _private_pipe(src_size: int) -> Pipe | None:
     return pipe
 
 
-def _give_pipe(sink: Sink, src_size: int) -> None:
-    """A private pipe for `sink`; without one it is pipeless from now on (a fallback)."""
-    sink.pipe = _private_pipe(src_size)
-    if sink.pipe is None:
-        sink.pipeless = sink.copy = True
-        sink.fallback = f"no private pipe of {src_size} bytes to be had (the pipe budget, pipe-user-pages-soft)"
+# pipe2(2) errors that mean "no pipe for now", not a broken tee: the fd limits. A private pipe
+# costs two fds an output that GNU tee does not spend: `tee` with 340 FILEs under the usual
+# `ulimit -n 1024` exited 7 before writing a byte.
+_NO_PIPE = (errno.EMFILE, errno.ENFILE)
+
+
+def _give_pipes(sinks: list[Sink], src_size: int, starved: str | None) -> str | None:
+    """A private pipe for each of `sinks` that has none; one left without is pipeless from
+    now on (a fallback). Returns `starved`: why no pipe can be made, once the fd limit was met.
+
+    Past the fd limit every later sink is pipeless without a try, and so is one that got a
+    pipe (empty: this runs at the top of a round, or for the empty pipes mid-round): its two
+    fds are given back, for what the process itself opens later (the import behind a log
+    line), and pipe2 is not tried again, or it would take them."""
+    for sink in sinks:
+        if sink.pipe is not None or sink.pipeless:
+            continue
+        if starved is None:
+            try:
+                sink.pipe = _private_pipe(src_size)
+            except OSError as exc:
+                if exc.errno not in _NO_PIPE:
+                    raise
+                name = errno.errorcode[exc.errno]
+                starved = f"no private pipe to be had: {os.strerror(exc.errno)} ({name})"
+                spare = next((s for s in sinks if s.pipe is not None and not s.pipe.held), None)
+                if spare is not None:
+                    spare.drop_pipe()
+                    _pipeless(spare, starved)
+            else:
+                if sink.pipe is None:
+                    _pipeless(sink, f"no private pipe of {src_size} bytes to be had (the pipe budget, "
+                                    "pipe-user-pages-soft)")
+                continue
+        _pipeless(sink, starved)
+    return starved
+
+
+def _pipeless(sink: Sink, why: str) -> None:
+    sink.pipeless = sink.copy = True
+    sink.fallback = why
 
 
 class ShortTee(StreamError):
