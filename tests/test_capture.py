@@ -3,6 +3,7 @@ a real zcrelay subprocess between real loopback sockets, every byte checked by S
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -537,3 +538,76 @@ def test_a_sidecar_written_in_short_writes_is_whole(tmp_path, monkeypatch):
     [sidecar] = tmp_path.glob("*.json")
     record = json.loads(sidecar.read_text())
     assert record["close"] == "eof", record
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of `directory` to the last byte (bounded: the tmpfs is 2 MiB)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for _ in range(4096):
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+        else:
+            raise AssertionError("the tmpfs never filled")
+        for size in (512, 64, 1):  # the last partial page, if any
+            while True:
+                try:
+                    if not f.write(b"\0" * size):
+                        break
+                except OSError:
+                    break
+    return filler
+
+
+@pytest.mark.parametrize("space_at_end", [False, True])
+def test_a_sidecar_never_written_is_not_left_empty(small_tmpfs, space_at_end):
+    """A connection that starts on a full disk: the sidecar's name is taken (O_EXCL) but its
+    record cannot be written. An empty *.json was left for good, which no JSON reader takes.
+    Once space is free the end record is written; if it never is, the empty file is removed."""
+    from zcrelay import capture as capturing
+    from zcrelay.stats import Flow
+
+    filler = _fill(small_tmpfs)
+    session = capturing.open_session(str(small_tmpfs), 7, "127.0.0.1:5000", "127.0.0.1:80")
+    try:
+        if space_at_end:
+            filler.unlink()
+        session.write_sidecar(Flow(), Flow(), close="eof", ended=2.0)
+    finally:
+        session.close()
+    sidecars_left = list(small_tmpfs.glob("*.json"))
+    if space_at_end:
+        [sidecar] = sidecars_left
+        assert json.loads(sidecar.read_text())["close"] == "eof"
+    else:
+        assert sidecars_left == []
+    assert not [p for p in small_tmpfs.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_private_pipe_refused_is_named_as_such(tmp_path, monkeypatch):
+    """Past the fd limit a capture's private pipe cannot be made (pipe2: EMFILE): the log line
+    and the sidecar said "tee: Too many open files (EMFILE)", an errno tee(2) never gives,
+    which sent a reader to the wrong syscall. The relay's chunk is untouched."""
+    import errno as errno_mod
+
+    from zcrelay import capture as capturing
+    from zcrelay.pipes import Pipe
+
+    src = Pipe.open(1 << 16)
+    fd = os.open(tmp_path / "cap", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    capture = capturing.CaptureFile(fd, "cap")
+
+    def no_pipe(*args, **kwargs):
+        raise OSError(errno_mod.EMFILE, os.strerror(errno_mod.EMFILE))
+
+    monkeypatch.setattr(capturing.Pipe, "open", no_pipe)
+    try:
+        _offer_chunks(capture, [(src, b"chunk")])
+    finally:
+        src.close()
+        capture.close()
+        os.close(fd)
+    assert capture.error == "private pipe: Too many open files (EMFILE)", capture.error

@@ -14,8 +14,10 @@ File names (documented in `zcrelay forward --help` and the man page):
 
 Files are created with mode 0600 and O_EXCL | O_NOFOLLOW | O_CLOEXEC: an existing file or a
 planted symlink is never written through. The sidecar is written when the connection starts
-("end": null, "complete": false) and rewritten when it ends; a direction is complete when its
-capture never failed and holds every byte the relay moved in that direction (relayed_bytes).
+("end": null, "complete": false) and rewritten in place when it ends; one that cannot be
+written whole (a full disk) is removed, never left empty or cut short. A direction is complete
+when its capture never failed and holds every byte the relay moved in that direction
+(relayed_bytes).
 It may hold more (captured_bytes > relayed_bytes): bytes read from the sender that never
 reached the other side, because that side, or the other direction, failed first.
 
@@ -52,6 +54,7 @@ TEMPLATE = "{time}-{conn}-{peer}-{direction}.bin"
 SIDECAR = "{time}-{conn}-{peer}.json"
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MODE = 0o600
+_REWRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_TRUNC
 DIRECTIONS = ("up", "down")
 
 
@@ -76,6 +79,7 @@ class CaptureSession:
     files: dict[str, CaptureFile | None] = field(default_factory=dict)
     sidecar: str = ""
     notes: dict[str, str] = field(default_factory=dict)  # direction → why it never started
+    sidecar_state: str = "empty"  # empty (created, no record yet) | written | removed
 
     @property
     def captures(self) -> tuple[CaptureFile | None, CaptureFile | None]:
@@ -112,20 +116,34 @@ class CaptureSession:
         return entry
 
     def write_sidecar(self, up: Flow, down: Flow, close: str | None = None, ended: float | None = None) -> None:
+        """Rewrite the sidecar in place. One that cannot be written whole (a full disk) is
+        removed rather than left empty or cut short, which no JSON reader takes, and so is
+        the empty file open_session created if no record ever reached it; a later write
+        creates it again (O_EXCL, as open_session does)."""
         if not self.sidecar:
             return
         data = (json.dumps(self.record(up, down, close, ended), indent=1) + "\n").encode()
         path = os.path.join(self.directory, self.sidecar)
+        flags = CREATE_FLAGS if self.sidecar_state == "removed" else _REWRITE_FLAGS
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_TRUNC)
-            try:
-                view = memoryview(data)
-                while view:  # a write may be short (a disk filling up): the rest, or its error
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            fd = os.open(path, flags, MODE)
         except OSError as exc:
             log.warning("conn=%d capture sidecar %s not written: %s", self.conn, path, _why(exc))
+            if ended is not None and self.sidecar_state == "empty":
+                _unlink(path)
+                self.sidecar_state = "removed"
+            return
+        try:
+            view = memoryview(data)
+            while view:  # a write may be short (a disk filling up): the rest, or its error
+                view = view[os.write(fd, view):]
+            self.sidecar_state = "written"
+        except OSError as exc:
+            log.warning("conn=%d capture sidecar %s not written (removed): %s", self.conn, path, _why(exc))
+            _unlink(path)  # truncated, perhaps half written: not JSON
+            self.sidecar_state = "removed"
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         for capture in self.files.values():
@@ -162,6 +180,13 @@ def open_session(directory: str, conn: int, peer: str, target: str, wall: float 
         session.files[direction] = CaptureFile(fd, name, session._on_fail)
     session.write_sidecar(Flow(), Flow())
     return session
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _why(exc: OSError) -> str:
@@ -232,6 +257,7 @@ class CaptureFile:
         if not self.active:
             self._free.release()
             return
+        what = "tee"
         try:
             if self.pipe is not None and self.pipe.size < src.size:
                 # The direction's pipe changed since the last chunk (an idle stream gives its
@@ -241,14 +267,16 @@ class CaptureFile:
                 self.pipe.close()
                 self.pipe = None
             if self.pipe is None:
+                what = "private pipe"  # pipe2(2): EMFILE, ENFILE; tee(2) never says those
                 self.pipe = Pipe.open(src.size)
+                what = "tee"
                 if self.pipe.size < src.size:
                     self.fail(errno.ENOMEM, f"private pipe of {src.size} bytes (got {self.pipe.size})")
                     self._free.release()
                     return
             got = syscalls.tee(src.r, self.pipe.w, src.held)
         except OSError as exc:
-            self.fail(exc.errno or errno.EIO, "tee")
+            self.fail(exc.errno or errno.EIO, what)
             self._free.release()
             return
         if got != src.held:
