@@ -552,7 +552,8 @@ FILES = [
     ("DIR given to forward or tee --capture-dir",
      "Captured streams: per connection, {time}-{conn}-{peer}-up.bin and -down.bin, each the "
      "bytes of one direction in order as zcrelay read them from their sender, and a "
-     "{time}-{conn}-{peer}.json sidecar (written at the start, rewritten at the end): "
+     "{time}-{conn}-{peer}.json sidecar (written at the start, rewritten at the end; one that "
+     "cannot be written whole, on a full disk, is removed rather than left empty): "
      "conn, peer, target, start, end, close, complete (both directions), and per direction "
      "file, relayed_bytes, captured_bytes, error and "
      "complete. A direction is complete when its capture never failed and holds every byte "
@@ -562,7 +563,8 @@ FILES = [
                                    "--pipe-size is clamped to it."),
     ("/proc/sys/fs/pipe-user-pages-soft", "Pages one user may hold in grown pipes; past it new "
                                           "pipes stay small: forward warns once; tee copies the outputs "
-                                          "it cannot give a pipe, noted with -v."),
+                                          "it cannot give a pipe, noted with -v (so it does past "
+                                          "RLIMIT_NOFILE: each output's pipe takes two fds)."),
 ]
 
 SIGNALS = """

@@ -21,7 +21,9 @@ OUTPUT_ERROR_HELP = (
     "What an error writing an output does (GNU tee's modes): warn, warn-nopipe, exit, exit-nopipe. "
     "Default, as GNU tee without the option: an output pipe that closes ends zcrelay tee at once as "
     "SIGPIPE would (status 141 in a shell); errors on other outputs are reported, that output is "
-    "dropped, the rest continue, and the exit status is 9.")
+    "dropped, the rest continue, and the exit status is 9. Unlike GNU tee, a SIGPIPE ignored by "
+    "whoever started zcrelay (trap '' PIPE, a systemd service) still ends it so: Python cannot tell; "
+    "use -p to carry on.")
 
 
 def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode:
@@ -40,7 +42,7 @@ def _relay_capture(listen, target, capture_dir: str, pipe_size: int) -> ExitCode
 @app.command()
 def tee(
     files: Optional[list[str]] = typer.Argument(None, metavar="[FILE]...", help="Files to write as well as standard output.", show_default=False),
-    append: bool = typer.Option(False, *APPEND_FLAGS, help="Append to the FILEs instead of truncating them. zcrelay writes from each FILE's size at start, at offsets of its own (splice refuses O_APPEND): unlike GNU tee -a, another writer appending to the same FILE meanwhile is overwritten."),
+    append: bool = typer.Option(False, *APPEND_FLAGS, help="Append to the FILEs instead of truncating them. zcrelay writes from each FILE's size at start, at offsets of its own (splice refuses O_APPEND): unlike GNU tee -a, another writer appending to the same FILE meanwhile is overwritten, zcrelay's own stdout included (tee -a f >> f)."),
     output_error: Optional[str] = typer.Option(None, "--output-error", metavar="MODE", help=OUTPUT_ERROR_HELP, show_default=False),
     nopipe: bool = typer.Option(False, "-p", help="Same as --output-error warn-nopipe."),
     pipe_size: str = typer.Option(PIPE_SIZE, "--pipe-size", metavar="SIZE", help="Grow stdin's and stdout's pipes (and zcrelay's own) to SIZE with F_SETPIPE_SZ; clamped to what the kernel allows."),
