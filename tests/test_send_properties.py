@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) of `send`'s engine (zcrelay.files.transfer): bytes
 [offset, offset + length) of the file reach the peer exactly, by splice or by sendfile, and the
 file's own position is never moved, whatever the file size, the span, the pipe size and the
-rate limit, with or without an idle timeout (which keeps the socket non-blocking and arms
-SIGALRM).
+rate limit, with or without an idle timeout (which keeps the socket non-blocking and starts
+a watchdog thread, zcrelay.files._Idle).
 
 `transfer` runs in process with blocking waits (zcrelay.waits), as `zcrelay send` runs it, on a
 real loopback TCP connection whose far end is a thread reading to EOF and then closing
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
+import threading
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from zcrelay import waits
-from zcrelay.files import SendConfig, span, transfer
+from zcrelay.files import IDLE_WATCHDOG, SendConfig, span, transfer
 from zcrelay.stats import Flow
 from tests.pipeline_helpers import Sink
 from tests import traffic
@@ -60,5 +60,6 @@ def test_the_span_arrives_exactly(tmp_path_factory, case, seed, method, pipe_siz
     assert sink.size == expected
     assert sink.sha.digest() == hashlib.sha256(data[offset:offset + expected]).digest()
     assert flow.bytes == flow.spliced == expected and flow.copied == 0 and flow.end == "eof"
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the idle alarm is disarmed
-    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and flow.on_bytes is None
+    # The idle clock is gone with the transfer: no watchdog left, the flow's hook restored.
+    assert IDLE_WATCHDOG not in {thread.name for thread in threading.enumerate()}
+    assert flow.on_bytes is None

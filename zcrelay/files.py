@@ -16,8 +16,8 @@ gives the peer ECONNRESET when the closing side leaves bytes *it* received unrea
 receiver cut short sees an ordinary end of stream, and the error says it could not be told.
 
 With `idle_timeout`, a transfer during which no byte moves for that long (a receiver that
-stopped reading) is cut short with IdleTimeout (`_Idle`); the rate limit's own sleeps do not
-count.
+stopped reading) is cut short with IdleTimeout (`_Idle`), in whatever thread it runs; the rate
+limit's own sleeps do not count.
 
 After the last byte the socket's write side is shut down and whatever the peer still sends is
 read and dropped until it closes (bounded by `linger`): closing with unread bytes would send a
@@ -29,10 +29,10 @@ from __future__ import annotations
 import errno
 import math
 import os
-import signal
 import socket
 import stat
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,12 +144,15 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
     # Nothing else runs in this process: let the kernel wait inside each send, as socat's
     # write(2) does, instead of EAGAIN, poll and retry (fewer syscalls and wake-ups). Not with
     # an idle timeout: a blocking send returns (and counts its bytes) only when done, so a
-    # slow receiver looked idle for as long as one call took.
+    # slow receiver looked idle for as long as one call took. Nor would SO_SNDTIMEO make a
+    # blocking send the idle clock: it bounds the time one sendmsg waits in all, and splice
+    # goes on through the partial sends; a receiver that stopped reading was seen 3 to 4
+    # timeouts late (6.18, splice and sendfile), then the mover polled for ever on the EAGAIN.
     blocking = waits.blocking() and idle is None  # `sock` is then a stdlib socket (net.connect)
     if blocking:
         sock.setblocking(True)
     try:
-        with idle.watching() if idle is not None else nullcontext():
+        with idle.watching(sock) if idle is not None else nullcontext():
             if length is None:
                 await _send_to_eof(fd, sock.fileno(), offset, flow, config, pacer)
             else:
@@ -231,17 +234,24 @@ def abort_in_flight() -> None:
             net.abort(sock)
 
 
+# The name of _Idle's watchdog thread (without trio), one per transfer with an idle timeout.
+IDLE_WATCHDOG = "zcrelay idle timeout"
+
+
 class _Idle:
     """SendConfig.idle_timeout while a span is sent: IdleTimeout once no byte has moved for
     `seconds`. It also stands in for the rate limit's pacer (same `chunk` and `spent`), so that
     the pacer's sleeps, which are ours and not the receiver's, stop the clock.
 
     In a trio run (serve) a cancel scope whose deadline each chunk pushes back, as the relay's
-    idle timeout. Without trio (send: zcrelay.waits) nothing can push back a deadline in the
-    middle of a wait, so SIGALRM is the clock: its handler raises IdleTimeout from whatever
-    syscall the transfer waits in, as Ctrl-C's KeyboardInterrupt does (abort_unless_sent then
-    resets the receiver), or sets the alarm again for what is left. Python runs signal handlers
-    in the main thread only: elsewhere a blocking transfer with an idle timeout is refused."""
+    idle timeout. Without trio (send: zcrelay.waits) nothing can push back the deadline of a
+    wait already begun, so a watchdog thread keeps the time (`_watchdog`): once no byte has
+    moved for `seconds`, it cuts the connection off (net.cut_off: a TCP reset), which ends
+    whatever wait the transfer is in, a poll or a send, with an error that watching() turns
+    into IdleTimeout. No signal: it works in any thread, where SIGALRM, the clock before,
+    worked in the main thread only (Python runs signal handlers there). As with SIGALRM, a read
+    of the file that hangs that long counts as idle too: no byte moved (`send` reads regular
+    files only, never a pipe that may wait for a writer)."""
 
     def __init__(self, seconds: float, flow: Flow, length: int | None,
                  pacer: Pacer | None) -> None:
@@ -250,18 +260,16 @@ class _Idle:
         self.length = length
         self.pacer = pacer
         self.chunk = pacer.chunk if pacer is not None else 0
-        self.last = waits.current_time()  # when a byte last moved
+        # When a byte last moved, by time.monotonic: the watchdog reads it from its own thread
+        # (one float, written whole under the GIL).
+        self.last = time.monotonic()
         self.pausing = False  # in the pacer's sleep
-        self.watched = False  # the alarm may raise (blocking mode)
         self._scope = None  # trio's cancel scope (trio mode)
 
     def moved(self, _n: int) -> None:
-        self.last = waits.current_time()
+        self.last = time.monotonic()
         if self._scope is not None:
-            self._scope.deadline = self.last + self.seconds
-
-    def left(self) -> float:
-        return max(0.0, self.last + self.seconds - waits.current_time())
+            self._scope.deadline = waits.current_time() + self.seconds
 
     def expired(self) -> IdleTimeout:
         total = "" if self.length is None else f" of {self.length}"
@@ -281,7 +289,7 @@ class _Idle:
             self.moved(0)
 
     @contextmanager
-    def watching(self) -> Iterator[None]:
+    def watching(self, sock: socket.socket) -> Iterator[None]:
         previous = self.flow.on_bytes
 
         def on_bytes(n: int) -> None:
@@ -290,14 +298,15 @@ class _Idle:
                 previous(n)
 
         self.flow.on_bytes = on_bytes
+        self.moved(0)
         try:
             if waits.blocking():
-                with self._alarm():
+                with self._watchdog(sock):
                     yield
             else:
                 import trio
 
-                with trio.CancelScope(deadline=self.last + self.seconds) as scope:
+                with trio.CancelScope(deadline=waits.current_time() + self.seconds) as scope:
                     self._scope = scope
                     yield
                 if scope.cancelled_caught:
@@ -307,29 +316,61 @@ class _Idle:
             self.flow.on_bytes = previous
 
     @contextmanager
-    def _alarm(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError("an idle timeout without trio needs the main thread (SIGALRM)")
-        previous = signal.signal(signal.SIGALRM, self._on_alarm)
-        self.watched = True
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+    def _watchdog(self, sock: socket.socket) -> Iterator[None]:
+        """The idle clock without trio: a thread that looks every quarter of `seconds` whether
+        bytes moved, and once none has for `seconds` (the pacer's sleeps apart), cuts `sock`
+        off and says so in `fired`. The transfer, in this thread, then fails (a reset, EPIPE),
+        or finishes if the last byte was already with the kernel: either way IdleTimeout,
+        since the receiver was reset. It cuts `sock` off only holding `lock` and before `done`
+        is set, and is joined before this block ends: the owner may close `sock` then.
+
+        A byte moved when a call of ours returned one (moved), or when the peer took one from
+        the kernel's send queue (net.untaken fell). The second matters: a non-blocking socket
+        polls writable only once about half its send buffer is free, so a receiver reading
+        steadily, but slower than half a buffer per timeout, looked idle to our calls alone
+        (4 MB of loopback buffer at 1.6 MB/s: a 0.3 s timeout cut it off). Under trio (serve)
+        the cancel scope still counts our calls only."""
+        lock = threading.Lock()
+        done = threading.Event()
+        fired = False
+
+        def watch() -> None:
+            nonlocal fired
+            seen = (self.flow.bytes, net.untaken(sock))
+            taken = time.monotonic()  # when the watchdog last saw bytes move (at most `step` late)
+            step = max(self.seconds / 4, 0.001)
+            while not done.wait(step):
+                now = time.monotonic()
+                moved = (self.flow.bytes, net.untaken(sock))
+                if moved != seen:
+                    seen, taken = moved, now
+                    continue
+                if self.pausing or max(self.last, taken) + self.seconds > now:
+                    continue
+                with lock:
+                    if not done.is_set():
+                        fired = True
+                        net.cut_off(sock)
+                return
+
+        def stop() -> None:
+            with lock:
+                done.set()
+            watchdog.join()
+
+        watchdog = threading.Thread(target=watch, name=IDLE_WATCHDOG, daemon=True)
+        watchdog.start()
         try:
             yield
+        except StreamError:
+            stop()
+            if fired:
+                raise self.expired() from None
+            raise
         finally:
-            self.watched = False  # first: an alarm from here on raises nothing
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
-    def _on_alarm(self, signum: int, frame: object) -> None:
-        if not self.watched:
-            return
-        left = self.left()
-        if left > 0 or self.pausing:
-            # Never 0, which would disarm it: a few microseconds round down to that.
-            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if left > 0 else self.seconds)
-            return
-        self.watched = False
-        raise self.expired()
+            stop()
+        if fired:
+            raise self.expired()
 
 
 def _why(err: int, sock: socket.socket) -> str:

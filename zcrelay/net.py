@@ -57,6 +57,61 @@ def abort(sock: trio.socket.SocketType) -> None:
             pass
 
 
+def cut_off(sock: socket.socket) -> None:
+    """End the connection now, from any thread, even while another thread waits on it in a poll
+    or a send: that wait ends at once, with an error (ECONNRESET, EPIPE). The fd stays open:
+    closing it is still its owner's business, and any later call on it fails.
+
+    TCP is reset: connect(2) to an AF_UNSPEC address dissolves the connection (the kernel's
+    tcp_disconnect sends the RST and wakes every waiter), where SO_LINGER 0 (`abort`) acts only
+    at the close. A unix socket has no reset: it is shut down both ways, and its peer sees an
+    ordinary end of stream, as it would at the close."""
+    abort(sock)  # should the disconnect fail, the owner's close still resets
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and _disconnect(sock.fileno()) == 0:
+        return
+    try:
+        # A unix socket; or a TCP socket whose disconnect failed (not expected: the idle
+        # watchdog's sockets are connected and non-blocking), where a FIN may then go out
+        # before the owner's close resets.
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # no longer connected: nothing left to end
+
+
+def untaken(sock: socket.socket) -> int | None:
+    """Bytes sent on `sock` that the peer has not taken yet (SIOCOUTQ): over TCP not yet
+    acknowledged, on a unix socket not yet read (counted with the kernel's overhead). While
+    nothing more is sent, it falls as the peer takes bytes. None if it cannot be told."""
+    import array
+    import fcntl
+    import termios  # SIOCOUTQ is TIOCOUTQ (linux/sockios.h)
+
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
+    except OSError:
+        return None
+    return buf[0]
+
+
+_libc_connect: Callable[..., int] | None = None
+
+
+def _disconnect(fd: int) -> int:
+    """connect(fd, AF_UNSPEC): 0, or the errno. Through libc, because Python's socket.connect
+    takes only addresses of the socket's own family."""
+    import ctypes  # loaded already (zcrelay.syscalls' tee)
+
+    global _libc_connect
+    if _libc_connect is None:
+        fn = ctypes.CDLL(None, use_errno=True).connect
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+        fn.restype = ctypes.c_int
+        _libc_connect = fn
+    unspec = ctypes.create_string_buffer(16)  # a struct sockaddr, all zero: sa_family AF_UNSPEC
+    return 0 if _libc_connect(fd, unspec, len(unspec)) == 0 else ctypes.get_errno() or errno.EIO
+
+
 async def open_listener(address: Address, backlog: int = BACKLOG) -> trio.socket.SocketType:
     """A bound, listening socket for `address`; raises BindError. In a trio run only."""
     import trio
@@ -258,9 +313,9 @@ async def connect(address: Address, timeout: float | None,
                   on_resolved: Callable[[list], None] | None = None) -> trio.socket.SocketType:
     """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
 
-    `timeout` bounds the whole attempt (resolution included, except without trio: see
-    zcrelay.waits, where getaddrinfo blocks). A trio socket in a trio run, else a non-blocking
-    stdlib socket. `on_resolved` gets the (family, sockaddr) list a name resolved to.
+    `timeout` bounds the whole attempt, name resolution included (_getaddrinfo). A trio socket
+    in a trio run, else a non-blocking stdlib socket. `on_resolved` gets the (family, sockaddr)
+    list a name resolved to.
     """
     deadline = waits.current_time() + timeout if timeout else math.inf
     with waits.move_on_after(timeout if timeout else math.inf):
@@ -361,11 +416,49 @@ async def _connect(address: Address, on_resolved: Callable[[list], None] | None,
 
 
 async def _getaddrinfo(host: str, port: int) -> list:
+    """getaddrinfo, given up on at the caller's deadline (the connect timeout). getaddrinfo(3)
+    takes no timeout and cannot be interrupted: a DNS server that drops queries holds it for
+    resolv.conf's timeout times attempts times servers, a stuck NSS module for ever. So it runs
+    in a thread, which is abandoned, still looking, when the deadline comes: trio.socket's does
+    that under trio; without trio (zcrelay.waits), _getaddrinfo_in_a_thread."""
     if waits.blocking():
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return await _getaddrinfo_in_a_thread(host, port)
     import trio
 
     return await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+async def _getaddrinfo_in_a_thread(host: str, port: int) -> list:
+    """socket.getaddrinfo in a daemon thread, heard from as a worker hears its parent
+    (waits.until_readable): the thread closes the write end of a pipe once it has the answer,
+    and the wait for that EOF ends at the innermost waits.move_on_after deadline (or a Ctrl-C).
+    One owner per fd: the thread closes the write end, we close the read end, so a thread that
+    finishes after being given up on touches no fd but its own."""
+    import threading  # here: only a lookup without trio needs it, not every command that imports net
+
+    answer: list = []
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+
+    def look_up() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed over to the waiting thread
+            answer.append(exc)
+        finally:
+            os.close(done_w)
+
+    try:
+        try:
+            threading.Thread(target=look_up, name=f"zcrelay getaddrinfo {host}", daemon=True).start()
+        except BaseException:
+            os.close(done_w)  # no thread to close it
+            raise
+        await waits.until_readable(done_r)
+    finally:
+        os.close(done_r)
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return answer[0]
 
 
 def _trio_socket(sock: socket.socket) -> trio.socket.SocketType:
