@@ -52,7 +52,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Sh
 # connect
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-shutdown -d 'At stdin EOF, leave the socket\'s write side open (the default shuts it down, like nc -N)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l close-after -x -d 'Close the connection this many seconds after stdin EOF, even if the peer has not closed'
-complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l connect-timeout -x -d 'Seconds to reach the peer (0: none)'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l connect-timeout -x -d 'Seconds to reach the peer, name lookup included (0: none)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'
@@ -79,7 +79,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from send' -l offset -x -d 'Start
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l length -x -d 'Send this many bytes'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l linger -x -d 'After the last byte, wait this long for the peer to close (0: do not wait)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l idle-timeout -x -d 'Give up, resetting the receiver, after this many seconds without a byte moving (0: never)'
-complete -c zcrelay -n '__fish_seen_subcommand_from send' -l connect-timeout -x -d 'Seconds to reach the peer (0: none)'
+complete -c zcrelay -n '__fish_seen_subcommand_from send' -l connect-timeout -x -d 'Seconds to reach the peer, name lookup included (0: none)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from send' -l pipe-size -x -d 'The pipe a file is spliced through (K/M suffixes)'

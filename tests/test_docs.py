@@ -209,11 +209,7 @@ def _accepted(example: str, listen: bool) -> bool:
     return True
 
 
-@pytest.mark.parametrize("command,name", [
-    pytest.param(*key, marks=pytest.mark.xfail(strict=True, reason="send's ADDR is TARGET in "
-                 "zcrelay/cli/transfer.py, whose help still lacks PORT and unix:@NAME: send.py "
-                 "should take zcrelay.cli.app.TARGET, as connect does"))
-    if key == ("send", "ADDR") else key for key in ADDRESSES])
+@pytest.mark.parametrize("command,name", list(ADDRESSES))
 def test_address_help_lists_exactly_the_forms_the_parser_takes(command, name):
     """connect and send took a bare PORT that their help did not list, and listen [IPV6]:PORT
     and unix:@NAME; a target's help must not offer :PORT or port 0, which it refuses."""

@@ -12,10 +12,10 @@ from typing import Optional
 
 import typer
 
-from zcrelay.cli.app import PROGRESS, app
+from zcrelay.cli.app import PROGRESS, TARGET, app
 from zcrelay.cli.common import address, parse_size, pipe_size_value, setup_logging
 from zcrelay.cli.progress import Display, show_progress
-from zcrelay.cli.transfer import (CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, QUIET, RATE, TARGET, VERBOSE,
+from zcrelay.cli.transfer import (CONNECT_TIMEOUT, FILE_PIPE_SIZE, METHOD, QUIET, RATE, VERBOSE,
                                   method_value, rate_value, run_mapped)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.files import SendConfig, open_file, send as send_file, shown, span

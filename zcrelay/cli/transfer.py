@@ -47,8 +47,7 @@ NO_SPLICE = typer.Option(False, "--no-splice", help="Copy through user space ins
 PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="Pipe buffer for file transfers; inherited stdio pipes are grown to it.")
 FILE_PIPE_SIZE = typer.Option("1M", "--pipe-size", metavar="SIZE", help="The pipe a file is spliced through (K/M suffixes).")
 CLIENT_RATE = typer.Option(None, "--rate-limit", metavar="BYTES/S", help="Cap each client's throughput, e.g. 10M (splice is kept: each call is bounded).", show_default=False)
-CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer (0: none).")
-TARGET = typer.Argument(..., metavar="ADDR", help="Where to connect: HOST:PORT, [IPV6]:PORT, unix:PATH.", show_default=False)
+CONNECT_TIMEOUT = typer.Option(10.0, "--connect-timeout", min=0, metavar="SECONDS", help="Seconds to reach the peer, name lookup included (0: none).")
 METHOD = typer.Option("splice", "--method", metavar="splice|sendfile", help="splice: file -> pipe -> socket; sendfile: sendfile(2).")
 
 
