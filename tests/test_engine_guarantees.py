@@ -188,6 +188,50 @@ async def test_idle_counts_silence_not_age(path):
         sock.close()
 
 
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+@pytest.mark.parametrize("path", ["splice", "copy"])
+async def test_a_slow_reader_is_not_idle(path, capture, tmp_path):
+    """A client reads a 3 MiB download at about 1.6 MB/s with idle=0.4: the relay's socket to
+    it polls writable only once half its send buffer is free, longer than that at this pace,
+    so by the relay's own calls no byte moved and the client was cut off as idle. What it
+    takes from the relay's send queue counts (check(), which relay() calls in its task): it
+    gets everything, and the relay ends at the two EOFs."""
+    from zcrelay import capture as capturing
+
+    (client, a), (b, server) = await traffic.tcp_pair(near_rcvbuf=65536), await traffic.tcp_pair()
+    reply = os.urandom(3 * MiB)
+    session = capturing.open_session(str(tmp_path), 1, "127.0.0.1:1", "t") if capture else None
+    engine = Engine(splice=path == "splice")
+    ended = []
+    got = bytearray()
+
+    async def relaying():
+        ended.append(await relay(a, b, engine, Flow(), Flow(), idle=0.4,
+                                 captures=session.captures if session else (None, None)))
+
+    async def serving():
+        await traffic.send_chunks(server, reply, random.Random(5))
+        server.shutdown(socket.SHUT_WR)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relaying)
+                nursery.start_soon(serving)
+                while data := await client.recv(32 * 1024):
+                    got += data
+                    await trio.sleep(0.02)  # the slow reader's pace, not a wait for readiness
+                client.shutdown(socket.SHUT_WR)  # the download is whole: the client is done too
+    finally:
+        if session is not None:
+            session.close()
+    assert (len(got), traffic.digest(bytes(got))) == (len(reply), traffic.digest(reply))
+    assert ended[0].reason == "eof", ended[0]
+    for sock in (client, a, b, server):
+        sock.close()
+    engine.close()
+
+
 @pytest.mark.parametrize("path", ["splice", "copy"])
 async def test_linger_counts_silence_after_the_half_close(path):
     """After the client's half-close a reply that keeps flowing for several --linger periods

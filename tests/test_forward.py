@@ -695,6 +695,46 @@ async def test_a_reply_the_relay_holds_when_the_target_resets_reaches_the_client
 
 
 @pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
+async def test_a_client_that_reads_slowly_is_not_idle(zcrelay, path, capture, tmp_path):
+    """A client downloads 3 MiB at about 1.6 MB/s (32 KiB every 20 ms), with --idle-timeout
+    0.5. Its bytes move all the time, but the relay's
+    socket to it polls writable only once half its send buffer is free, which at this rate
+    takes longer than 0.5 s: the relay saw no byte move and cut the client off (after about
+    0.5 MB). The bytes the client takes from the relay's send queue count now (Pair.check):
+    it gets all 3 MiB, intact, and the connection ends at the target's EOF."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reply = os.urandom(3 * MiB)
+    options = ["--idle-timeout", "0.5"] + (["--capture-dir", str(tmp_path)] if capture else [])
+    relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", *options, *path_args(path))
+    got = bytearray()
+    with trio.fail_after(30):
+        client = trio.socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+        await client.connect(("127.0.0.1", relay.port))
+        sock, _ = await listener.accept()
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                with sock:
+                    await send_all(sock, reply)
+
+            nursery.start_soon(serve)
+            try:
+                while data := await client.recv(32 * 1024):
+                    got += data
+                    await trio.sleep(0.02)  # the slow reader's pace, not a wait for readiness
+            finally:
+                client.close()
+        relay.wait_for_lines(" close=", 1)
+    listener.close()
+    code, err = relay.stop()
+    assert (len(got), traffic.digest(bytes(got))) == (len(reply), traffic.digest(reply))
+    [line] = conn_lines(err)
+    assert line.group(6) == "eof", err
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["reactor", "capture"])
 @pytest.mark.parametrize("how", ["idle", "linger", "shutdown"])
 async def test_a_client_cut_short_with_bytes_the_relay_held_gets_a_reset(zcrelay, path, how, capture, tmp_path):
     """The target sends 16 MiB to a client that reads none of it (a small window): more than

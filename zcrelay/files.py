@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from zcrelay import direct, net, waits
+from zcrelay import direct, net, syscalls, waits
 from zcrelay.addresses import Address
 from zcrelay.direct import Pacer
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed, StreamError, ZcrelayError
@@ -325,7 +325,7 @@ class _Idle:
         is set, and is joined before this block ends: the owner may close `sock` then.
 
         A byte moved when a call of ours returned one (moved), or when the peer took one from
-        the kernel's send queue (net.untaken fell). The second matters: a non-blocking socket
+        the kernel's send queue (syscalls.send_queue fell). The second matters: a non-blocking socket
         polls writable only once about half its send buffer is free, so a receiver reading
         steadily, but slower than half a buffer per timeout, looked idle to our calls alone
         (4 MB of loopback buffer at 1.6 MB/s: a 0.3 s timeout cut it off). Under trio (serve)
@@ -336,12 +336,12 @@ class _Idle:
 
         def watch() -> None:
             nonlocal fired
-            seen = (self.flow.bytes, net.untaken(sock))
+            seen = (self.flow.bytes, syscalls.send_queue(sock))
             taken = time.monotonic()  # when the watchdog last saw bytes move (at most `step` late)
             step = max(self.seconds / 4, 0.001)
             while not done.wait(step):
                 now = time.monotonic()
-                moved = (self.flow.bytes, net.untaken(sock))
+                moved = (self.flow.bytes, syscalls.send_queue(sock))
                 if moved != seen:
                     seen, taken = moved, now
                     continue

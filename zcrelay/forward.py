@@ -28,7 +28,7 @@ from zcrelay.excgroups import first_error, split_cancelled
 from zcrelay.logs import library_logger
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor, Timer
-from zcrelay.relay import Engine, Pair, RelayEnd, cut_sides, fin_check_interval, owes, relay, undelivered
+from zcrelay.relay import Engine, Pair, RelayEnd, check_interval, cut_sides, owes, relay, undelivered
 from zcrelay.stats import Flow, Totals
 
 log = library_logger()  # "zcrelay", with the NullHandler a library's logger has
@@ -188,7 +188,7 @@ class Forwarder:
         # come in this order, and one timer (_sweep) serves them all instead of a timer each.
         self._connecting: dict[_Link, None] = {}
         self._sweeper: Timer | None = None
-        self._fin_sweeper: Timer | None = None  # _fin_sweep's next run
+        self._check_sweeper: Timer | None = None  # _check_sweep's next run
         self._listeners: list[_Listener] = []
         self._nursery: trio.Nursery | None = None
         self._said_full = False  # the --max-conns warning is given once
@@ -227,10 +227,10 @@ class Forwarder:
                 listener.close()
             for link in list(self._links):
                 link.abandon("shutdown")
-            for timer in (self._sweeper, self._fin_sweeper):
+            for timer in (self._sweeper, self._check_sweeper):
                 if timer is not None:
                     timer.cancel()
-            self._sweeper = self._fin_sweeper = None  # else a later serve would never arm its own
+            self._sweeper = self._check_sweeper = None  # else a later serve would never arm its own
             for sock in socks:
                 sock.close()
             self.engine.close()
@@ -272,23 +272,23 @@ class Forwarder:
             oldest.timed_out()
         self._arm_sweep()
 
-    def _arm_fin_sweep(self) -> None:
-        linger = self.config.linger
-        if linger is not None and self._fin_sweeper is None:
-            when = trio.current_time() + fin_check_interval(linger)
-            self._fin_sweeper = self.engine.reactor().call_at(when, self._fin_sweep)
+    def _arm_check_sweep(self) -> None:
+        interval = check_interval(self.config.linger, self.config.idle_timeout)
+        if interval is not None and self._check_sweeper is None:
+            self._check_sweeper = self.engine.reactor().call_at(trio.current_time() + interval, self._check_sweep)
 
-    def _fin_sweep(self) -> None:
-        """Look for FINs stuck behind a target or client that does not read (Pair.notice_fins),
-        in every relaying link at once: one timer for all rather than one a connection, which
-        a short connection would pay for. Re-armed while links are left."""
-        self._fin_sweeper = None
+    def _check_sweep(self) -> None:
+        """Look for FINs stuck behind a target or client that does not read, and for bytes a
+        slow reader took (Pair.check), in every relaying link at once: one timer for all
+        rather than one a connection, which a short connection would pay for. Re-armed while
+        links are left."""
+        self._check_sweeper = None
         for link in self._links:
             pair = link.pair
             if pair is not None and not pair.closed:
-                pair.notice_fins()
+                pair.check()
         if self._links:
-            self._arm_fin_sweep()
+            self._arm_check_sweep()
 
     @property
     def _full(self) -> bool:
@@ -615,7 +615,7 @@ class _Link:
         self.pair = Pair(self.reactor, self.client, self.target, self.conn.up, self.conn.down,
                          idle=config.idle_timeout, linger=config.linger, on_done=self._relayed,
                          closes=True)
-        self.forwarder._arm_fin_sweep()
+        self.forwarder._arm_check_sweep()
 
     def _relayed(self, pair: Pair) -> None:
         end = pair.end

@@ -78,22 +78,6 @@ def cut_off(sock: socket.socket) -> None:
         pass  # no longer connected: nothing left to end
 
 
-def untaken(sock: socket.socket) -> int | None:
-    """Bytes sent on `sock` that the peer has not taken yet (SIOCOUTQ): over TCP not yet
-    acknowledged, on a unix socket not yet read (counted with the kernel's overhead). While
-    nothing more is sent, it falls as the peer takes bytes. None if it cannot be told."""
-    import array
-    import fcntl
-    import termios  # SIOCOUTQ is TIOCOUTQ (linux/sockios.h)
-
-    buf = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
-    except OSError:
-        return None
-    return buf[0]
-
-
 _libc_connect: Callable[..., int] | None = None
 
 

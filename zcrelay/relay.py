@@ -185,6 +185,7 @@ class _Relay:
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
         self.settled: set[str] = set()  # sides whose counts `settle` has settled
+        self._queues: dict | None = None  # by side: (bytes into it, its send queue), at notice_taken
 
     def touch(self, _n: int) -> None:
         self.last_activity = trio.current_time()
@@ -264,14 +265,40 @@ class _Relay:
             self._track_activity()
             self._deadline_moved()
 
+    def check(self) -> None:
+        """What the owner calls every check_interval(linger, idle): notice_fins, notice_taken."""
+        self.notice_fins()
+        self.notice_taken()
+
+    def notice_taken(self) -> None:
+        """Count it as a byte moved when a peer took bytes from its socket's send queue since
+        the last look while the relay sent it none: a peer that reads, slowly. A socket polls
+        writable only once about half its send buffer is free, so to the relay's own calls a
+        client reading a download steadily, but slower than half a buffer per --idle-timeout
+        (or per --linger, after a half-close), looked idle and was cut off: at 800 KB/s
+        against --idle-timeout 0.5, after 0.5 s. A peer that stopped reading is cut off as
+        before, and one that stops later at most one check late. Only while something reads
+        last_activity (tracking); two ioctls a look, never on the payload path."""
+        if not self.tracking:
+            return
+        into = {"a": self.flows[1], "b": self.flows[0]}  # down flows into a, up into b
+        now = {side: (into[side].bytes, syscalls.send_queue(self.ends[side])) for side in into}
+        before, self._queues = self._queues, now
+        if before is None:
+            return
+        for side, (sent, queued) in now.items():
+            sent_before, queued_before = before[side]
+            if sent == sent_before and queued is not None and queued_before is not None and queued < queued_before:
+                self.touch(0)
+                return
+
     def notice_fins(self) -> None:
         """Start the linger for a side whose FIN has come while its stream still waits to
         deliver what came before it, to a destination that stopped reading. The half-close
         (stream_ended) starts the linger only once the FIN is passed on, which such a
         destination never lets happen: the connection, and a pipe full of bytes, were held
-        until --idle-timeout, and for ever without one (the default). Called every
-        `fin_check_interval(linger)` while no linger runs: by relay(), and for the Pairs of
-        zcrelay.forward by the forwarder, in one sweep."""
+        until --idle-timeout, and for ever without one (the default). Called by check(): by
+        relay(), and for the Pairs of zcrelay.forward by the forwarder, in one sweep."""
         if self.linger is None or self.linger_at != float("inf"):
             return  # no linger, or one runs already (a half-close, a reset)
         if any(self._stalled(side) and syscalls.peer_done(self.ends[side]) for side in self.live):
@@ -495,10 +522,10 @@ class _TaskRelay(_Relay):
             self.lingering = True
             self.nursery.start_soon(self.watch_linger)
 
-    async def watch_fins(self, interval: float) -> None:
-        while self.linger_at == float("inf"):
+    async def watch(self, interval: float) -> None:
+        while True:  # until the relay's nursery is cancelled
             await trio.sleep(interval)
-            self.notice_fins()
+            self.check()
 
     async def watch_linger(self) -> None:
         while True:
@@ -545,18 +572,18 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     if captures != (None, None):
         return await _relay_in_tasks(_TaskRelay(a, b, linger), a, b, engine, up, down, idle, captures)
     # Without captures the relay is a Pair of the engine's reactor: this task only waits for
-    # it to end (and, with a linger, wakes now and then for notice_fins), so a message costs
-    # no task switch.
+    # it to end (and, with a linger or an idle timeout, wakes now and then for Pair.check), so
+    # a message costs no task switch.
     done = trio.Event()
     pair = Pair(engine.reactor(), a, b, up, down, idle=idle, linger=linger, on_done=lambda _pair: done.set())
     try:
-        if linger is not None:
-            interval = fin_check_interval(linger)
+        interval = check_interval(linger, idle)
+        if interval is not None:
             while not done.is_set():
                 with trio.move_on_after(interval):
                     await done.wait()
                 if not done.is_set():
-                    pair.notice_fins()
+                    pair.check()
         else:
             await done.wait()
     finally:
@@ -567,11 +594,14 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
     return pair.end
 
 
-def fin_check_interval(linger: float) -> float:
-    """How often a relay with `linger` looks for a FIN stuck behind a destination that does
-    not read (_Relay.notice_fins): such a connection ends at most this much later than
-    `linger` after its FIN came. A quarter of the linger, within 50 ms and 5 s."""
-    return min(max(linger / 4, 0.05), 5.0)
+def check_interval(linger: float | None, idle: float | None) -> float | None:
+    """How often a relay with a `linger` or an `idle` timeout looks for a FIN stuck behind a
+    destination that does not read (_Relay.notice_fins) and for bytes a slow reader took
+    (_Relay.notice_taken): such a FIN ends its connection, and a reader that stops reading
+    has it cut off, at most this much later than the timeout. A quarter of the shorter
+    timeout, within 50 ms and 5 s; None with neither."""
+    spans = ([] if linger is None else [linger]) + ([idle] if idle else [])
+    return min(max(min(spans) / 4, 0.05), 5.0) if spans else None
 
 
 def _check_endpoints(a: Endpoint, b: Endpoint) -> None:
@@ -611,8 +641,9 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
         state.nursery = nursery
         if idle:
             nursery.start_soon(state.watch_idle, idle)
-        if state.linger is not None:
-            nursery.start_soon(state.watch_fins, fin_check_interval(state.linger))
+        interval = check_interval(state.linger, idle)
+        if interval is not None:
+            nursery.start_soon(state.watch, interval)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
     cut = cut_sides(owes(up, a), owes(down, b))

@@ -272,6 +272,19 @@ _SIOCOUTQ = 0x5411  # TIOCOUTQ: a socket's bytes not yet acknowledged by its pee
 _SIOCOUTQNSD = 0x894B  # its bytes not yet sent at all
 
 
+def send_queue(sock) -> int | None:
+    """What a stream socket (a socket object) has sent that its peer has not taken yet
+    (SIOCOUTQ): over TCP the bytes not yet acknowledged, on a Unix socket the memory of the
+    messages its peer has not read (bytes plus the kernel's overhead). While nothing more is
+    sent it falls as the peer takes bytes: a peer that reads slower than half a send buffer per
+    poll is seen taking them only here (a socket polls writable once half its buffer is
+    free). None when it cannot be told."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"), "little", signed=True)
+    except (OSError, ValueError):
+        return None
+
+
 def tcp_unacked(sock) -> int:
     """The bytes a TCP socket (a socket object) holds that its peer has not acknowledged:
     while there are any, a reset (SO_LINGER 0) would throw some away. 0 for a socket in CLOSE

@@ -353,7 +353,9 @@ byte has moved for that many seconds, so a reply that keeps flowing is never cut
 end-of-file counts from its arrival, even while zcrelay still holds bytes before it that the
 other side does not take (a target that stopped reading an upload): such a connection ends
 after the linger too, instead of waiting for **--idle-timeout**, and for ever without one. zcrelay
-looks for such end-of-files every quarter of the linger (at most 5 s), on TCP and Unix sockets alike.
+looks for such end-of-files every quarter of the linger (at most 5 s), on TCP and Unix sockets alike. A byte counts as moving, for
+**--linger** and **--idle-timeout**, when a peer takes it from zcrelay's send queue too (looked for
+as often): a client reading a download slower than half a socket buffer per timeout is not idle.
 
 **Fallback.** When a file descriptor cannot be spliced (a terminal, a file opened with O_APPEND,
 an old or unusual kernel or file system), the first splice fails with EINVAL, ENOSYS or EBADF
