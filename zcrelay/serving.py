@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import trio
 
-from zcrelay import direct, net
+from zcrelay import direct, net, syscalls
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
 from zcrelay.files import IdleTimeout, SendConfig, abort_unless_sent, open_file, transfer
@@ -43,6 +43,8 @@ class FileServer:
         self.sent = 0
         self.failed = 0  # clients that did not get the whole file, cut_short included
         self.cut_short = 0  # of those, clients reset by the server stopping mid-file
+        # The clients sending, by number: (socket, flow, what _notice_taken saw last).
+        self._sending: dict[int, list] = {}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound address with task_status.started(str), serve until cancelled."""
@@ -55,6 +57,11 @@ class FileServer:
             # free fd, then closed for want of a pipe, would otherwise end it every 0.1 s).
             short_at: float | None = None  # the last accept refused for want of an fd
             async with trio.open_nursery() as nursery:
+                from zcrelay.relay import check_interval  # here: connect and listen import this module
+
+                interval = check_interval(None, self.config.idle_timeout)
+                if interval is not None:
+                    nursery.start_soon(self._notice_taken, interval)
                 while True:
                     try:
                         sock, peer = await listener.accept()
@@ -71,10 +78,27 @@ class FileServer:
                     self.connections += 1
                     nursery.start_soon(self._handle, sock, net.peer_name(sock, peer), self.connections)
 
+    async def _notice_taken(self, interval: float) -> None:
+        """Every `interval`, count as a byte moved a byte a client took from its socket's send
+        queue while serve sent it none (flow.on_bytes: the idle clock of files.transfer). A
+        socket polls writable only once about half its send buffer is free, so a client that
+        read the file steadily, but slower than half a buffer per --idle-timeout, looked idle
+        and was reset. One sweep for every client, as forward's relays do (Pair.check)."""
+        while True:
+            await trio.sleep(interval)
+            for entry in self._sending.values():
+                sock, flow, before = entry
+                now = (flow.bytes, syscalls.send_queue(sock))
+                entry[2] = now
+                if (before is not None and now[0] == before[0] and None not in (now[1], before[1])
+                        and now[1] < before[1] and flow.on_bytes is not None):
+                    flow.on_bytes(0)
+
     async def _handle(self, sock: trio.socket.SocketType, peer: str, number: int) -> None:
         flow = Flow()
         started = trio.current_time()
         outcome = "ok"
+        self._sending[number] = [sock, flow, None]
         try:
             # With --idle-timeout, a client that stops reading is let go (reset) once no byte
             # has moved for that long (files.transfer): each held 4 fds (socket, file, pipe)
@@ -109,6 +133,7 @@ class FileServer:
                 outcome = f"internal-error ({type(exc).__name__}: {exc})"
             self.failed += 1
         finally:
+            del self._sending[number]
             self.sent += flow.bytes
             elapsed = trio.current_time() - started
             rate = flow.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
