@@ -247,3 +247,50 @@ def test_a_refused_address_closes_its_socket_without_trio_too(monkeypatch):
             for _ in range(ATTEMPTS):
                 waits.run_blocking(_connect_and_close, net.connect, *target)
             assert _open_fds() == before
+
+
+async def test_a_forwarders_cached_addresses_close_a_refused_attempts_socket(monkeypatch):
+    """forward's own connect loop (_Link, for a name resolved less than --resolve-ttl ago, in
+    the reactor, not net.connect): a name with two addresses, the first refused. Each
+    connection reaches the second, and the refused attempt's socket is closed (_drop_target):
+    ATTEMPTS connections leave the fd count where it was (a leak of one fd each shows as
+    ATTEMPTS)."""
+    from zcrelay.addresses import parse
+    from zcrelay.forward import ForwardConfig, Forwarder, Rule
+
+    finished = []
+    with _refused_then_served(monkeypatch) as (address, listener, sockaddrs):
+        listener.setblocking(False)
+        rule = Rule(parse("127.0.0.1:0", listen=True), address)
+        forwarder = Forwarder(ForwardConfig(rules=(rule,), resolve_ttl=3600), on_finished=finished.append)
+
+        async def one_connection() -> None:
+            client = trio.socket.socket()
+            with client:
+                await client.connect(("127.0.0.1", port))
+                accepted, _ = await trio.socket.from_stdlib_socket(listener).accept()
+                with accepted:
+                    await client.send(b"x")
+                    assert await accepted.recv(1) == b"x"
+                client.shutdown(socket.SHUT_WR)
+                assert await client.recv(1) == b""
+            with trio.fail_after(10):
+                while len(finished) < count + 1:
+                    await trio.sleep(0.01)  # polling the forwarder's record: no event says so
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                [bound] = await nursery.start(forwarder.serve)
+                port = int(bound.address.rsplit(":", 1)[1])
+                count = 0
+                await one_connection()  # resolves (a task, net.connect), then caches the two
+                count += 1
+                await one_connection()  # the first from the cache: the reactor's fds are made
+                with _no_collection_no_unclosed_sockets():
+                    before = _open_fds()
+                    for _ in range(ATTEMPTS):
+                        count += 1
+                        await one_connection()
+                    assert _open_fds() == before
+                nursery.cancel_scope.cancel()
+    assert [f.close for f in finished] == ["eof"] * (ATTEMPTS + 2), finished
