@@ -22,6 +22,10 @@ from zcrelay.pipes import Pipe, PipePool
 from zcrelay.stats import Flow
 from zcrelay.waits import checkpoint, wait_readable, wait_writable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    import socket
+
 SOURCE = "source"
 DESTINATION = "destination"
 
