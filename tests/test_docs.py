@@ -532,7 +532,7 @@ async def test_the_readmes_forwarder_example_reports_its_port_and_counts(capsys)
     import trio.testing
 
     example: dict = {}
-    exec(compile("import trio\n" + _readme_python_blocks()[1], "README.md", "exec"), example)
+    exec(compile(_readme_python_blocks()[1], "README.md", "exec"), example)
     payload = os.urandom(3 << 20)
     async with trio.open_nursery() as nursery:
         [target] = await nursery.start(partial(trio.serve_tcp, traffic.echo, 0, host="127.0.0.1"))

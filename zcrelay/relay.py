@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,7 +35,9 @@ class Endpoint(Protocol):
 
     def fileno(self) -> int: ...
 
-    def shutdown(self, how: int) -> None: ...
+    # Positional-only, as the stdlib socket's (typeshed) and trio's (whose parameter is named
+    # `flag`) are: with a named `how`, neither met the protocol for a type checker.
+    def shutdown(self, how: int, /) -> None: ...
 
 
 @dataclass
@@ -53,17 +56,27 @@ class Engine:
     fallbacks: Counter = field(default_factory=Counter)
     _reactor: Reactor | None = field(default=None, init=False, repr=False)
     _reactor_run: object = field(default=None, init=False, repr=False)
+    _reactor_thread: int | None = field(default=None, init=False, repr=False)
 
     def reactor(self) -> Reactor:
         """The reactor of the current trio run, started on first use: adopted by the run's
         host loop (zcrelay.hosting) if it has one, otherwise run by two trio system tasks."""
         token = trio.lowlevel.current_trio_token()
         if self._reactor is None or self._reactor_run is not token or self._reactor.closed:
+            if (self._reactor is not None and not self._reactor.closed
+                    and self._reactor_thread != threading.get_ident()):
+                # One thread runs one trio run at a time, so a reactor of this thread's is a
+                # run's that has ended; another thread's, still open, is a run's still going
+                # (under trio.run, _run_reactor closes it as its run ends). Closing it would
+                # strand that run's relays.
+                raise RuntimeError("this Engine serves another trio run that is still going (in "
+                                   "another thread?): use one Engine per trio run")
             if self._reactor is not None:
                 self._reactor.close()  # a previous run's (if not closed already)
             self._reactor = Reactor(self.pool, splice=self.splice, max_chunk=self.max_chunk,
                                     copy_bufsize=self.copy_bufsize, fallbacks=self.fallbacks)
             self._reactor_run = token
+            self._reactor_thread = threading.get_ident()
             host = hosting.current()
             if host is None or not host.adopt(self._reactor):
                 # Under trio.run (or a host that already has one): trio tasks run it.
@@ -116,7 +129,7 @@ async def one_way(src: int, dst: int, engine: Engine, flow: Flow, capture=None) 
 class RelayEnd:
     """Why a relay ended. `side` is "a" or "b" for the side that failed, else None."""
 
-    reason: str  # eof | reset | idle | linger | error
+    reason: str  # eof | linger | idle | reset | lost | out-of-fds | out-of-memory | another errno's name ("edestaddrreq")
     side: str | None = None
     detail: str = ""
     # The sides to reset (cut_sides): the relay ended (the linger or idle timeout ran out, a
@@ -587,6 +600,10 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
         else:
             await done.wait()
     finally:
+        if not pair.closed:  # cancelled: what the streams hold goes with their pipes (owes)
+            for stream in pair.streams:
+                if not stream.done:
+                    stream.flow.owed = stream.held + (len(stream.pending) if stream.pending is not None else 0)
         pair.close()
     if pair.crash is not None:
         raise pair.crash
@@ -621,9 +638,28 @@ def _check_endpoints(a: Endpoint, b: Endpoint) -> None:
         if os.get_blocking(fd):
             raise ValueError(f"relay: {name} (fd {fd}) is blocking: a splice on it would block the whole "
                              f"trio run; call setblocking(False) on it first")
+        kind = getattr(end, "type", socket.SOCK_STREAM)
+        if kind != socket.SOCK_STREAM:
+            raise ValueError(f"relay: {name} (fd {fd}) is not a stream socket ({kind!r}): "
+                             f"relay moves byte streams (TCP, or Unix SOCK_STREAM)")
+        if _listening(end):
+            raise ValueError(f"relay: {name} (fd {fd}) is a listening socket: relay the connection "
+                             f"that accept() returns")
         fds.append(fd)
     if fds[0] == fds[1]:
         raise ValueError(f"relay: a and b are the same socket (fd {fds[0]})")
+
+
+def _listening(end: Endpoint) -> bool:
+    """Whether `end` is a listening socket (SO_ACCEPTCONN): it never has a byte or an EOF to
+    read, so a relay of it would wait for ever."""
+    getsockopt = getattr(end, "getsockopt", None)
+    if getsockopt is None:
+        return False
+    try:
+        return bool(getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
 
 
 _SIDES = {False: ("a", "b"), True: ("b", "a")}  # by "is this the down flow": (src side, dst side)
