@@ -12,6 +12,7 @@ Port 0 asks the kernel for a free port (listen only).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -52,7 +53,8 @@ class Address:
         return f"{self.host}:{self.port}" if self.host else f"*:{self.port}"
 
 
-_BRACKETED = re.compile(r"^\[([^\]]*)\]:(\w*)$")
+# The port: anything up to the end, for _port to judge (\w* refused the service "http-alt").
+_BRACKETED = re.compile(r"^\[([^\]]*)\]:([^\]]*)$")
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL (unix(7))
 
 
@@ -192,12 +194,24 @@ _WILD = ("", _V4_ANY, _V6_ANY)  # '' is bound dual-stack, and so is '::' (net.bi
 _LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 
 
+_AS_INET_ATON = re.compile(r"[0-9A-Fa-fXx.]+")  # the characters inet_aton's forms are made of
+
+
 def _host_key(host: str) -> object:
-    """An IP literal as an ip_address (so '::1' and '0:0::1' are one), a name in lower case."""
+    """An IP literal as an ip_address (so '::1' and '0:0::1' are one), a name in lower case.
+    IPv4 in the forms getaddrinfo(3) also reads, through inet_aton(3) ('127.1', '0',
+    '2130706433', '0x7f.0.0.1', '0177.0.0.1' octal), is that address too: `forward P 127.1:P`
+    was taken for a name and connected to itself until the fds ran out."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
-        return host.lower().rstrip(".")
+        pass
+    if _AS_INET_ATON.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            pass
+    return host.lower().rstrip(".")
 
 
 def _unix_key(path: str) -> str:
@@ -205,8 +219,14 @@ def _unix_key(path: str) -> str:
     not where it seems to be), so two spellings taken for one socket are one."""
     if path.startswith("@"):
         return path
-    parts = [part for part in os.path.join(os.getcwd(), path).split("/") if part not in ("", ".")]
-    return "/" + "/".join(parts)
+    if not path.startswith("/"):
+        # os.getcwd() for a relative path only: from a removed directory it raises
+        # FileNotFoundError, and for absolute paths too that was a traceback. A relative path
+        # is then kept relative, which no absolute one's key can equal.
+        with contextlib.suppress(OSError):
+            path = os.path.join(os.getcwd(), path)
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return ("/" if path.startswith("/") else "") + "/".join(parts)
 
 
 def _covers(wild: object, host: object) -> bool:

@@ -441,7 +441,11 @@ class Reactor:
                     timeout = -1
                 else:
                     deadline = self._next_deadline()
-                    timeout = -1 if deadline == math.inf else max(0.0, deadline - now())
+                    # epoll_wait(2) takes an int of milliseconds (24.8 days at most), and Python
+                    # raised OverflowError past it: a --connect-timeout of 30 days crashed the
+                    # relay at its first connection. Wake a day later at most, as trio's own
+                    # run loop does (_MAX_TIMEOUT), and look again.
+                    timeout = -1 if deadline == math.inf else min(max(0.0, deadline - now()), 86400.0)
                 turn(timeout)
                 if timers:
                     t = now()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import math
 import os
@@ -74,10 +75,13 @@ def load_config(path: Path) -> dict[str, Any]:
     if len(raw) > CONFIG_LIMIT:
         raise typer.BadParameter(f"{path}: larger than {CONFIG_LIMIT >> 20} MiB: not a config file",
                                  param_hint="--config")
+    # A UTF-8 byte order mark, as editors on Windows write one, is no statement: tomllib said
+    # "Invalid statement (at line 1, column 1)" about a character nobody sees.
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw.decode()
+        text = raw[bom:].decode()
     except UnicodeDecodeError as exc:
-        raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})",
+        raise typer.BadParameter(f"{path}: not UTF-8 text (byte {bom + exc.start}: {exc.reason})",
                                  param_hint="--config") from None
     try:
         data = tomllib.loads(text)
@@ -159,12 +163,25 @@ def _checked(where: Callable[..., str], key: str, value: Any) -> Any:
     # type(), not isinstance(): a bool is an int, and a float is no integer here.
     if kind is int and type(value) is not int:
         refuse(f"must be an integer, not {reprlib.repr(value)}")
-    if kind is float and (type(value) not in (int, float) or math.isnan(value)):
+    # math.isnan(), like float(), raises OverflowError for an int past 1.8e308: tomllib reads
+    # TOML integers of any length.
+    if kind is float and (type(value) not in (int, float) or (type(value) is float and math.isnan(value))):
         refuse(f"must be a number of seconds, not {reprlib.repr(value)}")
     low, high = _bounds(key)
     if (low is not None and value < low) or (high is not None and value > high):
-        refuse(f"= {value!r} is out of range ({f'{low} to {high}' if high is not None else f'{low} or more'})")
+        refuse(f"= {reprlib.repr(value)} is out of range ({f'{low} to {high}' if high is not None else f'{low} or more'})")
+    if kind is float:
+        return _float(value)
     return value
+
+
+def _float(value: int | float) -> float:
+    """Seconds as a float; an integer too large for one is inf, as the command line reads the
+    same digits (the bounds have refused a negative one)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _config_rules(where: Callable[..., str], entries: Any) -> list[tuple[str, Rule]]:
