@@ -423,3 +423,30 @@ async def test_bytes_a_captured_direction_holds_when_cancelled_make_its_side_cut
     assert (tmp_path / "down").read_bytes() == reply[:len((tmp_path / "down").read_bytes())]
     for sock in (client, a, b, server):
         sock.close()
+
+
+def test_fionread_works_with_every_fd_taken():
+    """syscalls.fionread imported array and termios at its first call: at the fd limit that
+    import (a C extension's .so to open) failed, and a connection of forward's ended as
+    internal-error (ImportError). In a child process: its fds filled up, then the first call."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, resource\n"
+        "from zcrelay import syscalls\n"
+        "r, w = os.pipe()\n"
+        "os.write(w, b'abc')\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(syscalls.fionread(r))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr

@@ -12,6 +12,9 @@ import errno
 import fcntl
 import os
 import stat
+# Imported with the module, not at the first call: at the fd limit, the import of a C
+# extension (its .so to open) failed, and a connection ended as internal-error (ImportError).
+import termios
 from collections import namedtuple
 
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
@@ -153,12 +156,7 @@ def pipe_size(fd: int) -> int:
 
 def fionread(fd: int) -> int:
     """Bytes waiting in a pipe or socket's receive queue (FIONREAD)."""
-    import array
-    import termios
-
-    buf = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
-    return buf[0]
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little", signed=True)
 
 
 # ---- user-space copies that never block, on fds left blocking -------------------------------

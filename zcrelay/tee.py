@@ -122,12 +122,10 @@ async def run_tee(config: TeeConfig, stdin: int = 0, stdout: int = 1, flow: Flow
         outcome.failed.append(message)
 
     sinks = [stdout_sink(stdout, config.pipe_size, outcome)]
-    # The tee's own fds, and the files its lazy imports open, before the FILEs: at the fd limit
-    # (many FILEs, a low `ulimit -n`) a FILE is refused and said, as GNU tee does, where the
-    # tee failed after truncating them all (exit 7 for its /dev/null fd, or an ImportError
-    # when the message's `import logging` found no fd: `reserve` is given back for it).
-    import array  # noqa: F401  (zcrelay.syscalls.fionread imports these two lazily)
-    import termios  # noqa: F401
+    # The tee's own fds before the FILEs: at the fd limit (many FILEs, a low `ulimit -n`) a
+    # FILE is refused and said, as GNU tee does, where the tee failed after truncating them all
+    # (exit 7 for its /dev/null fd, or an ImportError when the message's `import logging` found
+    # no fd: `reserve` is given back for it).
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -133,7 +133,6 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
     inherited pipes comes from SPLICE_F_NONBLOCK, so stdio need not be made O_NONBLOCK.
     """
     result = TeeResult()
-    syscalls.fionread(src)  # its lazy imports open files: now, not at the fd limit (_give_pipes)
     own = _own_pipe(src) if take else None
     given, src = src, (own.r if own is not None else src)  # the rounds are tee'd from `src`
     src_size = syscalls.pipe_size(src)
