@@ -397,8 +397,12 @@ the file are the long option names without the leading dashes (pipe-size, max-co
 max-idle-pipes, connect-timeout, idle-timeout, linger, resolve-ttl, backlog, workers), the
 booleans splice and nodelay, and [[rule]] tables with listen and target strings. An unknown key is an error. Options
 on the command line win over the file; **--splice** and **--nodelay** undo a file's
-splice = false and nodelay = false. A config file that cannot be read exits with status 8; an
-error in one names the file and, where it can be told, the line.
+splice = false and nodelay = false; --capture-dir, --verbose and --quiet are command-line only.
+Rules from every source are served together, numbered in the logs (rule=N) in this order:
+LISTEN TARGET, the file's [[rule]] tables, then each **--rule**. A relative unix: path, on the
+command line or in the file, is relative to zcrelay's working directory, not to the file's. A
+config file that cannot be read exits with status 8; an error in one names the file and, where
+it can be told, the line.
 
 A Unix path may contain '=': a rule is split at the '=' that leaves an address on each side,
 and one that can be split at more than one is a usage error (status 2); give it as a [[rule]]
@@ -406,8 +410,9 @@ table in the config file instead.
 
 Rules that share a listen address, and rules whose targets lead back to their own listeners (a
 rule that forwards to itself, or rules that forward to each other in a loop, as told from the
-addresses as written, without DNS), are usage errors (status 2), refused before anything is
-bound.
+addresses as written, without DNS: 127.1 is 127.0.0.1, as getaddrinfo reads it, but a name such
+as localhost is left to the system, where a shared port fails to bind, status 3), are usage
+errors (status 2), refused before anything is bound.
 
 For each listener zcrelay prints "listening on ADDRESS -> TARGET" on standard error once it
 accepts connections; port 0 picks a free port and the line shows which.
