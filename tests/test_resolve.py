@@ -193,6 +193,9 @@ def _no_collection_no_unclosed_sockets():
     import gc
     import warnings
 
+    with warnings.catch_warnings():  # the garbage of earlier tests: not this block's
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         gc.disable()
