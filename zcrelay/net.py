@@ -294,16 +294,19 @@ def _listed_as_listening(path: str) -> bool:
 
 
 async def connect(address: Address, timeout: float | None,
-                  on_resolved: Callable[[list], None] | None = None) -> trio.socket.SocketType:
+                  on_resolved: Callable[[list], None] | None = None, *,
+                  keep_reset: bool = False) -> trio.socket.SocketType:
     """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
 
     `timeout` bounds the whole attempt, name resolution included (_getaddrinfo). A trio socket
     in a trio run, else a non-blocking stdlib socket. `on_resolved` gets the (family, sockaddr)
-    list a name resolved to.
+    list a name resolved to. `keep_reset`: a target that accepted and reset before the connect
+    was seen (ECONNRESET) is connected to all the same: what it sent first is still readable,
+    and the caller meets the reset at its first use of the socket (connect's stdout).
     """
     deadline = waits.current_time() + timeout if timeout else math.inf
     with waits.move_on_after(timeout if timeout else math.inf):
-        return await _connect(address, on_resolved, deadline)
+        return await _connect(address, on_resolved, deadline, keep_reset)
     raise ConnectError(address, "timeout", f"timed out after {timeout:g}s")
 
 
@@ -359,7 +362,7 @@ def urgent_inline(sock: socket.socket) -> None:
 
 
 async def _connect(address: Address, on_resolved: Callable[[list], None] | None,
-                   deadline: float = math.inf) -> trio.socket.SocketType:
+                   deadline: float = math.inf, keep_reset: bool = False) -> trio.socket.SocketType:
     targets = literal_targets(address)
     if targets is None:
         try:
@@ -384,6 +387,10 @@ async def _connect(address: Address, on_resolved: Callable[[list], None] | None,
             with waits.move_on_after(share) as attempt:
                 await mover.connect(sock, sockaddr)
         except OSError as exc:
+            if keep_reset and exc.errno == errno.ECONNRESET:
+                # It accepted, then reset before the connect was seen: the connection existed,
+                # and Linux keeps a reset connection's receive queue readable.
+                return sock if waits.blocking() else _trio_socket(sock)
             sock.close()
             last = exc
             continue

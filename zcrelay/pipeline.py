@@ -125,6 +125,10 @@ async def move(src: int, dst: int, how: Plan, socket_role: str, flow: Flow,
             pipe.close()  # ours alone, never pooled: it may hold bytes after an error
     else:
         flow.fallback = how.reason
+        # A TCP socket handed as stdin (inetd, systemd's Accept=yes) lacks SO_OOBINLINE: a
+        # copy would read past each urgent byte, which the kernel skips. Inline from the first
+        # read, it stays in its place (nothing for other fds; our own sockets have it already).
+        syscalls.set_urgent_inline(src)
     await direct.copy_waiting(src, dst, flow, pacer)
 
 

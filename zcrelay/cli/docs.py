@@ -471,11 +471,20 @@ When the connection is lost (the peer resets it, or it times out), every byte al
 is written to standard output first, in order, whether zcrelay held it or the kernel still did
 (Linux keeps what arrived before a reset readable). Then zcrelay prints one line, "connection
 lost while ...: sent N bytes, received M bytes", where M counts the bytes written to standard
-output, and exits with status 1.
+output, and exits with status 1. A target that accepts, sends and resets at once is such a
+lost connection too, not a refused one: what it sent is written out.
+
+TCP_NODELAY is set, as **forward** does: a request written in two pieces is not held back
+waiting for the ACK of the first (nc and socat leave Nagle on, 40 ms an exchange here). A TCP
+socket given as standard input (inetd, systemd's Accept=yes) keeps its urgent bytes in their
+place from zcrelay's first read.
 """,
     "listen": """
 A lost connection ends as with **connect**: the bytes already received reach standard output
-first. With **--keep-open** the line is a warning and the next connection is accepted.
+first. With **--keep-open** the line is a warning and the next connection is accepted. A
+connection ends when both directions are done: unlike nc -l, a peer's half-close does not cut
+off what zcrelay is still sending it, and so, unlike nc -lk, **--keep-open** moves on to the
+next client only once standard input has ended too (or the peer resets).
 """,
     "send": """
 A transfer that fails or is stopped (SIGINT, SIGTERM, SIGHUP) before its last byte ends with a
