@@ -6,12 +6,14 @@ import os
 import shutil
 import socket
 import subprocess
+import struct
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import trio
 
-from tests.conftest import run_zcrelay, zcrelay_argv, zcrelay_env
+from tests.conftest import ROOT, run_zcrelay, zcrelay_argv, zcrelay_env
 from zcrelay import demo
 
 
@@ -85,7 +87,7 @@ class _CrossWired:
 
     def __init__(self, config) -> None:
         self.target = config.rules[0].target
-        self.totals = SimpleNamespace(connections=0, spliced=0, copied=0)
+        self.totals = SimpleNamespace(connections=0, spliced=0, copied=0, closes=Counter())
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket()
@@ -129,3 +131,58 @@ def test_echo_check_passes_a_sound_relay():
     """The same check, in process, through zcrelay's own forward: both connections intact."""
     result = trio.run(demo.run_demo, 3 * demo.CHUNK + 123, 2, True, 1 << 20)
     assert result.ok and result.intact == 2
+
+
+class _Dropping:
+    """A relay with no file descriptor left for its target sockets, in place of Forwarder: it
+    accepts each client and resets it at once, counting the close as forward does ("out-of-fds")."""
+
+    def __init__(self, config) -> None:
+        self.totals = SimpleNamespace(connections=0, spliced=0, copied=0, closes=Counter())
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket()
+        with listener:
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            task_status.started([SimpleNamespace(address=f"127.0.0.1:{listener.getsockname()[1]}")])
+            while True:
+                sock, _ = await listener.accept()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset: the client's send gets EPIPE, its recv ECONNRESET
+                self.totals.connections += 1
+                self.totals.closes["out-of-fds"] += 1
+
+
+def test_a_connection_the_relay_drops_is_a_failed_check(monkeypatch):
+    """Under `ulimit -n 20` forward accepted the demo's clients but had no fd for their target
+    sockets, and reset them: the client's BrokenPipeError ended the demo with "zcrelay: error:
+    Broken pipe" and exit status 1, nothing said about file descriptors. A dropped connection
+    is one whose echo did not come back, and the relay's close reasons go with the result."""
+    monkeypatch.setattr(demo, "Forwarder", _Dropping)
+    result = trio.run(demo.run_demo, 3 * demo.CHUNK, 2, True, 1 << 20)
+    assert result.intact == 0 and not result.ok
+    assert result.closes == {"out-of-fds": 2}
+
+
+_DROPPING_DEMO = """
+import sys
+from tests import test_demo
+from zcrelay import demo
+demo.Forwarder = test_demo._Dropping
+from zcrelay.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_relay_out_of_fds_is_no_resources_in_one_line():
+    """The same, as the user sees it: the table says which check failed and why the relay
+    closed, then one line and NO_RESOURCES (7), as when the demo's own sockets run out."""
+    done = subprocess.run([zcrelay_argv()[0], "-c", _DROPPING_DEMO, "demo", "--size", "1M",
+                           "--connections", "2"], capture_output=True, timeout=60, cwd=ROOT,
+                          env=zcrelay_env())
+    err = done.stderr.decode()
+    assert done.returncode == 7, err
+    assert "0/2 intact" in err and "out-of-fds" in err and "Broken pipe" not in err, err
+    assert err.splitlines()[-1].startswith("zcrelay: error: ") and "file descriptors" in err.splitlines()[-1], err
+    assert "Traceback" not in err, err

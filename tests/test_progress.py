@@ -188,3 +188,37 @@ def test_the_progress_label_is_the_file_name_as_it_is(tmp_path):
     assert sink.sha.hexdigest() == sha256_file(data)
     assert "[red]odd" in text, text[-2000:]
     assert "\x1b]0;" not in text and "\x07" not in text, text[-2000:]
+
+
+def test_a_signal_that_ends_the_run_gives_the_cursor_back(tmp_path):
+    """rich hides the terminal's cursor while the display is shown. SIGTERM (`timeout`, `kill`)
+    ends zcrelay by the signal's default action, and nothing showed the cursor again: the shell
+    prompt came back on the display's line with no cursor in the terminal. The cursor is shown,
+    on a line of its own, before the process dies of the signal."""
+    import select
+
+    master, slave = pty.openpty()
+    r, w = os.pipe()
+    proc = subprocess.Popen(zcrelay_argv("tee", "copy"), cwd=tmp_path, env=zcrelay_env(COLUMNS="100"),
+                            stdin=r, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(r)
+    os.close(slave)
+    try:
+        os.write(w, b"x" * 65536)  # and the pipe stays open: tee waits for more
+        screen = bytearray()
+        deadline = time.monotonic() + 30
+        while b"KiB" not in screen and time.monotonic() < deadline:  # the display is drawn
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 65536)
+        assert b"\x1b[?25l" in screen, bytes(screen)
+        proc.send_signal(15)
+        screen += _read_all(master, proc)
+    finally:
+        os.close(w)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
+    assert proc.returncode == -15
+    assert screen.rfind(b"\x1b[?25h") > screen.rfind(b"\x1b[?25l"), bytes(screen[-300:])
+    assert screen.endswith(b"\n\x1b[?25h"), bytes(screen[-300:])  # \r\n on a terminal

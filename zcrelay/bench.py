@@ -25,6 +25,7 @@ import mmap
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import tempfile
@@ -183,7 +184,8 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
     tmpdir = None
     try:
         if path is None:
-            tmpdir = _make_tmpdir(size)
+            with _signals_held():  # the directory is made and `tmpdir` set, or neither
+                tmpdir = _make_tmpdir(size)
             path = os.path.join(tmpdir, "payload")
             _write_payload(path, size)
         fd, real_size = open_file(path)
@@ -193,7 +195,40 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
             os.close(fd)
     finally:
         if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            with _signals_held():
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# The signals that end a run: Ctrl-C, and the CLI's SIGTERM and SIGHUP (cli.bench).
+_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold the signals that end a run until the block is done, then raise them again.
+
+    A Ctrl-C inside shutil.rmtree raised KeyboardInterrupt half-way through it, and the
+    temporary file (256 MiB by default) stayed in TMPDIR with exit status 130. Only Python's
+    handlers are replaced (signal.signal works in the main thread alone: elsewhere nothing is
+    held); an ignored signal stays ignored, and one at its default action is raised again with
+    that action, after the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {}
+    for signum in _ENDING:
+        handler = signal.getsignal(signum)
+        if handler not in (signal.SIG_IGN, None):
+            held[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 def _make_tmpdir(size: int) -> str:

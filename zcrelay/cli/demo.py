@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import parse_size, pipe_size_value, run, say, setup_logging, spliced_share
+from zcrelay.cli.common import error, parse_size, pipe_size_value, run, say, setup_logging, spliced_share
 from zcrelay.demo import DemoResult, run_demo
 from zcrelay.exitcodes import ExitCode
 
@@ -32,9 +32,17 @@ def demo(
         result = await run_demo(total, connections, not no_splice, pipe,
                                 lambda listen, target: say(f"listening on {listen} -> {target} (echo)"))
         _report(result)
+        starved = sum(n for reason, n in result.closes.items() if reason in _STARVED)
+        if not result.ok and starved:  # as when the demo's own sockets run out: NO_RESOURCES
+            return error(f"the relay closed {starved} connection(s) for lack of file descriptors "
+                         f"or memory (see ulimit -n)", ExitCode.NO_RESOURCES)
         return ExitCode.OK if result.ok else ExitCode.FAILURE
 
     return run(main)
+
+
+# The relay's close reasons (relay.Connection.close) for a connection it had no resources for.
+_STARVED = ("out-of-fds", "out-of-memory")
 
 
 def _report(r: DemoResult) -> None:
@@ -46,4 +54,6 @@ def _report(r: DemoResult) -> None:
     table.add_row("throughput (hashing included)", f"{moved * 8 / r.seconds / 1e9:.2f} Gbit/s")
     table.add_row("zero-copy", f"{spliced_share(r.spliced, r.copied)} ({r.copied:,} bytes copied)")
     table.add_row("SHA-256 echo check", f"{r.intact}/{r.connections} intact" + ("" if r.ok else "  FAILED"))
+    if set(r.closes) - {"eof"}:  # a connection the relay ended otherwise than at EOF: why
+        table.add_row("relay closes", ", ".join(f"{reason} {n}" for reason, n in sorted(r.closes.items())))
     Console(stderr=True).print(table)

@@ -5,6 +5,7 @@ run. The --progress/--no-progress option itself is zcrelay.cli.app.PROGRESS."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
 import threading
@@ -66,8 +67,9 @@ class Display:
         # Labels are text, not rich markup: a file named "[red]x" is shown as it is.
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
                    TransferSpeedColumn(), TimeRemainingColumn()]
-        self._progress = Progress(*columns, console=Console(file=sys.stderr), auto_refresh=False)
-        with self._progress:
+        console = Console(file=sys.stderr)
+        self._progress = Progress(*columns, console=console, auto_refresh=False)
+        with self._progress, _cursor_shown_at_death(console):
             self._ids = [self._progress.add_task(label, total=total) for label, _, total in self.rows]
             try:
                 yield self
@@ -108,3 +110,52 @@ class Display:
             finally:
                 stop.set()
                 ticker.join()
+
+
+# Signals whose handling ends the process by the signal itself (the CLI's common.terminated, or
+# the default action), where rich's own clean-up never runs.
+_DEADLY = (signal.SIGTERM, signal.SIGHUP)
+_SHOW_CURSOR = b"\n\x1b[?25h"  # what rich's Live.stop ends with on a terminal: a newline, then DECTCEM
+
+
+@contextmanager
+def _cursor_shown_at_death(console) -> Iterator[None]:
+    """While the display is shown, a SIGTERM or SIGHUP that ends the process first shows the
+    terminal's cursor again and ends the display's line.
+
+    rich hides the cursor on a terminal until the display stops; SIGTERM (`timeout`, `kill`)
+    killed zcrelay by the signal's default action first, so the shell prompt came back on the
+    display's line with the cursor hidden. Only a handler that ends the process is wrapped
+    (the default action, or the CLI's `terminated`, which takes it after its own clean-up); an
+    ignored signal, or one a command handles and lives on, is left alone. signal.signal works
+    in the main thread only: elsewhere nothing changes.
+    """
+    if not console.is_terminal or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    common = sys.modules.get("zcrelay.cli.common")
+    deadly = (signal.SIG_DFL, getattr(common, "terminated", signal.SIG_DFL))
+    fd = console.file.fileno()
+    previous = {}
+
+    def show_cursor_then(signum: int, frame) -> None:
+        try:
+            os.write(fd, _SHOW_CURSOR)
+        except OSError:  # the terminal is gone (SIGHUP): nothing to show it on
+            pass
+        handler = previous[signum]
+        signal.signal(signum, handler)
+        if callable(handler):
+            handler(signum, frame)
+        else:  # SIG_DFL: the default action, now that it is back
+            os.kill(os.getpid(), signum)
+
+    for signum in _DEADLY:
+        if signal.getsignal(signum) in deadly:
+            previous[signum] = signal.signal(signum, show_cursor_then)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is show_cursor_then:  # not one a command set since
+                signal.signal(signum, handler)
