@@ -33,7 +33,7 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.PERMISSION_DENIED: "Not allowed to bind a listen address (a privileged port, a protected path).",
     ExitCode.ADDRESS_NOT_AVAILABLE: "A listen address is not on this host, or its name does not resolve.",
     ExitCode.CONNECT_FAILED: "The target refused the connection, was unreachable, or did not answer in time; for bench and demo, their own loopback connections (the loopback interface is down).",
-    ExitCode.NO_RESOURCES: "Out of file descriptors, memory or processes (--workers) before any work could start.",
+    ExitCode.NO_RESOURCES: "Out of file descriptors, memory or processes (--workers) before any work could start; for demo, also when the relay dropped connections for lack of them.",
     ExitCode.INPUT_ERROR: "A file to read is missing, unreadable or not a regular file.",
     ExitCode.OUTPUT_ERROR: "Writing an output failed: a full disk, an I/O error, an output closed early.",
     ExitCode.FILE_CHANGED: "The file being sent shrank while it was sent.",

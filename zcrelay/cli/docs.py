@@ -380,7 +380,9 @@ socket to standard input and output, so they fit in shell pipelines; **send** se
 socket, and **serve** offers a file to every client that connects; **tee** is tee(1) for
 pipelines (tee(2) duplicates the pipe's pages) and, with **--listen** and **--target**, relays like
 **forward** while capturing both directions of every connection into files; **demo** runs a
-self-contained relay on the loopback interface and shows what was spliced; **bench** measures
+self-contained relay on the loopback interface and shows what was spliced (exit status 0 when
+every echo matched, 1 when one did not, 7 when the relay dropped connections for lack of file
+descriptors or memory, which its table names); **bench** measures
 the copy methods (read+write, mmap+write, sendfile, splice) on this machine. Run
 **zcrelay** __COMMAND__ **--help** for a command's options.
 
