@@ -311,7 +311,10 @@ def test_a_listener_killed_by_a_signal_removes_its_socket_file(tmp_path, zcrelay
     import signal
 
     path = tmp_path / "gone.sock"
-    relay = zcrelay(*argv, f"unix:{path}")  # stdin: /dev/null
+    # At its default action, whatever the test run inherited: under nohup (SIGHUP ignored, and
+    # ignored stays ignored across exec) zcrelay rightly lived on, and was killed after 20 s.
+    relay = zcrelay(*argv, f"unix:{path}",  # stdin: /dev/null
+                    preexec_fn=lambda: signal.signal(getattr(signal, sig), signal.SIG_DFL))
     assert path.exists()
     code, err = relay.stop(getattr(signal, sig))
     assert code == -getattr(signal, sig), err  # died of the signal (a shell says 128 + signum)
