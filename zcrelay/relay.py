@@ -295,15 +295,13 @@ class _Relay:
         if not self.tracking:
             return
         into = {"a": self.flows[1], "b": self.flows[0]}  # down flows into a, up into b
-        now = {side: (into[side].bytes, syscalls.send_queue(self.ends[side])) for side in into}
-        before, self._queues = self._queues, now
-        if before is None:
-            return
-        for side, (sent, queued) in now.items():
-            sent_before, queued_before = before[side]
-            if sent == sent_before and queued is not None and queued_before is not None and queued < queued_before:
-                self.touch(0)
-                return
+        before = self._queues or {}
+        self._queues, took = {}, False
+        for side, flow in into.items():
+            self._queues[side], taken = look_at_queue(self.ends[side], flow.bytes, before.get(side))
+            took = took or taken
+        if took:
+            self.touch(0)
 
     def notice_fins(self) -> None:
         """Start the linger for a side whose FIN has come while its stream still waits to
@@ -609,6 +607,17 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
         raise pair.crash
     assert pair.end is not None
     return pair.end
+
+
+def look_at_queue(sock: Endpoint, sent: int, before: tuple | None) -> tuple[tuple, bool]:
+    """A look at what `sock`'s peer has not taken yet (its send queue, SIOCOUTQ) with `sent`,
+    the bytes sent into it so far: (this look, whether since `before`, an earlier look, the
+    peer took bytes while none were sent, its queue having fallen). What a slow reader's
+    progress is seen by (_Relay.notice_taken, zcrelay.serving)."""
+    now = (sent, syscalls.send_queue(sock))
+    took = (before is not None and now[0] == before[0] and now[1] is not None and before[1] is not None
+            and now[1] < before[1])
+    return now, took
 
 
 def check_interval(linger: float | None, idle: float | None) -> float | None:
