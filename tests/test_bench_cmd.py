@@ -320,3 +320,17 @@ def test_a_signal_while_the_file_is_removed_does_not_leave_it(tmp_path):
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmpdir.iterdir()) == []
+
+
+def test_a_sysfs_file_is_refused_as_a_pseudo_file_not_as_one_that_shrank(tmp_path):
+    """/sys/devices/system/cpu/online reports 4096 bytes and holds a few ("0-1\\n"): bench said
+    "the file shrank to 4 bytes while being read", exit 10, sending the user after a writer
+    that was not there. It is an input bench cannot measure: exit 8, saying what it is."""
+    path = "/sys/devices/system/cpu/online"
+    with open(path, "rb") as f:
+        held = len(f.read())
+    assert os.stat(path).st_size > held  # what makes it a pseudo file
+    result = _bench(tmp_path, "--file", path, "--repeat", "1")
+    assert result.returncode == 8, result.stderr
+    assert f"reports {os.stat(path).st_size} bytes but holds {held}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

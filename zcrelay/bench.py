@@ -279,6 +279,11 @@ def warm(fd: int, size: int) -> None:
     while offset < size:
         n = os.preadv(fd, [buf], offset)
         if n == 0:
+            if os.fstat(fd).st_size >= size:
+                # Not shrunk: its size says more than it holds, as a sysfs file's page does.
+                # "The file shrank" (exit 10) sent the user looking for a writer that was not there.
+                raise InputFailed(f"the file reports {size} bytes but holds {offset} (a pseudo file, as "
+                                  f"in sysfs?): nothing to measure")
             raise FileChangedDuringBench(f"the file shrank to {offset} bytes while being read")
         offset += n
 
