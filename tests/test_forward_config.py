@@ -399,10 +399,12 @@ def test_a_port_in_use_after_other_rules_bound_releases_them(tmp_path, workers):
     """Rules bind in order: when a later one finds its port taken, exit 3 in one line, and the
     listeners already bound are closed (their port and abstract name free again, the socket
     file removed); nothing was accepted on them, so nothing is lost."""
-    free, name, sock_path = free_port(), f"zcrelay-test-{os.getpid()}-{free_port()}", tmp_path / "first.sock"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        # Picked while `taken` holds its port: picked before, the kernel gave `taken` the port
+        # just closed (1 CI run in 4), and the rules clashed (exit 2) instead.
+        free, name, sock_path = free_port(), f"zcrelay-test-{os.getpid()}-{free_port()}", tmp_path / "first.sock"
         done = run_zcrelay("forward", "-w", workers, f"unix:{sock_path}", "127.0.0.1:9",
                            "--rule", f"127.0.0.1:{free}=127.0.0.1:9", "--rule", f"unix:@{name}=127.0.0.1:9",
                            "--rule", f"127.0.0.1:{taken.getsockname()[1]}=127.0.0.1:9", timeout=30)
