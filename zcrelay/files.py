@@ -328,22 +328,22 @@ class _Idle:
         the kernel's send queue (syscalls.send_queue fell). The second matters: a non-blocking socket
         polls writable only once about half its send buffer is free, so a receiver reading
         steadily, but slower than half a buffer per timeout, looked idle to our calls alone
-        (4 MB of loopback buffer at 1.6 MB/s: a 0.3 s timeout cut it off). Under trio (serve)
-        the cancel scope still counts our calls only."""
+        (4 MB of loopback buffer at 1.6 MB/s: a 0.3 s timeout cut it off). Under trio, serve's
+        own sweep does the same (FileServer._notice_taken)."""
         lock = threading.Lock()
         done = threading.Event()
         fired = False
 
         def watch() -> None:
             nonlocal fired
-            seen = (self.flow.bytes, syscalls.send_queue(sock))
-            taken = time.monotonic()  # when the watchdog last saw bytes move (at most `step` late)
+            seen, _ = syscalls.look_at_queue(sock, self.flow.bytes, None)
+            taken = time.monotonic()  # when the peer last took bytes (at most `step` late)
             step = max(self.seconds / 4, 0.001)
             while not done.wait(step):
                 now = time.monotonic()
-                moved = (self.flow.bytes, syscalls.send_queue(sock))
-                if moved != seen:
-                    seen, taken = moved, now
+                seen, took = syscalls.look_at_queue(sock, self.flow.bytes, seen)
+                if took:
+                    taken = now
                     continue
                 if self.pausing or max(self.last, taken) + self.seconds > now:
                     continue

@@ -298,7 +298,7 @@ class _Relay:
         before = self._queues or {}
         self._queues, took = {}, False
         for side, flow in into.items():
-            self._queues[side], taken = look_at_queue(self.ends[side], flow.bytes, before.get(side))
+            self._queues[side], taken = syscalls.look_at_queue(self.ends[side], flow.bytes, before.get(side))
             took = took or taken
         if took:
             self.touch(0)
@@ -607,17 +607,6 @@ async def relay(a: Endpoint, b: Endpoint, engine: Engine, up: Flow, down: Flow, 
         raise pair.crash
     assert pair.end is not None
     return pair.end
-
-
-def look_at_queue(sock: Endpoint, sent: int, before: tuple | None) -> tuple[tuple, bool]:
-    """A look at what `sock`'s peer has not taken yet (its send queue, SIOCOUTQ) with `sent`,
-    the bytes sent into it so far: (this look, whether since `before`, an earlier look, the
-    peer took bytes while none were sent, its queue having fallen). What a slow reader's
-    progress is seen by (_Relay.notice_taken, zcrelay.serving)."""
-    now = (sent, syscalls.send_queue(sock))
-    took = (before is not None and now[0] == before[0] and now[1] is not None and before[1] is not None
-            and now[1] < before[1])
-    return now, took
 
 
 def check_interval(linger: float | None, idle: float | None) -> float | None:

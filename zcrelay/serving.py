@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import trio
 
-from zcrelay import direct, net
+from zcrelay import direct, net, syscalls
 from zcrelay.addresses import Address
 from zcrelay.errors import NO_RESOURCES, ConnectionLost, InputFailed
 from zcrelay.files import IdleTimeout, SendConfig, abort_unless_sent, open_file, transfer
@@ -84,13 +84,11 @@ class FileServer:
         socket polls writable only once about half its send buffer is free, so a client that
         read the file steadily, but slower than half a buffer per --idle-timeout, looked idle
         and was reset. One sweep for every client, as forward's relays do (Pair.check)."""
-        from zcrelay.relay import look_at_queue  # loaded already: serve() called check_interval
-
         while True:
             await trio.sleep(interval)
             for entry in self._sending.values():
                 sock, flow, before = entry
-                entry[2], took = look_at_queue(sock, flow.bytes, before)
+                entry[2], took = syscalls.look_at_queue(sock, flow.bytes, before)
                 if took and flow.on_bytes is not None:
                     flow.on_bytes(0)
 

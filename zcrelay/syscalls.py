@@ -283,6 +283,17 @@ def send_queue(sock) -> int | None:
         return None
 
 
+def look_at_queue(sock, sent: int, before: tuple | None) -> tuple[tuple, bool]:
+    """A look at what `sock`'s peer has not taken yet (send_queue) with `sent`, the bytes sent
+    into it so far: (this look, whether since `before`, an earlier look, the peer took bytes
+    while none were sent, its queue having fallen). How a slow reader's progress is seen by
+    the idle and linger clocks (zcrelay.relay, zcrelay.serving, zcrelay.files)."""
+    now = (sent, send_queue(sock))
+    took = (before is not None and now[0] == before[0] and now[1] is not None and before[1] is not None
+            and now[1] < before[1])
+    return now, took
+
+
 def tcp_unacked(sock) -> int:
     """The bytes a TCP socket (a socket object) holds that its peer has not acknowledged:
     while there are any, a reset (SO_LINGER 0) would throw some away. 0 for a socket in CLOSE
