@@ -99,6 +99,10 @@ _CHASE_FROM = 32 << 10
 SPLICE, COPY = "splice", "copy"
 
 
+def _stopped(_stream: "Stream", _error: BaseException | None) -> None:
+    """The on_end of a stream taken out by Reactor.stop: never called."""
+
+
 class Stream:
     """One direction, src → dst, and where it stands. Read-only outside the reactor."""
 
@@ -248,6 +252,11 @@ class Reactor:
         so the two epoll_ctl calls are skipped."""
         for s in streams:
             self._halt(s)
+            # A stopped stream never ends through its callback. Dropping it breaks the cycle
+            # owner -> stream -> bound method -> owner (Pair.streams), so a connection's
+            # objects are freed by their reference counts as it ends, not by the garbage
+            # collector, whose passes cost a short connection about 8% of its CPU.
+            s.on_end = _stopped
         for fd in {fd for s in streams for fd in (s.src, s.dst)}:
             self._unpollable.discard(fd)
             self._level.discard(fd)

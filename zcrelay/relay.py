@@ -195,6 +195,7 @@ class _Relay:
         self.linger_at = float("inf")  # the half-close + linger (see _linger_deadline)
         self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
         self.tracking = False  # the flows report their bytes to touch (_track_activity)
+        self._own_on_bytes: tuple = ()  # (flow, its on_bytes before) while they report to touch
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
         self.settled: set[str] = set()  # sides whose counts `settle` has settled
@@ -221,12 +222,21 @@ class _Relay:
             return
         self.tracking = True
         touch = self.touch
+        self._own_on_bytes = tuple((flow, flow.on_bytes) for flow in self.flows)
         for flow in self.flows:
             previous = flow.on_bytes
             if previous is None:
                 flow.on_bytes = touch
             else:
                 flow.on_bytes = lambda n, previous=previous: (previous(n), touch(n))
+
+    def _untrack(self) -> None:
+        """The relay is over: the flows get their own on_bytes back. A flow left calling touch
+        would also hold the relay, and through it its owner, in a reference cycle that only the
+        garbage collector frees (see Reactor.stop)."""
+        for flow, own in self._own_on_bytes:
+            flow.on_bytes = own
+        self._own_on_bytes = ()
 
     def stream_ended(self, flow: Flow, src_side: str, dst_side: str, error: BaseException | None) -> None:
         """One direction ended, at EOF (error None) or with an error; never raises.
@@ -393,6 +403,10 @@ class _Relay:
         return self.end
 
 
+def _not_done(_pair: "Pair") -> None:
+    """The on_done of a closed Pair: never called."""
+
+
 class Pair(_Relay):
     """A two-way relay run entirely by the reactor: two streams and one timer, no task.
 
@@ -453,9 +467,10 @@ class Pair(_Relay):
     def _stop(self) -> None:
         if not self.closed:
             cut = self.cut_short()
+            on_done = self.on_done
             self.close()
             self.conclude(self.up, self.down).cut = cut
-            self.on_done(self)
+            on_done(self)
 
     def cut_short(self) -> tuple[str, ...]:
         """The sides to reset as the relay ends now (see cut_sides): both, if a stream still
@@ -495,6 +510,10 @@ class Pair(_Relay):
             if timer is not None:
                 timer.cancel()
         self._timer = self._poll = None
+        # No cycle outlives the relay (see Reactor.stop): the owner's on_done (which the
+        # owner's own reference to this pair would close) and the flows' touch.
+        self.on_done = _not_done
+        self._untrack()
         return True
 
 
@@ -680,6 +699,7 @@ async def _relay_in_tasks(state: _TaskRelay, a: Endpoint, b: Endpoint, engine: E
             nursery.start_soon(state.watch, interval)
         nursery.start_soon(state.direction, b, a, engine, down, "b", "a", captures[1])
         await state.direction(a, b, engine, up, "a", "b", captures[0])
+    state._untrack()
     cut = cut_sides(owes(up, a), owes(down, b))
     state.settle(up, down, cut)
     end = state.conclude(up, down)
