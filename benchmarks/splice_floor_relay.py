@@ -7,11 +7,14 @@ Not a relay to use: a floor to measure against. Per message it makes the fewest 
 relay that keeps its payload on splice(2) can make from Python: a level-triggered epoll (so
 no EAGAIN drain and no re-arming epoll_ctl), one splice from the source into the direction's
 own pipe and one out of it. Nothing else: no pool (two pipes per connection for its whole
-life), no counters, no timeouts, no half-close bound, no urgent data, no fallback, a blocking
-connect, and a stalled destination stalls every connection (it waits in select(2) until the
-pipe is empty). Whatever zcrelay's Python costs above this floor is what a leaner zcrelay
-could save; whatever this floor costs above HAProxy is out of reach of any Python relay that
-splices.
+life), no counters, no timeouts, no half-close bound, no urgent data, no fallback, and a
+blocking connect. A destination that does not take a whole message stalls only its own
+direction: the source stops being read and the destination is watched for EPOLLOUT until the
+pipe is empty (until the twentieth session it waited in select(2) with the whole relay, and an
+iperf3 -R run could deadlock: the data socket waited on while the control connection, stuck
+behind it, could not end the test). Whatever zcrelay's Python costs above this floor is what
+a leaner zcrelay could save; whatever this floor costs above HAProxy is out of reach of any
+Python relay that splices.
 
 RCVLOWAT (an experiment of the fifteenth session, see README.md; off by default): after a
 drain of 64 KiB or more, the source's SO_RCVLOWAT is set to RCVLOWAT bytes, so epoll reports
@@ -41,18 +44,33 @@ def main(port: int, host: str, target_port: int, rcvlowat: int = 0) -> None:
     socks: dict[int, socket.socket] = {}
     print(f"listening on 127.0.0.1:{listener.getsockname()[1]}", file=sys.stderr, flush=True)
     marked: set[int] = set()  # sources whose SO_RCVLOWAT is rcvlowat
+    stalled: dict[int, tuple[int, int]] = {}  # destination fd -> (its source, bytes in the pipe)
+    paused: set[int] = set()  # the sources of stalled directions: not read meanwhile
     while True:
         events = epoll.poll(FALLBACK if marked else -1)
         if not events and marked:
             for fd in marked:
                 socks[fd].setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             marked.clear()
-        for fd, _ in events:
+        for fd, ev in events:
+            if stalled and ev & select.EPOLLOUT and fd in stalled:
+                src, n = stalled.pop(fd)
+                paused.discard(src)
+                if pump(src, n, epoll, route, socks, stalled, paused, marked):
+                    continue  # still stalled
+                if src in route:
+                    set_mask(epoll, src, select.EPOLLIN)
+                if fd in route:
+                    set_mask(epoll, fd, select.EPOLLIN)
+                elif fd in socks:
+                    epoll.unregister(fd)  # its own direction ended while it was watched
             hop = route.get(fd)
             if hop is None:
                 if fd == listener.fileno():
                     accept(listener, host, target_port, epoll, route, socks)
                 continue
+            if paused and fd in paused:
+                continue  # a hang-up, which no mask holds back: read once delivered
             dst, r, w = hop
             try:
                 n = SPLICE(fd, w, MAX, None, None, NONBLOCK)
@@ -62,20 +80,40 @@ def main(port: int, host: str, target_port: int, rcvlowat: int = 0) -> None:
                 n = 0
             if n == 0:
                 marked.discard(fd)
-                close_direction(fd, epoll, route, socks)
+                close_direction(fd, epoll, route, socks, stalled)
                 continue
             if rcvlowat and (n >= BULK) != (fd in marked):
                 socks[fd].setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, rcvlowat if n >= BULK else 1)
                 (marked.add if n >= BULK else marked.discard)(fd)
-            while n:
-                try:
-                    n -= SPLICE(r, dst, n, None, None, NONBLOCK)
-                except BlockingIOError:
-                    select.select([], [dst], [])
-                except OSError:
-                    marked.discard(fd)
-                    close_direction(fd, epoll, route, socks)
-                    break
+            pump(fd, n, epoll, route, socks, stalled, paused, marked)
+
+
+def pump(src, n, epoll, route, socks, stalled, paused, marked) -> bool:
+    """Splice the `n` bytes in src's pipe on to its destination. True if the destination
+    would not take them all: the direction is stalled, its source no longer read and its
+    destination watched for EPOLLOUT (see main)."""
+    dst, r, _ = route[src]
+    while n:
+        try:
+            n -= SPLICE(r, dst, n, None, None, NONBLOCK)
+        except BlockingIOError:
+            stalled[dst] = (src, n)
+            paused.add(src)
+            set_mask(epoll, src, 0)
+            set_mask(epoll, dst, (select.EPOLLIN if dst in route else 0) | select.EPOLLOUT)
+            return True
+        except OSError:
+            marked.discard(src)
+            close_direction(src, epoll, route, socks, stalled)
+            return False
+    return False
+
+
+def set_mask(epoll, fd, mask) -> None:
+    try:
+        epoll.modify(fd, mask)
+    except FileNotFoundError:  # unregistered when its own direction ended
+        epoll.register(fd, mask)
 
 
 def accept(listener, host, target_port, epoll, route, socks) -> None:
@@ -96,10 +134,13 @@ def accept(listener, host, target_port, epoll, route, socks) -> None:
             epoll.register(src.fileno(), select.EPOLLIN)
 
 
-def close_direction(fd, epoll, route, socks) -> None:
+def close_direction(fd, epoll, route, socks, stalled) -> None:
     """EOF or an error on fd: pass the FIN on; once both directions are done, close."""
     dst, r, w = route.pop(fd)
-    epoll.unregister(fd)
+    if fd in stalled:  # the other direction waits to write to it
+        set_mask(epoll, fd, select.EPOLLOUT)
+    else:
+        epoll.unregister(fd)
     os.close(r)
     os.close(w)
     try:
