@@ -450,3 +450,28 @@ def test_fionread_works_with_every_fd_taken():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr
+
+
+def test_tcp_closed_tells_a_reset_from_a_fin_and_refuses_other_sockets():
+    """syscalls.tcp_closed, asked as each TCP connection's first side ends: True only for a
+    TCP socket the peer reset; a FIN, a Unix socket (which refuses TCP_INFO) and a closed
+    socket are all False, never an exception."""
+    import select
+    import struct
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        for how in ("fin", "reset"):
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            with client, server:
+                if how == "reset":
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                readable, _, _ = select.select([server], [], [], 5)  # the FIN or the RST is in
+                assert readable and syscalls.peer_done(server)
+                assert syscalls.tcp_closed(server) is (how == "reset")
+    a, b = socket.socketpair()
+    with a, b:
+        assert syscalls.tcp_closed(a) is False
+    assert syscalls.tcp_closed(a) is False  # closed: EBADF, not raised

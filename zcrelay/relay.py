@@ -195,7 +195,7 @@ class _Relay:
         self.linger_at = float("inf")  # the half-close + linger (see _linger_deadline)
         self.flows: tuple[Flow, ...] = ()  # (up, down), set by the owner
         self.tracking = False  # the flows report their bytes to touch (_track_activity)
-        self._own_on_bytes: tuple = ()  # (flow, its on_bytes before) while they report to touch
+        self._own_on_bytes: list | tuple = ()  # (flow, its on_bytes before) while they report to touch
         self.live = {"a", "b"}  # the source sides of the streams still running
         self.gone: str | None = None  # a side reset or lost, while the other gets what it sent
         self.settled: set[str] = set()  # sides whose counts `settle` has settled
@@ -222,13 +222,15 @@ class _Relay:
             return
         self.tracking = True
         touch = self.touch
-        self._own_on_bytes = tuple((flow, flow.on_bytes) for flow in self.flows)
+        own = []
         for flow in self.flows:
             previous = flow.on_bytes
+            own.append((flow, previous))
             if previous is None:
                 flow.on_bytes = touch
             else:
                 flow.on_bytes = lambda n, previous=previous: (previous(n), touch(n))
+        self._own_on_bytes = own
 
     def _untrack(self) -> None:
         """The relay is over: the flows get their own on_bytes back. A flow left calling touch
