@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -125,6 +126,19 @@ def sidecars(directory: Path) -> dict[int, dict]:
     return out
 
 
+# One warning line per connection whose capture lost anything (CaptureSession.close).
+CAPTURE_LOST = re.compile(r"conn=(\d+) capture stopped: (.+); the relay goes on without it$")
+CLOSE_LINE = re.compile(r"conn=(\d+) .* up=(\d+) down=(\d+) .*close=")
+
+
+def _lines_by_conn(err: str, pattern: re.Pattern) -> dict[int, list[re.Match]]:
+    found: dict[int, list[re.Match]] = {}
+    for line in err.splitlines():
+        if match := pattern.search(line):
+            found.setdefault(int(match.group(1)), []).append(match)
+    return found
+
+
 @pytest.mark.parametrize("command", ["tee", "forward", "workers"])
 def test_32_connections_captured_whole(zcrelay, tmp_path, command):
     """Must-show 2: 32 concurrent connections, random data both ways (half of them
@@ -182,8 +196,9 @@ def test_capture_refuses_existing_file_names(tmp_path):
 
 
 def test_full_disk_stops_capture_not_relay(zcrelay, small_tmpfs):
-    """Must-show 3: a capture that fills its file system stops with a clear log line and is
-    marked incomplete; the relayed bytes still arrive intact, both ways."""
+    """Must-show 3: a capture that fills its file system stops with a clear log line (one per
+    connection, test_a_full_disk_logs_one_line_per_connection) and is marked incomplete; the
+    relayed bytes still arrive intact, both ways."""
     target = Target()
     relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs))
     results = run_clients(relay.port, [(8 << 20, 6 << 20, False), (100, 50, True)])
@@ -206,6 +221,20 @@ def test_full_disk_stops_capture_not_relay(zcrelay, small_tmpfs):
         assert failed and all("ENOSPC" in record[d]["error"] for d in failed)
         for d in failed:
             assert record[d]["captured_bytes"] < record[d]["relayed_bytes"]
+    # One line per connection whose capture lost anything, naming what the sidecar says
+    lost = _lines_by_conn(err, CAPTURE_LOST)
+    assert all(len(matches) == 1 for matches in lost.values()), err
+    by_conn = {record["conn"]: record for record in records.values()}
+    for conn, record in by_conn.items():
+        failed = [d for d in ("up", "down") if record[d]["error"]]
+        if not failed:
+            assert conn not in lost, err
+            continue
+        [line] = lost[conn]
+        for d in failed:
+            assert f"{d} after {record[d]['captured_bytes']} bytes" in line.group(2), (record, err)
+    for conn in set(lost) - set(by_conn):
+        assert "sidecar not written" in lost[conn][0].group(2), err
 
 
 def test_removed_directory_does_not_stop_the_relay(zcrelay, tmp_path):
@@ -611,3 +640,84 @@ def test_a_private_pipe_refused_is_named_as_such(tmp_path, monkeypatch):
         capture.close()
         os.close(fd)
     assert capture.error == "private pipe: Too many open files (EMFILE)", capture.error
+
+
+@pytest.mark.parametrize("command, verbose", [("tee", False), ("forward", False), ("forward", True)])
+def test_a_full_disk_logs_one_line_per_connection(zcrelay, small_tmpfs, command, verbose):
+    """A capture directory on a full disk: each connection loses its up file, its down file
+    and its sidecar. That was a warning for each, three lines per connection, a flood with
+    many connections. Now exactly one line per connection says what was lost and why, and
+    nothing else on stderr mentions the capture's errors (without -v); with -v the details
+    are there too, and the one line still once. The relay is untouched, both ways."""
+    _fill(small_tmpfs)
+    target = Target()
+    flags = ["-v"] if verbose else []
+    if command == "tee":
+        relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}",
+                        "--capture-dir", str(small_tmpfs), *flags)
+    else:
+        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs), *flags)
+    connections = 6
+    sizes = [((i + 1) * 300_001, (i + 1) * 200_003, i % 2 == 1) for i in range(connections)]
+    results = run_clients(relay.port, sizes)
+    relay.wait_for_lines(" close=", connections)
+    code, err = relay.stop()
+    target.close()
+    assert code == 0, err
+    assert not target.errors, target.errors
+    for port, hashes in results.items():
+        assert target.received[port] == hashes["up"], port  # the relay itself is intact
+        assert target.sent[port] == hashes["down"], port
+    closes = _lines_by_conn(err, CLOSE_LINE)
+    lost = _lines_by_conn(err, CAPTURE_LOST)
+    assert len(closes) == connections and all(len(v) == 1 for v in closes.values()), err
+    assert sorted(lost) == sorted(closes), err
+    for conn, matches in lost.items():
+        assert len(matches) == 1, (conn, err)  # exactly one line for the connection
+        what = re.fullmatch(r"No space left on device \(ENOSPC\): up after (\d+) bytes, "
+                            r"down after (\d+) bytes, sidecar not written", matches[0].group(2))
+        assert what, matches[0].group(0)
+        [close] = closes[conn]
+        # what the files kept is less than what was relayed: the line names a real loss
+        assert int(what.group(1)) < int(close.group(2)) and int(what.group(2)) < int(close.group(3)), err
+    enospc = [line for line in err.splitlines() if "ENOSPC" in line]
+    if verbose:  # the details, at debug: each part as it failed
+        for conn in closes:
+            for detail in (f"conn={conn} capture up stopped after", f"conn={conn} capture down stopped after",
+                           f"conn={conn} capture sidecar "):
+                assert any(detail in line for line in enospc), (detail, err)
+    else:
+        assert len(enospc) == connections, err  # nothing else: no spam
+    assert list(small_tmpfs.glob("*.json")) == []  # never left empty (test_a_sidecar_never...)
+
+
+def test_one_line_names_each_part_with_its_own_reason(tmp_path, caplog):
+    """In process, a real directory: the up file's name is taken (a planted symlink: EEXIST)
+    and the down capture's private pipe is refused (EMFILE). The one line groups the parts by
+    reason and names the failed step where "after N bytes" does not say it; a second close
+    logs nothing more."""
+    import logging
+
+    from zcrelay import capture
+    from zcrelay.stats import Flow
+
+    wall = 1700000000.25
+    fields = {"time": capture.stamp(wall), "conn": 7, "peer": capture.safe_peer("127.0.0.1:9")}
+    (tmp_path / capture.TEMPLATE.format(direction="up", **fields)).symlink_to(tmp_path / "victim")
+    caplog.set_level(logging.WARNING, logger="zcrelay")
+    session = capture.open_session(str(tmp_path), 7, "127.0.0.1:9", "t", wall)
+    try:
+        up, down = session.captures
+        assert up is None and down is not None
+        down.fail(errno.EMFILE, "private pipe")
+        session.write_sidecar(Flow(), Flow(), close="eof", ended=wall + 1)  # as forward's end does
+        assert not caplog.records  # nothing until the connection's capture is over
+    finally:
+        session.close()
+    session.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "conn=7 capture stopped: File exists (EEXIST): up not started; "
+        "Too many open files (EMFILE): down after 0 bytes (private pipe); the relay goes on without it"]
+    assert caplog.records[0].levelno == logging.WARNING
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "EMFILE" in record["down"]["error"] and "EEXIST" in record["up"]["error"]

@@ -24,8 +24,11 @@ reached the other side, because that side, or the other direction, failed first.
 The captured stream itself (CaptureFile, captured_splice_stream) is here too: every chunk a
 direction drains is tee'd into a private pipe that a writer splices to the file.
 
-Policy only: nothing here prints; failures are logged on the "zcrelay" logger and never stop
-the relay.
+Policy only: nothing here prints; failures never stop the relay. Each is logged at debug level
+on the "zcrelay" logger as it happens; when the connection's capture is closed, ONE warning line
+names every part of it that was lost and why (CaptureSession.close, `_lost_line`): on a full
+disk every connection meets the same error in each of its parts, and a warning per part was
+three or four lines per connection (the sidecar fails at the start and again at the end).
 """
 
 from __future__ import annotations
@@ -80,15 +83,21 @@ class CaptureSession:
     sidecar: str = ""
     notes: dict[str, str] = field(default_factory=dict)  # direction → why it never started
     sidecar_state: str = "empty"  # empty (created, no record yet) | written | removed
+    # Part ("up", "down", "sidecar") → the errno that lost it: a direction's file never
+    # created, the sidecar never created or its last write failed (cleared when a later write
+    # succeeds). A direction that stopped later holds its errno in its CaptureFile.
+    refused: dict[str, int] = field(default_factory=dict)
+    reported: bool = False  # close() logged the connection's one line (or had nothing to say)
 
     @property
     def captures(self) -> tuple[CaptureFile | None, CaptureFile | None]:
         return self.files.get("up"), self.files.get("down")
 
     def _on_fail(self, capture: CaptureFile) -> None:
+        # Debug only: close() says it once for the whole connection, when all is known.
         direction = next((d for d, c in self.files.items() if c is capture), "?")
-        log.warning("conn=%d capture %s stopped after %d bytes: %s; the relay goes on without it "
-                    "(capture marked incomplete)", self.conn, direction, capture.captured, capture.error)
+        log.debug("conn=%d capture %s stopped after %d bytes: %s; the relay goes on without it "
+                  "(capture marked incomplete)", self.conn, direction, capture.captured, capture.error)
 
     def record(self, up: Flow, down: Flow, close: str | None, ended: float | None) -> dict:
         flows = {"up": up, "down": down}
@@ -128,7 +137,8 @@ class CaptureSession:
         try:
             fd = os.open(path, flags, MODE)
         except OSError as exc:
-            log.warning("conn=%d capture sidecar %s not written: %s", self.conn, path, _why(exc))
+            log.debug("conn=%d capture sidecar %s not written: %s", self.conn, path, _why(exc))
+            self.refused["sidecar"] = _errno(exc)
             if ended is not None and self.sidecar_state == "empty":
                 _unlink(path)
                 self.sidecar_state = "removed"
@@ -138,25 +148,58 @@ class CaptureSession:
             while view:  # a write may be short (a disk filling up): the rest, or its error
                 view = view[os.write(fd, view):]
             self.sidecar_state = "written"
+            self.refused.pop("sidecar", None)  # this record replaces any lost before it
         except OSError as exc:
-            log.warning("conn=%d capture sidecar %s not written (removed): %s", self.conn, path, _why(exc))
+            log.debug("conn=%d capture sidecar %s not written (removed): %s", self.conn, path, _why(exc))
+            self.refused["sidecar"] = _errno(exc)
             _unlink(path)  # truncated, perhaps half written: not JSON
             self.sidecar_state = "removed"
         finally:
             os.close(fd)
 
     def close(self) -> None:
+        """Close the files, then log the one warning line of a capture that lost anything
+        (call it after the last write_sidecar: what that write lost is on the line too)."""
         for capture in self.files.values():
             if capture is not None:
                 capture.close()
                 if capture.fd >= 0:
                     os.close(capture.fd)
                     capture.fd = -1
+        if not self.reported:
+            self.reported = True
+            line = self._lost_line()
+            if line:
+                log.warning("conn=%d capture stopped: %s; the relay goes on without it", self.conn, line)
+
+    def _lost_line(self) -> str:
+        """Every part lost, grouped by why, in the order up, down, sidecar:
+        "No space left on device (ENOSPC): up after 1048576 bytes, down after 0 bytes, sidecar
+        not written". The failed step is named only where "after N bytes" or "not written"
+        do not already say it (a private pipe, say); the debug lines give every detail."""
+        lost: dict[str, list[str]] = {}
+        for direction in DIRECTIONS:
+            capture = self.files.get(direction)
+            if capture is None and direction in self.refused:
+                lost.setdefault(_describe(self.refused[direction]), []).append(f"{direction} not started")
+            elif capture is not None and capture.errno is not None:
+                step = "" if capture.step in _PLAIN_STEPS else f" ({capture.step})"
+                lost.setdefault(_describe(capture.errno), []).append(
+                    f"{direction} after {capture.captured} bytes{step}")
+        if "sidecar" in self.refused:
+            if not self.sidecar:
+                what = "not created"
+            elif self.sidecar_state == "written":
+                what = "not updated (an earlier record stays)"
+            else:
+                what = "not written"
+            lost.setdefault(_describe(self.refused["sidecar"]), []).append(f"sidecar {what}")
+        return "; ".join(f"{why}: {', '.join(parts)}" for why, parts in lost.items())
 
 
 def open_session(directory: str, conn: int, peer: str, target: str, wall: float | None = None) -> CaptureSession:
     """Create the files of one connection. Never raises: a direction whose file cannot be
-    created is simply not captured (logged, and incomplete in the sidecar)."""
+    created is simply not captured (logged by close, and incomplete in the sidecar)."""
     wall = time.time() if wall is None else wall
     session = CaptureSession(directory, conn, peer, target, wall)
     fields = {"time": stamp(wall), "conn": conn, "peer": safe_peer(peer)}
@@ -164,7 +207,8 @@ def open_session(directory: str, conn: int, peer: str, target: str, wall: float 
     try:
         os.close(os.open(os.path.join(directory, session.sidecar), CREATE_FLAGS, MODE))
     except OSError as exc:
-        log.warning("conn=%d capture sidecar not created in %s: %s", conn, directory, _why(exc))
+        log.debug("conn=%d capture sidecar not created in %s: %s", conn, directory, _why(exc))
+        session.refused["sidecar"] = _errno(exc)
         session.sidecar = ""
     for direction in DIRECTIONS:
         name = TEMPLATE.format(direction=direction, **fields)
@@ -172,8 +216,9 @@ def open_session(directory: str, conn: int, peer: str, target: str, wall: float 
             fd = os.open(os.path.join(directory, name), CREATE_FLAGS, MODE)
         except OSError as exc:
             note = f"create {name}: {_why(exc)}"
-            log.warning("conn=%d capture %s not started: %s", conn, direction, note)
+            log.debug("conn=%d capture %s not started: %s", conn, direction, note)
             session.notes[direction] = note
+            session.refused[direction] = _errno(exc)
             session.files[direction] = None
             continue
         session.names[direction] = name
@@ -189,9 +234,22 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _why(exc: OSError) -> str:
-    err = exc.errno or errno.EIO
+def _errno(exc: OSError) -> int:
+    return exc.errno or errno.EIO
+
+
+def _describe(err: int) -> str:
+    """ENOSPC → "No space left on device (ENOSPC)"."""
     return f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"
+
+
+def _why(exc: OSError) -> str:
+    return _describe(_errno(exc))
+
+
+# The steps (CaptureFile.step) that are the file write itself, which "up after N bytes"
+# already says: the line names any other (tee, private pipe...).
+_PLAIN_STEPS = frozenset({"splice", "write"})
 
 
 def _iso(wall: float) -> str:
@@ -215,8 +273,9 @@ class CaptureFile:
         self.path = path
         self.offset = 0
         self.captured = 0
-        self.error: str | None = None
+        self.error: str | None = None  # "{step}: {strerror} ({code})", for the sidecar
         self.errno: int | None = None
+        self.step: str | None = None  # what failed: splice, write, tee, private pipe...
         self.fallback: str | None = None
         self.pipe: Pipe | None = None
         self._on_fail = on_fail
@@ -231,7 +290,8 @@ class CaptureFile:
     def fail(self, err: int, what: str) -> None:
         if self.error is None:
             self.errno = err
-            self.error = f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
+            self.step = what
+            self.error = f"{what}: {_describe(err)}"
             if self.pipe is not None:
                 self.pipe.close()
                 self.pipe = None

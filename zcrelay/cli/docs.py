@@ -576,7 +576,9 @@ FILES = [
      "file, relayed_bytes, captured_bytes, error and "
      "complete. A direction is complete when its capture never failed and holds every byte "
      "relayed; captured_bytes can exceed relayed_bytes when the connection ended (a reset, "
-     "the other direction failing) before bytes already read could be delivered."),
+     "the other direction failing) before bytes already read could be delivered. A capture "
+     "that fails (a full disk) never stops the relay: its connection logs one warning line "
+     "as it ends, naming each part lost and why; -v logs each failure as it happens."),
     ("/proc/sys/fs/pipe-max-size", "The largest pipe an unprivileged process may ask for; "
                                    "--pipe-size is clamped to it."),
     ("/proc/sys/fs/pipe-user-pages-soft", "Pages one user may hold in grown pipes; past it new "
