@@ -48,10 +48,12 @@ _PEER_ENDS = frozenset({"reset", "lost"})
 
 
 def _unreached(exc: ConnectError, client: socket.socket) -> str:
-    """The close= of a connection whose target was not reached: the connect's one word; a
-    target that accepted, then reset, before the connect was seen to complete, said and passed
-    on to the client as a reset of a running relay is; an errno with no word of its own, with
-    its text (ENOTDIR on a unix: target was a bare "error"). Both paths (_handle, _Link)."""
+    """The close= of a connection whose target was not reached: the connect's one word; an
+    errno with no word of its own, with its text (ENOTDIR on a unix: target was a bare
+    "error"). Both paths (_handle, _Link). A target that accepted, then reset, before the
+    connect was seen is relayed instead (its greeting, then the reset: _Link._check_connect,
+    net.connect's keep_reset); "reset" is still said and passed on as a reset, should a
+    connect report it."""
     if exc.reason == "reset":
         net.abort(client)
         return "reset by target"
@@ -338,7 +340,8 @@ class Forwarder:
             with client:  # TCP_NODELAY came from the listener
                 listener = self._listeners[conn.rule - 1]
                 try:
-                    target = await net.connect(conn.target, config.connect_timeout, listener.remember)
+                    target = await net.connect(conn.target, config.connect_timeout, listener.remember,
+                                               keep_reset=True)  # a greeting, then a reset: see _Link
                 except ConnectError as exc:
                     conn.close = _unreached(exc, client)
                     return
@@ -602,7 +605,17 @@ class _Link:
                 self.reactor.unwatch(sock.fileno(), keep=True)
                 self._connected()
             return  # not an outcome yet: the real event will come
-        self._drop_target(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+        if err == errno.ECONNRESET:
+            # The target accepted, then reset, before the connect was seen: the connection
+            # existed (a SYN answered by a reset is ECONNREFUSED), and Linux keeps a reset
+            # socket's received bytes readable. So it is relayed like any connection the
+            # target reset: what it sent first (a greeting) reaches the client, then the
+            # reset does (Pair: tcp_closed), as net.connect's keep_reset does on the task path.
+            self.reactor.unwatch(sock.fileno(), keep=True)
+            self._connected()
+            return
+        self._drop_target(err)
         self._next_target()
 
     def _connected(self) -> None:
