@@ -137,6 +137,7 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
     given, src = src, (own.r if own is not None else src)  # the rounds are tee'd from `src`
     src_size = syscalls.pipe_size(src)
     starved: str | None = None  # why no private pipe can be made (the fd limit), once met
+    undersized = False  # a private pipe kept, mid-round, a size the source has outgrown
     own_devnull = devnull is None
     if devnull is None:
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -163,6 +164,11 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 src_size = size
                 for sink in sinks:
                     sink.drop_pipe()
+            elif undersized:  # grown mid-round, where the pipe that held the round stayed
+                for sink in sinks:
+                    if sink.pipe is not None and sink.pipe.size < src_size:
+                        sink.drop_pipe()
+            undersized = False
             starved = _give_pipes(others, src_size, starved)
             others = [s for s in others if not s.pipeless]
             readers = [s for s in live if s.pipeless]
@@ -200,6 +206,8 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 for sink in others:
                     if not sink.pipe.held:
                         sink.drop_pipe()
+                    else:  # it holds the round (it bounded it: no larger than its pipe)
+                        undersized = True  # replaced at the top of the next round
                 starved = _give_pipes(others, src_size, starved)
                 readers += [s for s in others if s.pipeless]
                 others = [s for s in others if not s.pipeless]
