@@ -41,6 +41,21 @@ def test_demo_warnings_are_zcrelays_lines():
     assert line.startswith(f"zcrelay: pipe size {2 * limit} is above the kernel's limit"), err
 
 
+def test_demo_report_read_by_head_is_a_broken_pipe():
+    """`zcrelay demo 2>&1 | head -1`: the report (a table on stderr) meets a reader that went
+    away. rich turned that into exit 1; as for bench's and connect's stdout it is 141, with no
+    message, and the one line head asked for is the listening line."""
+    import shlex
+
+    argv = " ".join(shlex.quote(a) for a in zcrelay_argv("demo", "--size", "1M", "--connections", "1"))
+    done = subprocess.run(["bash", "-c", f"{argv} 2>&1 | head -1; echo \"status=${{PIPESTATUS[0]}}\""],
+                          capture_output=True, env=zcrelay_env(), timeout=60)
+    out = done.stdout.decode()
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("zcrelay: listening on 127.0.0.1:"), out
+    assert lines[1] == "status=141", (out, done.stderr)
+
+
 def test_zero_size_is_a_usage_error():
     """--size 0 sent nothing and reported "1/1 intact": a check of no bytes cannot fail."""
     done = run_zcrelay("demo", "--size", "0", "--connections", "1")

@@ -17,19 +17,17 @@ Exit codes beyond the shared ones (zcrelay/exitcodes.py):
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, BenchResult,
                            FileChangedDuringBench, PayloadFailed, run_bench)
 from zcrelay.cli.app import app
-from zcrelay.cli.common import error, exit_code_for, parse_size, say, terminated
+from zcrelay.cli.common import error, exit_code_for, parse_size, pipe_console, reader_gone, say, terminated
 from zcrelay.exitcodes import ExitCode
 from zcrelay.pipeline import InputFailed
 
@@ -138,12 +136,8 @@ def bench(
         sys.stdout.flush()  # here, not at exit, where an EPIPE could no longer be handled
     except BrokenPipeError:
         # As connect's stdout (zcrelay.cli.transfer): 141 and no message, where click made it
-        # 1 and rich 1 (or Python's exit-time flush 120 and a message). stdout now points at
-        # /dev/null, so what is still buffered cannot fail again (Python's note on SIGPIPE).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return ExitCode.BROKEN_PIPE
+        # 1 and rich 1 (or Python's exit-time flush 120 and a message).
+        return reader_gone(sys.stdout)
     return ExitCode.OK
 
 
@@ -206,12 +200,4 @@ def _table(r: BenchResult) -> None:
         table.add_row(m.method, f"{m.throughput / 1e9:.2f}", f"{m.cpu_per_gb:.3f}",
                       f"{m.sink_cpu_per_gb:.3f}", f"{m.syscalls:,.0f}", f"{m.voluntary:.0f}/{m.involuntary:.0f}",
                       m.claim.cpu_copies_text, m.claim.context_switches, _chunk(m.chunk))
-    _Console(soft_wrap=False).print(table)
-
-
-class _Console(Console):
-    """rich's Console, but a closed stdout raises BrokenPipeError for `bench` to map, instead of
-    rich's own SystemExit(1)."""
-
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError
+    pipe_console(soft_wrap=False).print(table)

@@ -101,6 +101,29 @@ def say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+def pipe_console(**options):
+    """A rich Console that raises BrokenPipeError when its reader has gone away, for the
+    command to map to BROKEN_PIPE (141), instead of rich's own SystemExit(1). rich is imported
+    here, by the commands that print tables."""
+    from rich.console import Console
+
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return PipeConsole(**options)
+
+
+def reader_gone(stream) -> ExitCode:
+    """`stream`'s reader went away (EPIPE): point its fd at /dev/null, so what is still
+    buffered cannot fail again at exit (Python's note on SIGPIPE), and end with 141 and no
+    message, as a program killed by SIGPIPE would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return ExitCode.BROKEN_PIPE
+
+
 def error(message: str, code: ExitCode) -> ExitCode:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return code

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from zcrelay.cli.app import app
-from zcrelay.cli.common import error, parse_size, pipe_size_value, run, say, setup_logging, spliced_share
+from zcrelay.cli.common import (error, parse_size, pipe_console, pipe_size_value, reader_gone, run, say,
+                                 setup_logging, spliced_share)
 from zcrelay.demo import DemoResult, run_demo
 from zcrelay.exitcodes import ExitCode
 
@@ -31,7 +33,10 @@ def demo(
     async def main() -> ExitCode:
         result = await run_demo(total, connections, not no_splice, pipe,
                                 lambda listen, target: say(f"listening on {listen} -> {target} (echo)"))
-        _report(result)
+        try:
+            _report(result)
+        except BrokenPipeError:  # `zcrelay demo 2>&1 | head -1`: the report's reader is gone
+            return reader_gone(sys.stderr)
         starved = sum(n for reason, n in result.closes.items() if reason in _STARVED)
         if not result.ok and starved:  # as when the demo's own sockets run out: NO_RESOURCES
             return error(f"the relay closed {starved} connection(s) for lack of file descriptors "
@@ -56,4 +61,5 @@ def _report(r: DemoResult) -> None:
     table.add_row("SHA-256 echo check", f"{r.intact}/{r.connections} intact" + ("" if r.ok else "  FAILED"))
     if set(r.closes) - {"eof"}:  # a connection the relay ended otherwise than at EOF: why
         table.add_row("relay closes", ", ".join(f"{reason} {n}" for reason, n in sorted(r.closes.items())))
-    Console(stderr=True).print(table)
+    pipe_console(stderr=True).print(table)
+    sys.stderr.flush()  # here, where an EPIPE can still be handled (see demo)
