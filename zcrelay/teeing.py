@@ -162,13 +162,12 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
             size = syscalls.pipe_size(src) if others else src_size
             if size > src_size:
                 src_size = size
-                for sink in sinks:
-                    sink.drop_pipe()
-            elif undersized:  # grown mid-round, where the pipe that held the round stayed
+                undersized = True
+            if undersized:  # grown now, or mid-round where the pipe that held the round stayed
                 for sink in sinks:
                     if sink.pipe is not None and sink.pipe.size < src_size:
                         sink.drop_pipe()
-            undersized = False
+                undersized = False
             starved = _give_pipes(others, src_size, starved)
             others = [s for s in others if not s.pipeless]
             readers = [s for s in live if s.pipeless]
