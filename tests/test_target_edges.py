@@ -90,25 +90,13 @@ async def still_serves(relay, listener) -> None:
     async def target() -> None:
         sock, _ = await listener.accept()
         with sock:
-            async with trio.open_nursery() as nursery:
-                async def reply() -> None:
-                    await send_all(sock, down)
-                    sock.shutdown(socket.SHUT_WR)
-
-                nursery.start_soon(reply)
-                at_target.append(await read_to_eof(sock))
+            at_target.append(await exchange(sock, down))
 
     async def client() -> None:
         sock = trio.socket.socket()
         with sock:
             await sock.connect(("127.0.0.1", relay.port))
-            async with trio.open_nursery() as nursery:
-                async def upload() -> None:
-                    await send_all(sock, up)
-                    sock.shutdown(socket.SHUT_WR)
-
-                nursery.start_soon(upload)
-                at_client.append(await read_to_eof(sock))
+            at_client.append(await exchange(sock, up))
 
     with trio.fail_after(TRANSFER):
         async with trio.open_nursery() as nursery:
@@ -116,6 +104,17 @@ async def still_serves(relay, listener) -> None:
             nursery.start_soon(client)
     assert (len(at_target[0]), traffic.digest(at_target[0])) == (len(up), traffic.digest(up))
     assert (len(at_client[0]), traffic.digest(at_client[0])) == (len(down), traffic.digest(down))
+
+
+async def exchange(sock, data: bytes) -> bytes:
+    """Send `data` then a FIN on `sock` while reading what comes back, to its EOF."""
+    async with trio.open_nursery() as nursery:
+        async def send() -> None:
+            await send_all(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+
+        nursery.start_soon(send)
+        return await read_to_eof(sock)
 
 
 async def first_line(relay):

@@ -624,6 +624,27 @@ def test_outputs_beyond_the_pipe_budget_are_copied_not_fatal(tmp_path):
         assert sha256_file(tmp_path / f"f{i}") == want, f"f{i}"
 
 
+def _tee_in_process(r: int, sinks, write):
+    """teeing.tee_pipeline from the pipe `r` into `sinks`, with `write` feeding the pipe from a
+    thread; every fd closed after. No output may fail; returns the TeeResult."""
+    import threading
+
+    from zcrelay import teeing
+    from zcrelay.waits import run_blocking
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    errors = []
+    try:
+        result = run_blocking(teeing.tee_pipeline, r, sinks, lambda s, e: errors.append((s.name, e)))
+    finally:
+        writer.join(30)
+        for fd in (r, *(s.fd for s in sinks)):
+            os.close(fd)
+    assert not errors
+    return result
+
+
 def test_outputs_left_pipeless_mid_stream_keep_their_offsets(tmp_path, monkeypatch):
     """In-process, real pipes and files: the source pipe grows mid-stream, and the kernel's
     pipe budget (simulated: no private pipe above 64 KiB) gives no larger private pipe. The
@@ -632,10 +653,8 @@ def test_outputs_left_pipeless_mid_stream_keep_their_offsets(tmp_path, monkeypat
     consumer, as before. Every file must be the whole input, in order."""
     import errno as errno_mod
     import fcntl
-    import threading
 
     from zcrelay import syscalls, tee as teemod, teeing
-    from zcrelay.waits import run_blocking
 
     a, b, c = (teemod.open_output(str(tmp_path / name), False) for name in "abc")
     real_splice, real_private = syscalls.splice, teeing._private_pipe
@@ -657,16 +676,7 @@ def test_outputs_left_pipeless_mid_stream_keep_their_offsets(tmp_path, monkeypat
         os.write(w, after)
         os.close(w)
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    errors = []
-    try:
-        result = run_blocking(teeing.tee_pipeline, r, [a, b, c], lambda s, e: errors.append((s.name, e)))
-    finally:
-        writer.join(30)
-        for fd in (r, a.fd, b.fd, c.fd):
-            os.close(fd)
-    assert not errors
+    result = _tee_in_process(r, [a, b, c], write)
     assert result.bytes == len(before + after)
     assert a.pipeless and b.pipeless and "pipe budget" in b.fallback
     for name in "abc":
@@ -680,10 +690,8 @@ def test_a_source_grown_mid_round_replaces_the_pipe_that_held_the_round(tmp_path
     one CI run in about a hundred (`a` not pipeless). It is replaced at the next round's top:
     under the pipe budget both outputs go on through user space, every file whole and in order."""
     import fcntl
-    import threading
 
     from zcrelay import tee as teemod, teeing
-    from zcrelay.waits import run_blocking
 
     a, b, c = (teemod.open_output(str(tmp_path / name), False) for name in "abc")
     real_private, real_round = teeing._private_pipe, teeing._round_size
@@ -701,16 +709,7 @@ def test_a_source_grown_mid_round_replaces_the_pipe_that_held_the_round(tmp_path
 
     monkeypatch.setattr(teeing, "_round_size", round_size)
     data = os.urandom(4 << 20)
-    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
-    writer.start()
-    errors = []
-    try:
-        result = run_blocking(teeing.tee_pipeline, r, [a, b, c], lambda s, e: errors.append((s.name, e)))
-    finally:
-        writer.join(30)
-        for fd in (r, a.fd, b.fd, c.fd):
-            os.close(fd)
-    assert not errors
+    result = _tee_in_process(r, [a, b, c], lambda: (os.write(w, data), os.close(w)))
     assert result.bytes == len(data) and len(rounds) > 3
     assert a.pipeless and b.pipeless, (a, b)
     for name in "abc":
