@@ -38,16 +38,17 @@ _zcrelay() {
                 --size) return ;;
                 --file) _zcrelay_paths file; return ;;
                 -r|--repeat) return ;;
+                --pipe-size) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--size --file --repeat -r --spread --json --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--size --file --repeat -r --spread --pipe-size --json --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    --size|--file|-r|--repeat) ((i++)) ;;
+                    --size|--file|-r|--repeat|--pipe-size) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

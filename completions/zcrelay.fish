@@ -20,6 +20,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l size -x -d 'Size o
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l file -r -F -d 'Move this existing file instead of a temporary one'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s r -l repeat -x -d 'Runs per method (1 to 100), interleaved; the table shows the median'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l spread -d 'Let the scheduler place the sender and the sink on any CPUs (by default both run on one CPU; see the notes)'
+complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l pipe-size -x -d 'The pipe the splice row moves the file through (K/M suffixes; clamped to what the kernel allows); 64K is the size of sendfile\'s own'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -l json -d 'Print the results as JSON on stdout'
 complete -c zcrelay -n '__fish_seen_subcommand_from bench' -s h -l help -d 'Show this message and exit'
 

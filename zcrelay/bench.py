@@ -44,13 +44,18 @@ from zcrelay.pipeline import InputFailed
 
 METHODS = ("read+write", "mmap+write", "sendfile", "splice")
 
-# 1 MiB for every chunked method: read+write's buffer, mmap+write's write size and the splice
-# pipe (the largest pipe an unprivileged process may ask for, /proc/sys/fs/pipe-max-size).
-# Smaller chunks charge the user-space methods per-call overhead that is not the copy itself;
-# SPLICE.md measured 64 KiB pipes at well under 1 MiB ones.
+# 1 MiB for read+write's buffer and mmap+write's write size: smaller chunks charge the
+# user-space methods per-call overhead that is not the copy itself.
 CHUNK = 1 << 20
 # The sink asks for this much per recv(MSG_TRUNC); nothing is ever written to the buffer.
 SINK_CHUNK = 4 << 20
+# The pipe splice moves the file through: 64 KiB, the kernel's default pipe and the size of the
+# one sendfile(2) uses inside (splice_direct_to_actor). Measured on this project's 2-core VM,
+# sender and sink on one CPU, 5 interleaved runs of 256 MiB each (sender + sink CPU-s/GB):
+# 16 KiB 0.30, 32 KiB 0.21, 64 KiB 0.195-0.23, 128 KiB 0.27-0.29, 1 MiB 0.29-0.31, against
+# read+write's 0.24-0.27 and sendfile's 0.18-0.19. Why larger pipes cost more is not known
+# (nstat counted no receive-queue pruning or collapsing); with --spread the sizes change places.
+SPLICE_PIPE = 64 << 10
 DEFAULT_SIZE = 256 << 20
 
 
@@ -484,7 +489,8 @@ def measure(method: str, fd: int, size: int, listener: socket.socket,
 
 
 def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
-              on_file: Callable[[str, int], None] | None = None, spread: bool = False) -> BenchResult:
+              on_file: Callable[[str, int], None] | None = None, spread: bool = False,
+              pipe_size: int = SPLICE_PIPE) -> BenchResult:
     """Measure every method `repeat` times, interleaved (each round starts with the next method),
     on a warm cache. `on_file(path, size)` is called once the file is ready and warm.
 
@@ -495,7 +501,10 @@ def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
     above read+write's, whose pages are its own. Pinned, 9 runs of each gave splice
     0.089-0.103, sendfile 0.096-0.100 and read+write 0.126-0.172. A real sink is another
     host, whose NIC takes those references and gives them back; the shared CPU is the closer
-    model of the copies the table is about."""
+    model of the copies the table is about.
+
+    `pipe_size` is the splice row's pipe (clamped as every pipe is: syscalls.open_pipe); the
+    result's pipe_size is what the kernel granted."""
     cpu = None if spread else pick_cpu()
     previous = os.sched_getaffinity(0) if cpu is not None else None
     chunks = {"read+write": CHUNK, "mmap+write": CHUNK, "sendfile": 0, "splice": 0}
@@ -507,7 +516,7 @@ def run_bench(path: str | None, size: int = DEFAULT_SIZE, repeat: int = 3,
         warm(fd, real_size)
         if on_file:
             on_file(real_path, real_size)
-        pipe = syscalls.open_pipe(CHUNK)
+        pipe = syscalls.open_pipe(pipe_size)
         chunks["splice"] = pipe[2]
         listener = None
         try:

@@ -24,10 +24,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, BenchResult,
+from zcrelay.bench import (CPU_SOURCE, DEFAULT_SIZE, SINK_TEXT, SPLICE_PIPE, BenchResult,
                            FileChangedDuringBench, PayloadFailed, run_bench)
 from zcrelay.cli.app import app
-from zcrelay.cli.common import error, exit_code_for, parse_size, pipe_console, reader_gone, say, terminated
+from zcrelay.cli.common import (error, exit_code_for, parse_size, pipe_console, pipe_size_value, reader_gone,
+                                say, terminated)
 from zcrelay.exitcodes import ExitCode
 from zcrelay.pipeline import InputFailed
 
@@ -87,12 +88,17 @@ def bench(
     spread: bool = typer.Option(False, "--spread",
                                 help="Let the scheduler place the sender and the sink on any CPUs "
                                      "(by default both run on one CPU; see the notes)."),
+    pipe_size: str = typer.Option(f"{SPLICE_PIPE >> 10}K", "--pipe-size", metavar="SIZE",
+                                  help="The pipe the splice row moves the file through (K/M "
+                                       "suffixes; clamped to what the kernel allows); 64K is the "
+                                       "size of sendfile's own."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> ExitCode:
     """Measure read+write, mmap+write, sendfile and splice moving a file to a local socket."""
     if size is not None and file is not None:
         raise typer.BadParameter("give --size or --file, not both", param_hint="'--size'")
     total = DEFAULT_SIZE if size is None else int(size)  # _size parsed it
+    pipe = pipe_size_value(pipe_size)
     if sys.stdout is None:  # `>&-`: fd 1 is closed, and the file or a socket would take it
         return error("stdout is closed", ExitCode.OUTPUT_ERROR)
 
@@ -108,7 +114,7 @@ def bench(
     previous = {signum: signal.signal(signum, unwind) for signum in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(signum) != signal.SIG_IGN}
     try:
-        result = run_bench(file, total, repeat, spread=spread, on_file=lambda path, n: None if as_json else say(
+        result = run_bench(file, total, repeat, spread=spread, pipe_size=pipe, on_file=lambda path, n: None if as_json else say(
             f"moving {path} ({_bytes(n)}, page cache warm) to a loopback sink, "
             f"{repeat} run(s) per method..."))
     except KeyboardInterrupt:
