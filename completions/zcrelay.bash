@@ -121,19 +121,20 @@ _zcrelay() {
         connect)
             case "$prev" in
                 --close-after) return ;;
+                --linger) return ;;
                 --connect-timeout) return ;;
                 --rate-limit) return ;;
                 --pipe-size) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--no-shutdown --close-after --connect-timeout --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--no-shutdown --close-after --linger --connect-timeout --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    --close-after|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
+                    --close-after|--linger|--connect-timeout|--rate-limit|--pipe-size) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac
@@ -147,18 +148,19 @@ _zcrelay() {
         listen)
             case "$prev" in
                 --close-after) return ;;
+                --linger) return ;;
                 --rate-limit) return ;;
                 --pipe-size) return ;;
             esac
             if [[ $cur == -* ]]; then
-                COMPREPLY=($(compgen -W "--keep-open -k --no-shutdown --close-after --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
+                COMPREPLY=($(compgen -W "--keep-open -k --no-shutdown --close-after --linger --rate-limit --no-progress --progress --no-splice --pipe-size --verbose -v --quiet -q --help -h" -- "$cur"))
                 return
             fi
             # Which positional argument is being completed?
             npos=0
             for ((i = cmd_index + 1; i < COMP_CWORD; i++)); do
                 case "${COMP_WORDS[i]}" in
-                    --close-after|--rate-limit|--pipe-size) ((i++)) ;;
+                    --close-after|--linger|--rate-limit|--pipe-size) ((i++)) ;;
                     -*) ;;
                     *) ((npos++)) ;;
                 esac

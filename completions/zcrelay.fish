@@ -53,6 +53,7 @@ complete -c zcrelay -n '__fish_seen_subcommand_from forward' -s h -l help -d 'Sh
 # connect
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-shutdown -d 'At stdin EOF, leave the socket\'s write side open (the default shuts it down, like nc -N)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l close-after -x -d 'Close the connection this many seconds after stdin EOF, even if the peer has not closed'
+complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l linger -x -d 'Close a half-closed connection (one side done) after this many seconds without a byte moving the other way (0: no limit)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l connect-timeout -x -d 'Seconds to reach the peer, name lookup included (0: none)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -l no-progress -l progress -d 'Show a progress display on stderr'
@@ -63,9 +64,10 @@ complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s q -l quiet -d 'O
 complete -c zcrelay -n '__fish_seen_subcommand_from connect' -s h -l help -d 'Show this message and exit'
 
 # listen
-complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s k -l keep-open -d 'After a connection ends, accept the next one (until SIGINT/SIGTERM)'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -s k -l keep-open -d 'After a connection ends, accept the next one (until SIGINT/SIGTERM); with an open, idle stdin, a client\'s close ends its connection only with --linger'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-shutdown -d 'At stdin EOF, leave the socket\'s write side open'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l close-after -x -d 'Close the connection this many seconds after stdin EOF'
+complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l linger -x -d 'Close a half-closed connection (one side done) after this many seconds without a byte moving the other way (0: no limit)'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l rate-limit -x -d 'Cap throughput per direction, e.g. 10M (splice is kept: each call is bounded)'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-progress -l progress -d 'Show a progress display on stderr'
 complete -c zcrelay -n '__fish_seen_subcommand_from listen' -l no-splice -d 'Copy through user space instead of splicing (for comparison)'

@@ -8,6 +8,8 @@ What a pipeline gets:
 - at EOF on stdin the socket's write side is shut down and the socket is read until the peer
   closes (netcat's -N as the default); `shutdown=False` leaves the write side open;
   `close_after` bounds how long the connection lives after stdin's EOF;
+- `linger` bounds how long a half-closed connection (either direction ended) may go without a
+  byte moving the other way: `listen -k` with an open, idle stdin moves on to its next client;
 - when stdin is a terminal, the peer closing its side ends the pipeline (nobody will type ^D
   for a transfer that is over);
 - failures come out as one exception each (InputFailed, OutputClosed, OutputFailed,
@@ -51,6 +53,9 @@ class PipelineConfig:
     splice: bool = True
     pipe_size: int = 1 << 20  # for regular-file stdio, and to grow inherited stdio pipes
     rate_limit: int | None = None  # bytes per second, per direction
+    # Seconds a half-closed connection may go without a byte moving the other way (None: no
+    # limit); checked a quarter of it apart, so it ends 1 to 1.25 times this after the last byte.
+    linger: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,8 @@ async def move(src: int, dst: int, how: Plan, socket_role: str, flow: Flow,
 @dataclass
 class PipelineEnd:
     """How a pipeline ended: "eof" (both directions done), "peer-closed" (the peer closed while
-    stdin was a terminal) or "close-after" (the --close-after deadline fired)."""
+    stdin was a terminal), "close-after" (the --close-after deadline fired) or "linger" (half
+    closed, no byte moved for --linger seconds)."""
 
     reason: str
 
@@ -242,9 +248,33 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                 state.end = "peer-closed"
                 scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sending)
-            nursery.start_soon(receiving)
+        async def lingering() -> None:
+            """Once one direction has ended, end the connection when the other moves no byte
+            for config.linger seconds. Polls: the movers pay nothing per chunk for it."""
+            step = config.linger / 4
+            seen, quiet = -1, 0.0
+            while True:
+                await trio.sleep(step)
+                open_ = [flow for flow in (up, down) if flow.end is None]
+                if len(open_) != 1:
+                    continue  # both open (the movers' own end comes with both done)
+                if open_[0].bytes != seen:
+                    seen, quiet = open_[0].bytes, 0.0
+                    continue
+                quiet += step
+                if quiet >= config.linger:
+                    log.debug("half-closed and idle for %gs: closing", config.linger)
+                    state.end = "linger"
+                    scope.cancel()
+                    return
+
+        async with trio.open_nursery() as watch:
+            if config.linger:
+                watch.start_soon(lingering)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sending)
+                nursery.start_soon(receiving)
+            watch.cancel_scope.cancel()
     if state.error is not None:
         raise state.error
     if state.lost is not None:

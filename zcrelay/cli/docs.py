@@ -486,7 +486,11 @@ A lost connection ends as with **connect**: the bytes already received reach sta
 first. With **--keep-open** the line is a warning and the next connection is accepted. A
 connection ends when both directions are done: unlike nc -l, a peer's half-close does not cut
 off what zcrelay is still sending it, and so, unlike nc -lk, **--keep-open** moves on to the
-next client only once standard input has ended too (or the peer resets).
+next client only once standard input has ended too, the peer resets, or, with **--linger**
+SECONDS, no byte has moved for that long since the client's end of stream (a standard input
+that is open and idle, as `tail -f log | zcrelay listen -k 9000`, never ends by itself). A
+connection ended so logs "ended: linger" at **-v**; for **connect** as for **listen**,
+**--linger** also bounds how long the peer may stay silent after standard input's end.
 """,
     "send": """
 A transfer that fails or is stopped (SIGINT, SIGTERM, SIGHUP) before its last byte ends with a

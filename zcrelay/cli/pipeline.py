@@ -62,9 +62,10 @@ async def _with_display(display: Display, work: Callable[[], Awaitable]) -> obje
 
 
 def _pipeline_setup(no_splice: bool, pipe_size: str, rate_limit: Optional[str], no_shutdown: bool,
-                    close_after: Optional[float]):
+                    close_after: Optional[float], linger: float):
     config = PipelineConfig(shutdown=not no_shutdown, close_after=close_after, splice=not no_splice,
-                            pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit))
+                            pipe_size=pipe_size_value(pipe_size), rate_limit=rate_value(rate_limit),
+                            linger=linger or None)
     stdin_plan = plan(STDIN, output=False, splice=config.splice)
     stdout_plan = plan(STDOUT, output=True, splice=config.splice)
     for fd, how in ((STDIN, stdin_plan), (STDOUT, stdout_plan)):
@@ -97,11 +98,18 @@ async def _one_connection(sock, config, stdin_plan, stdout_plan, progress: bool,
     log.debug("ended: %s", end.reason)
 
 
+LINGER = typer.Option(0.0, "--linger", min=0, metavar="SECONDS",
+                      help="Close a half-closed connection (one side done) after this many seconds "
+                           "without a byte moving the other way (0: no limit).  \\[default: 0]",
+                      show_default=False)
+
+
 @app.command()
 def connect(
     target: str = TARGET,
     no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open (the default shuts it down, like nc -N)."),
     close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF, even if the peer has not closed.", show_default=False),
+    linger: float = LINGER,
     connect_timeout: float = CONNECT_TIMEOUT,
     rate_limit: Optional[str] = RATE,
     progress: Optional[bool] = PROGRESS,
@@ -116,7 +124,7 @@ def connect(
     code = _stdio_ready()
     if code is not None:
         return code
-    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
+    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after, linger)
 
     async def main() -> None:
         sock = await net.connect(where, connect_timeout or None, keep_reset=True)
@@ -129,9 +137,10 @@ def connect(
 @app.command()
 def listen(
     where: str = typer.Argument(..., metavar="ADDR", help=f"Where to listen: {LISTEN_FORMS}.", show_default=False),
-    keep_open: bool = typer.Option(False, "--keep-open", "-k", help="After a connection ends, accept the next one (until SIGINT/SIGTERM)."),
+    keep_open: bool = typer.Option(False, "--keep-open", "-k", help="After a connection ends, accept the next one (until SIGINT/SIGTERM); with an open, idle stdin, a client's close ends its connection only with --linger."),
     no_shutdown: bool = typer.Option(False, "--no-shutdown", help="At stdin EOF, leave the socket's write side open."),
     close_after: Optional[float] = typer.Option(None, "--close-after", min=0, metavar="SECONDS", help="Close the connection this many seconds after stdin EOF.", show_default=False),
+    linger: float = LINGER,
     rate_limit: Optional[str] = RATE,
     progress: Optional[bool] = PROGRESS,
     no_splice: bool = NO_SPLICE,
@@ -147,7 +156,7 @@ def listen(
     code = _stdio_ready()
     if code is not None:
         return code
-    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after)
+    config, stdin_plan, stdout_plan = _pipeline_setup(no_splice, pipe_size, rate_limit, no_shutdown, close_after, linger)
     show = show_progress(progress, (STDIN, STDOUT))
 
     async def accept_one(listener):
