@@ -56,6 +56,24 @@ def test_demo_report_read_by_head_is_a_broken_pipe():
     assert lines[1] == "status=141", (out, done.stderr)
 
 
+@pytest.mark.parametrize("command", [
+    ("demo", "--size", "1M", "--connections", "1"),
+    ("forward", "127.0.0.1:0", "127.0.0.1:1"),
+], ids=["demo", "forward"])
+def test_stderr_whose_reader_is_gone_before_the_first_line_is_a_broken_pipe(command):
+    """`zcrelay demo 2>&1 | true`: the listening line meets a reader already gone. That was
+    exit 1 (with an error line nobody could read); it is 141, as when the report meets it.
+    The pipe's read end is closed before zcrelay starts, so there is no race with `true`."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        done = subprocess.run(zcrelay_argv(*command), stdin=subprocess.DEVNULL, stdout=w, stderr=w,
+                              env=zcrelay_env(), timeout=60)
+    finally:
+        os.close(w)
+    assert done.returncode == 141
+
+
 def test_zero_size_is_a_usage_error():
     """--size 0 sent nothing and reported "1/1 intact": a check of no bytes cannot fail."""
     done = run_zcrelay("demo", "--size", "0", "--connections", "1")

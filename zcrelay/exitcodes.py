@@ -38,5 +38,5 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.OUTPUT_ERROR: "Writing an output failed: a full disk, an I/O error, an output closed early.",
     ExitCode.FILE_CHANGED: "The file being sent shrank while it was sent.",
     ExitCode.INTERRUPTED: "Interrupted by SIGINT before the command was running, or bench interrupted by SIGINT or SIGTERM (128 + 2, as shells report it).",
-    ExitCode.BROKEN_PIPE: "stdout's reader went away (as with '| head'), or for demo, whose report goes to stderr, stderr's; nothing is printed (128 + 13, as for a program killed by SIGPIPE).",
+    ExitCode.BROKEN_PIPE: "stdout's reader went away (as with '| head'), or stderr's before a line zcrelay had to write there (a listening line; demo's report); nothing is printed (128 + 13, as for a program killed by SIGPIPE).",
 }

@@ -124,6 +124,19 @@ def reader_gone(stream) -> ExitCode:
     return ExitCode.BROKEN_PIPE
 
 
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe (or socket) whose reader has gone: poll reports POLLERR on
+    a pipe's write end with no reader left (pipe(7)), POLLHUP on a socket shut for writing."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def error(message: str, code: ExitCode) -> ExitCode:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return code
@@ -228,9 +241,20 @@ def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = Tru
 
 
 def failed(exc: BaseException) -> ExitCode:
-    """The CLI boundary: every failure becomes a code and one line (SystemExit passes)."""
-    if isinstance(first_error(exc), (SystemExit, GeneratorExit)):
+    """The CLI boundary: every failure becomes a code and one line (SystemExit passes).
+
+    A BrokenPipeError from writing our own stderr or stdout (`zcrelay demo 2>&1 | true`: the
+    listening line met a reader already gone) is BROKEN_PIPE and no message, as for a program
+    killed by SIGPIPE; it was exit 1, with an error line that could not be written either."""
+    leaf = first_error(exc)
+    if isinstance(leaf, (SystemExit, GeneratorExit)):
         raise exc
+    if isinstance(leaf, BrokenPipeError):
+        gone = [stream for stream in (sys.stderr, sys.stdout) if stream is not None and _reader_gone(stream)]
+        if gone:
+            for stream in gone:
+                reader_gone(stream)
+            return ExitCode.BROKEN_PIPE
     code, message = exit_code_for(exc)
     if code == ExitCode.INTERRUPTED:
         return code
