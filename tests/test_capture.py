@@ -687,8 +687,69 @@ def test_a_full_disk_logs_one_line_per_connection(zcrelay, small_tmpfs, command,
                            f"conn={conn} capture sidecar "):
                 assert any(detail in line for line in enospc), (detail, err)
     else:
-        assert len(enospc) == connections, err  # nothing else: no spam
+        # nothing else: no spam, but the one alert at the first loss (the next may come a
+        # minute later at the earliest: test_a_long_connection_is_reported_when_its_capture_stops)
+        [alert] = [line for line in enospc if "capture into" in line]
+        assert f"capture into {small_tmpfs} failing: No space left on device (ENOSPC)" in alert, err
+        assert len(enospc) == connections + 1, err
     assert list(small_tmpfs.glob("*.json")) == []  # never left empty (test_a_sidecar_never...)
+
+
+@pytest.mark.parametrize("command", ["tee", "forward"])
+def test_a_long_connection_is_reported_when_its_capture_stops(zcrelay, small_tmpfs, command):
+    """A connection that goes on after its capture fills the disk: its own line comes when it
+    ends, so a warning must come while it is still open (it could be hours). The client
+    sends 3 MiB into a 2 MiB tmpfs and keeps the connection open until the alert is on
+    stderr; then it finishes, and the connection's line and its bytes follow as usual."""
+    target = Target()
+    if command == "tee":
+        relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}",
+                        "--capture-dir", str(small_tmpfs))
+    else:
+        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs))
+    data = os.urandom(3 << 20)
+    with socket.create_connection(("127.0.0.1", relay.port)) as client:
+        header = f"{client.getsockname()[1]} 1000 0\n".encode()
+        client.sendall(header + data)
+        relay.wait_for_lines("capture into", 1)  # the connection is still open: no EOF sent
+        assert not any(" close=" in line for line in relay.stderr_lines), relay.stderr_lines
+        client.shutdown(socket.SHUT_WR)
+        received = b"".join(iter(lambda: client.recv(1 << 16), b""))
+    relay.wait_for_lines(" close=", 1)
+    code, err = relay.stop()
+    target.close()
+    assert code == 0, err
+    assert not target.errors, target.errors
+    port = int(header.split()[0])
+    assert target.received[port] == hashlib.sha256(header + data).hexdigest()
+    assert target.sent[port] == hashlib.sha256(received).hexdigest() and len(received) == 1000
+    [alert] = [line for line in err.splitlines() if "capture into" in line]
+    assert re.search(rf"capture into {re.escape(str(small_tmpfs))} failing: No space left on device "
+                     rf"\(ENOSPC\) \(conn=1 up after \d+ bytes\)", alert), alert
+    assert len(_lines_by_conn(err, CAPTURE_LOST)[1]) == 1, err
+
+
+def test_the_alert_of_one_error_in_one_directory_comes_once_a_minute(monkeypatch, caplog):
+    """_alert, on a clock of the test's own: the first ENOSPC in a directory is a warning, the
+    same error there within a minute is not, another error or directory is, and a minute
+    later the first is again."""
+    import logging
+
+    from zcrelay import capture
+
+    clock = [1000.0]
+    monkeypatch.setattr(capture.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(capture, "_alerted", {})
+    caplog.set_level(logging.WARNING, logger="zcrelay")
+    for when, directory, err in [(0, "/a", errno.ENOSPC), (30, "/a", errno.ENOSPC), (31, "/a", errno.EIO),
+                                 (32, "/b", errno.ENOSPC), (59.9, "/a", errno.ENOSPC), (60, "/a", errno.ENOSPC)]:
+        clock[0] = 1000.0 + when
+        capture._alert(directory, err, 1, "up after 0 bytes")
+    said = [r.getMessage().split(" (conn=")[0] for r in caplog.records]
+    assert said == ["capture into /a failing: No space left on device (ENOSPC)",
+                    "capture into /a failing: Input/output error (EIO)",
+                    "capture into /b failing: No space left on device (ENOSPC)",
+                    "capture into /a failing: No space left on device (ENOSPC)"]
 
 
 def test_one_line_names_each_part_with_its_own_reason(tmp_path, caplog):
@@ -711,13 +772,18 @@ def test_one_line_names_each_part_with_its_own_reason(tmp_path, caplog):
         assert up is None and down is not None
         down.fail(errno.EMFILE, "private pipe")
         session.write_sidecar(Flow(), Flow(), close="eof", ended=wall + 1)  # as forward's end does
-        assert not caplog.records  # nothing until the connection's capture is over
+        # Until the connection's capture is over, only the directory's alerts: one per error
+        alerts = [f"capture into {tmp_path} failing: File exists (EEXIST) (conn=7 up not started); "
+                  f"each connection that loses capture is named when it ends",
+                  f"capture into {tmp_path} failing: Too many open files (EMFILE) (conn=7 down after "
+                  f"0 bytes); each connection that loses capture is named when it ends"]
+        assert [r.getMessage() for r in caplog.records] == alerts
     finally:
         session.close()
     session.close()
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records] == alerts + [
         "conn=7 capture stopped: File exists (EEXIST): up not started; "
         "Too many open files (EMFILE): down after 0 bytes (private pipe); the relay goes on without it"]
-    assert caplog.records[0].levelno == logging.WARNING
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert "EMFILE" in record["down"]["error"] and "EEXIST" in record["up"]["error"]

@@ -29,6 +29,9 @@ on the "zcrelay" logger as it happens; when the connection's capture is closed, 
 names every part of it that was lost and why (CaptureSession.close, `_lost_line`): on a full
 disk every connection meets the same error in each of its parts, and a warning per part was
 three or four lines per connection (the sidecar fails at the start and again at the end).
+That line comes when the connection ends, which for a long one can be hours after its capture
+stopped: so the first loss of a kind in a directory is also a warning at once (`_alert`), and
+again at most once a minute while that error goes on.
 """
 
 from __future__ import annotations
@@ -59,6 +62,24 @@ CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 MODE = 0o600
 _REWRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_TRUNC
 DIRECTIONS = ("up", "down")
+
+
+# (directory, errno) -> monotonic time of its last alert (`_alert`), for the whole process.
+_alerted: dict[tuple[str, int], float] = {}
+ALERT_EVERY = 60.0  # seconds between two alerts of one error in one directory
+
+
+def _alert(directory: str, err: int, conn: int, part: str) -> None:
+    """A warning at once when a capture into `directory` loses a part to `err`, unless one
+    was given for the same error there less than ALERT_EVERY seconds ago: a long connection's
+    own line (CaptureSession.close) comes only when it ends."""
+    now = time.monotonic()
+    last = _alerted.get((directory, err))
+    if last is not None and now - last < ALERT_EVERY:
+        return
+    _alerted[(directory, err)] = now
+    log.warning("capture into %s failing: %s (conn=%d %s); each connection that loses capture is "
+                "named when it ends", directory, _describe(err), conn, part)
 
 
 def safe_peer(peer: str) -> str:
@@ -94,10 +115,16 @@ class CaptureSession:
         return self.files.get("up"), self.files.get("down")
 
     def _on_fail(self, capture: CaptureFile) -> None:
-        # Debug only: close() says it once for the whole connection, when all is known.
+        # Debug, and an alert: close() says it once for the whole connection, when all is known.
         direction = next((d for d, c in self.files.items() if c is capture), "?")
         log.debug("conn=%d capture %s stopped after %d bytes: %s; the relay goes on without it "
                   "(capture marked incomplete)", self.conn, direction, capture.captured, capture.error)
+        _alert(self.directory, capture.errno or errno.EIO, self.conn,
+               f"{direction} after {capture.captured} bytes")
+
+    def _refuse(self, part: str, err: int, what: str) -> None:
+        self.refused[part] = err
+        _alert(self.directory, err, self.conn, f"{part} {what}")
 
     def record(self, up: Flow, down: Flow, close: str | None, ended: float | None) -> dict:
         flows = {"up": up, "down": down}
@@ -138,7 +165,7 @@ class CaptureSession:
             fd = os.open(path, flags, MODE)
         except OSError as exc:
             log.debug("conn=%d capture sidecar %s not written: %s", self.conn, path, _why(exc))
-            self.refused["sidecar"] = _errno(exc)
+            self._refuse("sidecar", _errno(exc), "not written")
             if ended is not None and self.sidecar_state == "empty":
                 _unlink(path)
                 self.sidecar_state = "removed"
@@ -151,7 +178,7 @@ class CaptureSession:
             self.refused.pop("sidecar", None)  # this record replaces any lost before it
         except OSError as exc:
             log.debug("conn=%d capture sidecar %s not written (removed): %s", self.conn, path, _why(exc))
-            self.refused["sidecar"] = _errno(exc)
+            self._refuse("sidecar", _errno(exc), "not written")
             _unlink(path)  # truncated, perhaps half written: not JSON
             self.sidecar_state = "removed"
         finally:
@@ -208,7 +235,7 @@ def open_session(directory: str, conn: int, peer: str, target: str, wall: float 
         os.close(os.open(os.path.join(directory, session.sidecar), CREATE_FLAGS, MODE))
     except OSError as exc:
         log.debug("conn=%d capture sidecar not created in %s: %s", conn, directory, _why(exc))
-        session.refused["sidecar"] = _errno(exc)
+        session._refuse("sidecar", _errno(exc), "not created")
         session.sidecar = ""
     for direction in DIRECTIONS:
         name = TEMPLATE.format(direction=direction, **fields)
@@ -218,7 +245,7 @@ def open_session(directory: str, conn: int, peer: str, target: str, wall: float 
             note = f"create {name}: {_why(exc)}"
             log.debug("conn=%d capture %s not started: %s", conn, direction, note)
             session.notes[direction] = note
-            session.refused[direction] = _errno(exc)
+            session._refuse(direction, _errno(exc), "not started")
             session.files[direction] = None
             continue
         session.names[direction] = name

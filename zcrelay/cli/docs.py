@@ -587,7 +587,10 @@ FILES = [
      "relayed; captured_bytes can exceed relayed_bytes when the connection ended (a reset, "
      "the other direction failing) before bytes already read could be delivered. A capture "
      "that fails (a full disk) never stops the relay: its connection logs one warning line "
-     "as it ends, naming each part lost and why; -v logs each failure as it happens."),
+     "as it ends, naming each part lost and why; -v logs each failure as it happens. So that a "
+     "long connection's loss is not known only when it ends, the first failure of a kind in "
+     "the directory is also a warning at once (\"capture into DIR failing: ...\"), repeated at "
+     "most once a minute while it goes on."),
     ("/proc/sys/fs/pipe-max-size", "The largest pipe an unprivileged process may ask for; "
                                    "--pipe-size is clamped to it."),
     ("/proc/sys/fs/pipe-user-pages-soft", "Pages one user may hold in grown pipes; past it new "
