@@ -247,8 +247,9 @@ def first_clash(listeners: list[Address]) -> tuple[int, int] | None:
     literals are compared as written: a clash behind a name is left to bind(2). Linear: a
     port holds at most one wildcard listener without a clash."""
     hosts: dict[object, dict[object, int]] = {}  # port or unix key -> host key -> first index
+    end: tuple[str, str] | int
     for j, address in enumerate(listeners):
-        if address.is_unix:
+        if address.path is not None:
             end, host = ("unix", _unix_key(address.path)), None
         elif address.port:
             end, host = address.port, _host_key(address.host)
@@ -291,7 +292,7 @@ def forwarding_cycle(rules: list[tuple[Address, Address]]) -> list[int] | None:
     exact: dict[tuple, list[int]] = {}  # (port or "unix", address or path) -> listeners
     wild: dict[int, list[int]] = {}  # port -> listeners on a wildcard address
     for i, (listen, _) in enumerate(rules):
-        if listen.is_unix:
+        if listen.path is not None:
             exact.setdefault(("unix", _unix_key(listen.path)), []).append(i)
         elif listen.port and _host_key(listen.host) in _WILD:
             wild.setdefault(listen.port, []).append(i)
@@ -300,7 +301,7 @@ def forwarding_cycle(rules: list[tuple[Address, Address]]) -> list[int] | None:
                 exact.setdefault((listen.port, address), []).append(i)
     edges = []
     for _, target in rules:
-        if target.is_unix:
+        if target.path is not None:
             edges.append(exact.get(("unix", _unix_key(target.path)), []))
             continue
         arrives = _reached(target.host)

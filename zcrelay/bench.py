@@ -205,7 +205,7 @@ def bench_file(path: str | None, size: int) -> Iterator[tuple[str, int, int]]:
 
 
 # The signals that end a run: Ctrl-C, and the CLI's SIGTERM and SIGHUP (cli.bench).
-_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_ENDING: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager

@@ -146,7 +146,7 @@ class CaptureSession:
                 info["fallback"] = capture.fallback
             info["complete"] = bool(capture and capture.error is None and capture.captured >= relayed
                                     and ended is not None)
-            complete = complete and info["complete"]
+            complete = complete and bool(info["complete"])
             entry[direction] = info
         entry["complete"] = complete
         return entry

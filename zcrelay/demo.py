@@ -21,6 +21,7 @@ import trio
 
 from zcrelay.addresses import Address
 from zcrelay.errors import ConnectError
+from zcrelay.excgroups import BaseExceptionGroup
 from zcrelay.forward import ForwardConfig, Forwarder, Rule
 from zcrelay.net import BACKLOG, connect_reason
 
@@ -116,7 +117,12 @@ async def _client(port: int, conn: int, size: int, block: bytes) -> bool:
                 nursery.start_soon(send)
                 while data := await sock.recv(CHUNK):
                     got.update(data)
-        except* (BrokenPipeError, ConnectionResetError):
+        except BaseExceptionGroup as group:  # `except* (BrokenPipeError, ConnectionResetError)` for 3.10
+            reset, rest = group.split((BrokenPipeError, ConnectionResetError))
+            if reset is None:
+                raise
+            if rest is not None:
+                raise rest
             # The relay reset the connection (under `ulimit -n 20`, no fd for its target socket):
             # the echo did not come back, a failed check; the relay's close reason says why.
             cut = True

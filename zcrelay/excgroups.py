@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 if sys.version_info < (3, 11):  # pragma: no cover  (trio depends on the backport there)
-    from exceptiongroup import BaseExceptionGroup
+    # The backport: mypy checks this branch (python_version 3.10), an env on 3.11+ lacks it.
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
 else:
     BaseExceptionGroup = BaseExceptionGroup  # re-exported for the except clauses of callers
 

@@ -48,6 +48,10 @@ from zcrelay.ratelimit import RateLimit
 from zcrelay.stats import Flow
 from zcrelay.syscalls import SPLICE_REFUSED
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    import trio
+
 log = library_logger()  # "zcrelay", with its NullHandler (zcrelay.logs)
 
 METHODS = ("splice", "sendfile")
@@ -129,7 +133,7 @@ def span(size: int, offset: int, length: int | None) -> tuple[int, int | None]:
     return offset, length
 
 
-async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None, flow: Flow,
+async def transfer(fd: int, sock: net.AnySocket, offset: int, length: int | None, flow: Flow,
                    config: SendConfig) -> None:
     """Send bytes [offset, offset + length) of `fd` to `sock` (length None: to EOF), then
     half-close and wait for the peer to close (at most config.linger seconds). Raises
@@ -150,6 +154,7 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
     # timeouts late (6.18, splice and sendfile), then the mover polled for ever on the EAGAIN.
     blocking = waits.blocking() and idle is None  # `sock` is then a stdlib socket (net.connect)
     if blocking:
+        assert isinstance(sock, socket.socket)  # net.connect's without trio
         sock.setblocking(True)
     try:
         with idle.watching(sock) if idle is not None else nullcontext():
@@ -172,6 +177,7 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
                              f"bytes, of which the receiver may have read fewer") from None
     finally:
         if blocking:
+            assert isinstance(sock, socket.socket)
             sock.setblocking(False)  # the linger below waits with a deadline
     flow.end = "eof"
     # Every byte is with the kernel now. A reset from here on, instead of the peer's FIN, means
@@ -193,7 +199,7 @@ async def transfer(fd: int, sock: socket.socket, offset: int, length: int | None
 
 
 @contextmanager
-def abort_unless_sent(sock: socket.socket, flow: Flow) -> Iterator[None]:
+def abort_unless_sent(sock: net.AnySocket, flow: Flow) -> Iterator[None]:
     """Inside the owner's `with sock:`: if the block raises (a failure, a cancellation, a
     Ctrl-C) before transfer has handed over the last byte, make the close a reset (net.abort).
     A FIN there told the receiver the stream was complete: `zcrelay listen > out`, nc or a
@@ -222,7 +228,7 @@ UNIX_UNTOLD = ("the receiver is on a unix socket, which cannot be reset: it sees
 _UNTOLD = (direct.FileShrank, InputFailed, IdleTimeout)
 
 
-_in_flight: dict[socket.socket, Flow] = {}  # sockets inside abort_unless_sent, and their flows
+_in_flight: dict[net.AnySocket, Flow] = {}  # sockets inside abort_unless_sent, and their flows
 
 
 def abort_in_flight() -> None:
@@ -264,7 +270,7 @@ class _Idle:
         # (one float, written whole under the GIL).
         self.last = time.monotonic()
         self.pausing = False  # in the pacer's sleep
-        self._scope = None  # trio's cancel scope (trio mode)
+        self._scope: trio.CancelScope | None = None  # trio's cancel scope (trio mode)
 
     def moved(self, _n: int) -> None:
         self.last = time.monotonic()
@@ -289,7 +295,7 @@ class _Idle:
             self.moved(0)
 
     @contextmanager
-    def watching(self, sock: socket.socket) -> Iterator[None]:
+    def watching(self, sock: net.AnySocket) -> Iterator[None]:
         previous = self.flow.on_bytes
 
         def on_bytes(n: int) -> None:
@@ -301,6 +307,7 @@ class _Idle:
         self.moved(0)
         try:
             if waits.blocking():
+                assert isinstance(sock, socket.socket)  # net.connect's without trio
                 with self._watchdog(sock):
                     yield
             else:
@@ -373,7 +380,7 @@ class _Idle:
             raise self.expired()
 
 
-def _why(err: int, sock: socket.socket) -> str:
+def _why(err: int, sock: net.AnySocket) -> str:
     """Why a send failed, in words. EPIPE before our FIN means the connection is gone: over TCP
     a reset (the peer's, or its answer to our bytes after it closed) whose ECONNRESET an earlier
     call took; a unix socket's peer simply closed (as zcrelay.pipeline._why says it)."""

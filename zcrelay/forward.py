@@ -47,7 +47,7 @@ _TARGET_GONE = frozenset({"refused", "unreachable", "timeout", "no-socket"})
 _PEER_ENDS = frozenset({"reset", "lost"})
 
 
-def _unreached(exc: ConnectError, client: socket.socket) -> str:
+def _unreached(exc: ConnectError, client: net.AnySocket) -> str:
     """The close= of a connection whose target was not reached: the connect's one word; an
     errno with no word of its own, with its text (ENOTDIR on a unix: target was a bare
     "error"). Both paths (_handle, _Link). A target that accepted, then reset, before the
@@ -60,7 +60,7 @@ def _unreached(exc: ConnectError, client: socket.socket) -> str:
     return f"error ({exc.detail})" if exc.reason == "error" else exc.reason
 
 
-def _relay_ended(end: RelayEnd, client: socket.socket, target: socket.socket) -> str:
+def _relay_ended(end: RelayEnd, client: net.AnySocket, target: net.AnySocket) -> str:
     """The close= of a relay that ran; a reset or a lost peer is passed on to the other side
     as a reset, as that peer would have seen it without a relay, and so is a stream cut short
     with bytes the relay held for it (RelayEnd.cut). Both paths (_handle, _Link)."""
@@ -204,7 +204,7 @@ class Forwarder:
             # Ask for one pipe now so a size the kernel refuses is reported at start-up, once.
             self.engine.pool.put(self.engine.pool.get())
         reactor = self.engine.reactor()  # its epoll fd belongs to the start-up, not to a connection
-        socks = []
+        socks: list[net.AnySocket] = []
         try:
             if self._given is not None:
                 socks, self._given = list(self._given), None  # ours to close from here on
@@ -326,6 +326,7 @@ class Forwarder:
             for listener in self._listeners:  # a slot is free: take the next from the backlog
                 listener.resume()
         if report is not None:
+            assert record is not None  # built whenever there is a report
             try:
                 report(record)
             except Exception as exc:  # the embedder's bug: the other connections go on
@@ -432,7 +433,8 @@ class _Listener:
     def accept(self) -> None:
         """Accept until EAGAIN (the listener is edge-triggered), --max-conns, or a batch."""
         forwarder = self.forwarder
-        accept, family = self.sock._accept, self.family
+        # socket.socket._accept is CPython's private method, absent from typeshed's stubs.
+        accept, family = self.sock._accept, self.family  # type: ignore[attr-defined]
         for _ in range(_ACCEPT_BATCH):
             if self.paused:
                 return  # the rest wait in the backlog; the timer resumes us
@@ -570,7 +572,7 @@ class _Link:
 
     def _retry_unix(self, sock: socket.socket, sockaddr) -> None:
         if self.target is sock and not self.finished:
-            self._guard(lambda: self._try_connect(sockaddr) or self._next_target())
+            self._guard(lambda: None if self._try_connect(sockaddr) else self._next_target())
 
     def _attempt_spent(self, sock: socket.socket) -> None:
         """An address that is not the last used up its share of the connect timeout."""
@@ -659,6 +661,7 @@ class _Link:
         self.forwarder._connecting.pop(self, None)
         pair = self.pair
         if pair is not None and not pair.closed:  # ended from outside (shutdown), not by itself
+            assert self.target is not None  # a pair relays a connected target (_connected)
             for side in pair.cut_short():  # bytes owed: a reset, as in _relay_ended
                 net.abort(self.client if side == "a" else self.target)
             pair.close()

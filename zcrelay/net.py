@@ -22,7 +22,13 @@ from zcrelay.addresses import Address, format_sockname
 from zcrelay.errors import BindError, ConnectError
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import trio
+
+    # What the helpers here take and `connect` returns: a trio socket in a trio run, a stdlib
+    # one under zcrelay.waits.run_blocking or in the reactor's hands (zcrelay.forward).
+    AnySocket: TypeAlias = socket.socket | trio.socket.SocketType
 
 # socat's default backlog of 5 overflows under 32 concurrent clients and costs them seconds of
 # SYN retransmits; the kernel caps this at net.core.somaxconn anyway.
@@ -43,12 +49,12 @@ _CONNECT_REASONS = {
 }
 
 
-def set_nodelay(sock: trio.socket.SocketType) -> None:
+def set_nodelay(sock: AnySocket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def abort(sock: trio.socket.SocketType) -> None:
+def abort(sock: AnySocket) -> None:
     """Make the next close send a TCP reset instead of a FIN (SO_LINGER with a zero timeout)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.fileno() >= 0:
         try:
@@ -115,6 +121,7 @@ def bind_listeners(address: Address, count: int, backlog: int = BACKLOG) -> list
     bound twice: the one socket comes back `count` times, its accept queue shared."""
     if address.is_unix:
         return [_bind_unix(address, backlog)] * count
+    family: int
     if address.host:
         try:
             infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
@@ -295,7 +302,7 @@ def _listed_as_listening(path: str) -> bool:
 
 async def connect(address: Address, timeout: float | None,
                   on_resolved: Callable[[list], None] | None = None, *,
-                  keep_reset: bool = False) -> trio.socket.SocketType:
+                  keep_reset: bool = False) -> AnySocket:
     """A connected socket to `address`, each resolved address tried in turn; raises ConnectError.
 
     `timeout` bounds the whole attempt, name resolution included (_getaddrinfo). A trio socket
@@ -362,7 +369,7 @@ def urgent_inline(sock: socket.socket) -> None:
 
 
 async def _connect(address: Address, on_resolved: Callable[[list], None] | None,
-                   deadline: float = math.inf, keep_reset: bool = False) -> trio.socket.SocketType:
+                   deadline: float = math.inf, keep_reset: bool = False) -> AnySocket:
     targets = literal_targets(address)
     if targets is None:
         try:
@@ -474,5 +481,5 @@ def peer_name(sock: trio.socket.SocketType, peer: object = None) -> str:
         return "?"
 
 
-def local_name(sock: trio.socket.SocketType) -> str:
+def local_name(sock: AnySocket) -> str:
     return format_sockname(sock.getsockname())

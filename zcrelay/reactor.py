@@ -621,6 +621,7 @@ class Reactor:
         woke = s.woke
         s.woke = 0
         budget = YIELD_EVERY
+        pipe: Pipe | None  # in the loop below, s.pipe: None while the stream holds none
         if woke and not woke & _HANGUPS and s.pipe is None and self._spare:
             # A message, straight through: the common step of request/response traffic (a
             # request, a reply), in half the bytecodes of the loop below. Woken on its source
@@ -685,11 +686,12 @@ class Reactor:
         on_bytes = flow.on_bytes  # Flow.add_spliced, inlined
         pipe = s.pipe
         held = s.held
-        rearm = False  # the last drain was small: once it is delivered, re-arm instead of draining
-        quiet = False  # ... and it took everything that had woken the stream: wait, no re-arm
+        rearm: bool | int = False  # the last drain was small: once it is delivered, re-arm instead of draining
+        quiet: bool | int = False  # ... and it took everything that had woken the stream: wait, no re-arm
         try:
             while True:
                 if held:
+                    assert pipe is not None  # held bytes are in the stream's pipe
                     try:
                         m = splice(pipe.r, dst, held, None, None, flags)
                     except BlockingIOError:

@@ -26,7 +26,7 @@ import trio
 from zcrelay import capture as capturing, hosting, mover, syscalls
 from zcrelay.errors import PeerGone, SpliceRefused, StreamError
 from zcrelay.pipes import PipePool
-from zcrelay.reactor import Reactor
+from zcrelay.reactor import Reactor, Timer
 from zcrelay.stats import Flow
 
 
@@ -432,7 +432,7 @@ class Pair(_Relay):
         self.on_done = on_done
         self.closed = False
         self._timer = None
-        self._poll = None  # the wait for delivery after a reset (_await_delivery)
+        self._poll: Timer | None = None  # the wait for delivery after a reset (_await_delivery)
         if idle:
             self._track_activity()
         # First the streams, which may raise (epoll refusing an fd) and then leave nothing

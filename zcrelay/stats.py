@@ -24,7 +24,7 @@ class Flow:
     __slots__ = ("spliced", "copied", "fallback", "end", "on_bytes", "owed")
 
     def __init__(self, spliced: int = 0, copied: int = 0, fallback: str | None = None,
-                 end: str | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+                 end: str | None = None, on_bytes: Callable[[int], object] | None = None) -> None:
         self.spliced = spliced
         self.copied = copied
         self.fallback = fallback
@@ -43,7 +43,8 @@ class Flow:
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in Flow.__slots__)
 
-    __hash__ = None  # mutable, compared by value
+    # __hash__ is None (mutable, compared by value): Python sets it so for a class that defines
+    # __eq__ alone.
 
     @property
     def bytes(self) -> int:

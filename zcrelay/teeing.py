@@ -186,11 +186,11 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                     _fail(lead, translate(exc, DESTINATION, "tee"), on_error)
                     continue
             else:
-                first = others[0] if others else None
-                target = first.pipe.w if first is not None else None
+                first = others[0].pipe if others else None  # each of `others` has one (_give_pipes)
+                target = first.w if first is not None else None
                 n, waited = await _round_size(src, target)
                 if first is not None:
-                    first.pipe.held = n
+                    first.held = n
             if n == 0:
                 await checkpoint()
                 return result
@@ -203,6 +203,7 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
             if size > src_size:  # grew since the top of the round: the round may be larger
                 src_size = size
                 for sink in others:
+                    assert sink.pipe is not None  # _give_pipes gave every one of `others` a pipe
                     if not sink.pipe.held:
                         sink.drop_pipe()
                     else:  # it holds the round (it bounded it: no larger than its pipe)
@@ -211,6 +212,7 @@ async def tee_pipeline(src: int, sinks: list[Sink], on_error: OnError, flow: Flo
                 readers += [s for s in others if s.pipeless]
                 others = [s for s in others if not s.pipeless]
             for sink in others:
+                assert sink.pipe is not None  # _give_pipes gave every one of `others` a pipe
                 if sink.pipe.held:
                     continue  # took the round in _round_size
                 got = syscalls.tee(src, sink.pipe.w, n)

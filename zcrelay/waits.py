@@ -17,8 +17,16 @@ import math
 import select
 import time
 from contextlib import contextmanager
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import ModuleType
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:  # for annotations only
+    from typing import TypeVar
+
+    import trio
+
+    T = TypeVar("T")
 
 _BLOCKING = contextvars.ContextVar("zcrelay_blocking", default=False)
 _DEADLINE = contextvars.ContextVar("zcrelay_deadline", default=math.inf)  # time.monotonic()
@@ -111,7 +119,7 @@ class Scope:
 
 
 @contextmanager
-def move_on_after(seconds: float) -> Iterator[object]:
+def move_on_after(seconds: float) -> Iterator[trio.CancelScope | Scope]:
     """trio.move_on_after in a trio run; in blocking mode, a deadline for the waits inside.
     Check `scope.cancelled_caught` after the block."""
     if not _BLOCKING.get():
@@ -136,7 +144,7 @@ def blocking() -> bool:
     return _BLOCKING.get()
 
 
-def run_blocking(fn: Callable[..., Awaitable[object]], *args: object) -> object:
+def run_blocking(fn: Callable[..., Coroutine[object, None, T]], *args: object) -> T:
     """Run the coroutine function `fn(*args)` to completion without an event loop: every wait
     blocks. `fn` must await nothing but the waits above (a trio call would suspend, which
     raises RuntimeError here rather than hang)."""

@@ -33,7 +33,9 @@ def load(names: set[str] | None = None) -> "typer.Typer":
     # Help, man page and completions list commands in COMMANDS' order, whatever module
     # registered them first.
     order = {name: i for i, name in enumerate(COMMANDS)}
-    app.registered_commands.sort(key=lambda info: order.get(info.name or info.callback.__name__, len(order)))
+    # A command without a callback (typer refuses it when it builds the click command) sorts last.
+    app.registered_commands.sort(key=lambda info: order.get(
+        info.name or (info.callback.__name__ if info.callback is not None else ""), len(order)))
     return app
 
 
@@ -66,7 +68,8 @@ def _refuse_nan(command) -> None:
                     kind.fail(f"{value!r} is not a number", param, ctx)
                 return number
 
-            kind.convert, kind.refuses_nan = convert, True
+            # Patched on click's instance, which the stubs do not foresee; refuses_nan is our marker.
+            kind.convert, kind.refuses_nan = convert, True  # type: ignore[method-assign, attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,8 @@ directly."""
 try:
     from typer._click import exceptions, types
 except ImportError:  # typer that depends on the click package
-    from click import exceptions, types
+    # click is not installed beside a typer that vendors it (mypy sees this typer's first).
+    from click import exceptions, types  # type: ignore[import-not-found, no-redef]
 
 UsageError = exceptions.UsageError
 ClickException = exceptions.ClickException

@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 
 from zcrelay.errors import BindError, ConnectError, ZcrelayError
 from zcrelay.excgroups import first_error
@@ -207,7 +207,8 @@ def remove_socket_files() -> None:
         net.remove_bound_socket_files()
 
 
-def run(main: Callable[[], Awaitable[ExitCode | None]], *, with_trio: bool = True, hosted: bool = False) -> ExitCode:
+def run(main: Callable[[], Coroutine[object, None, ExitCode | None]], *, with_trio: bool = True,
+        hosted: bool = False) -> ExitCode:
     """Run `main` under trio (or, `with_trio=False`, with blocking waits and without importing
     trio: see zcrelay.waits); turn any failure into a one-line message and an exit code.
 
@@ -278,6 +279,7 @@ async def serve_until_signal(start: Callable, on_ready: Callable[[object], None]
         async with trio.open_nursery() as nursery:
             on_ready(await nursery.start(start))
             if signals is None:
+                assert stop_fd is not None  # the receiver is the nullcontext of a stop_fd
                 await until_readable(stop_fd)
             else:
                 async for _ in signals:

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import typer
 
+if typing.TYPE_CHECKING:
+    from typer._click import Command as ClickCommand, Context, Parameter
+    from typer.core import TyperGroup
+
 PROG = "zcrelay"
 # The date in the man page's title line. Fixed, not today's, so that --check is reproducible;
 # bump it when the page changes in substance (a release).
@@ -120,7 +124,7 @@ def _kind(param: object, names: list[str], metavar: str) -> tuple[str, tuple[str
     return "", ()
 
 
-def _param(param: object) -> Param:
+def _param(param: Parameter) -> Param:
     is_option = getattr(param, "param_type_name", "") == "option"
     names = list(param.opts) + list(param.secondary_opts) if is_option else []
     # Short names first, then long ones: a fixed order, because click builds the help option's
@@ -148,7 +152,7 @@ def _param(param: object) -> Param:
                  kind, choices, bool(param.required), envvar)
 
 
-def _command(cmd: object, ctx: object, name: str) -> Command:
+def _command(cmd: ClickCommand, ctx: Context, name: str) -> Command:
     params = [p for p in cmd.get_params(ctx) if not getattr(p, "hidden", False)]
     options = tuple(_param(p) for p in params if getattr(p, "param_type_name", "") == "option")
     arguments = tuple(_param(p) for p in params if getattr(p, "param_type_name", "") == "argument")
@@ -163,7 +167,8 @@ def load() -> tuple[Command, list[Command]]:
     """The root and its commands (in the order they were registered), hidden ones left out."""
     from zcrelay.cli import load
 
-    group = typer.main.get_command(load())  # every command
+    # Every command: a TyperGroup, typer's for an app of several (get_command is typed Command).
+    group = typing.cast("TyperGroup", typer.main.get_command(load()))
     ctx = group.context_class(group, info_name=PROG, **(group.context_settings or {}))
     root = _command(group, ctx, "")
     commands = []

@@ -25,7 +25,8 @@ from zcrelay.stats import Totals
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    # The backport: mypy checks this branch (python_version 3.10), an env on 3.11+ lacks it.
+    import tomli as tomllib  # type: ignore[import-not-found]
 
 # Keys a config file may set, each the option of the same name with dashes, and the TOML type
 # its value must have. The bounds are that option's min/max (_bounds): one source for both.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, TypeVar
 
 import trio
 import typer
@@ -42,7 +42,10 @@ def _stdio_ready() -> ExitCode | None:
     return None
 
 
-async def _with_display(display: Display, work: Callable[[], Awaitable]) -> object:
+T = TypeVar("T")
+
+
+async def _with_display(display: Display, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work` beside the progress display. What `work` raises comes out as itself, not
     wrapped in the nursery's exception group, so callers can catch ConnectionLost & co."""
     with display.shown():

@@ -14,6 +14,13 @@ from collections.abc import Iterator
 
 from zcrelay.stats import Flow
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+
+    from rich.progress import Progress
+
 
 def show_progress(option: bool | None, data_fds: tuple[int, ...] = ()) -> bool:
     """--progress/--no-progress if given; else on when stderr is a terminal and none of
@@ -52,7 +59,7 @@ class Display:
     def __init__(self, enabled: bool, rows: list[tuple[str, Flow, int | None]]) -> None:
         self.enabled = enabled
         self.rows = rows
-        self._progress = None
+        self._progress: Progress | None = None
         self._ids: list = []
 
     @contextmanager
@@ -114,7 +121,7 @@ class Display:
 
 # Signals whose handling ends the process by the signal itself (the CLI's common.terminated, or
 # the default action), where rich's own clean-up never runs.
-_DEADLY = (signal.SIGTERM, signal.SIGHUP)
+_DEADLY: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)
 _SHOW_CURSOR = b"\n\x1b[?25h"  # what rich's Live.stop ends with on a terminal: a newline, then DECTCEM
 
 
@@ -136,7 +143,7 @@ def _cursor_shown_at_death(console) -> Iterator[None]:
     common = sys.modules.get("zcrelay.cli.common")
     deadly = (signal.SIG_DFL, getattr(common, "terminated", signal.SIG_DFL))
     fd = console.file.fileno()
-    previous = {}
+    previous: dict[int, Callable[[int, FrameType | None], object] | int | signal.Handlers | None] = {}
 
     def show_cursor_then(signum: int, frame) -> None:
         try:
