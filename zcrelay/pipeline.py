@@ -248,10 +248,10 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                 state.end = "peer-closed"
                 scope.cancel()
 
-        async def lingering() -> None:
+        async def lingering(linger: float) -> None:
             """Once one direction has ended, end the connection when the other moves no byte
-            for config.linger seconds. Polls: the movers pay nothing per chunk for it."""
-            step = config.linger / 4
+            for `linger` seconds. Polls: the movers pay nothing per chunk for it."""
+            step = linger / 4
             seen, quiet = -1, 0.0
             while True:
                 await trio.sleep(step)
@@ -262,15 +262,15 @@ async def run_pipeline(sock: trio.socket.SocketType, config: PipelineConfig, up:
                     seen, quiet = open_[0].bytes, 0.0
                     continue
                 quiet += step
-                if quiet >= config.linger:
-                    log.debug("half-closed and idle for %gs: closing", config.linger)
+                if quiet >= linger:
+                    log.debug("half-closed and idle for %gs: closing", linger)
                     state.end = "linger"
                     scope.cancel()
                     return
 
         async with trio.open_nursery() as watch:
             if config.linger:
-                watch.start_soon(lingering)
+                watch.start_soon(lingering, config.linger)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sending)
                 nursery.start_soon(receiving)
