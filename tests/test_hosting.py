@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from zcrelay import hosting
+from zcrelay.excgroups import BaseExceptionGroup  # a builtin from 3.11 on, the backport's on 3.10
 from zcrelay.pipes import PipePool
 from zcrelay.reactor import Reactor
 from zcrelay.relay import Engine, relay

@@ -91,7 +91,7 @@ def _in_own_hosts(tmp_path, lines: str) -> list[str]:
 
 def _families_in_order(prefix: list[str], name: str) -> list[int]:
     """The address families `name` resolves to, in getaddrinfo's order, seen from `prefix`."""
-    done = subprocess.run([*prefix, sys.executable, "-c", f"import socket; print(*[i[0] for i in "
+    done = subprocess.run([*prefix, sys.executable, "-c", f"import socket; print(*[int(i[0]) for i in "
                            f"socket.getaddrinfo({name!r}, 1, type=socket.SOCK_STREAM)])"],
                           capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
