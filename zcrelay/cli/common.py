@@ -124,7 +124,7 @@ def reader_gone(stream) -> ExitCode:
     return ExitCode.BROKEN_PIPE
 
 
-def _reader_gone(stream) -> bool:
+def _has_no_reader(stream) -> bool:
     """Whether `stream` is a pipe (or socket) whose reader has gone: poll reports POLLERR on
     a pipe's write end with no reader left (pipe(7)), POLLHUP on a socket shut for writing."""
     import select
@@ -251,7 +251,7 @@ def failed(exc: BaseException) -> ExitCode:
     if isinstance(leaf, (SystemExit, GeneratorExit)):
         raise exc
     if isinstance(leaf, BrokenPipeError):
-        gone = [stream for stream in (sys.stderr, sys.stdout) if stream is not None and _reader_gone(stream)]
+        gone = [stream for stream in (sys.stderr, sys.stdout) if stream is not None and _has_no_reader(stream)]
         if gone:
             for stream in gone:
                 reader_gone(stream)
