@@ -82,14 +82,28 @@ async def test_workers_stop_when_their_parent_is_killed(zcrelay):
     wait_gone(children)
 
 
-async def test_a_worker_that_dies_stops_the_others_with_an_error(zcrelay):
-    relay = zcrelay("forward", "127.0.0.1:0", "127.0.0.1:9", "--workers", "2")
-    first, second = workers_of(relay.proc.pid)
+async def test_a_worker_that_dies_stops_the_others_with_an_error(zcrelay, path):
+    """16 connections, 1 MiB each way, through 2 workers; then worker 1 is killed. The others
+    stop, the exit code is 1, and the summary still counts what the survivor relayed (it gave
+    none at all before): exactly its connections (worker 2 numbers them 2, 4, ...), marked as
+    short of the dead worker's."""
+    async with trio.open_nursery() as nursery:
+        server = await serve_traffic(nursery)
+        relay = zcrelay("forward", "127.0.0.1:0", f"127.0.0.1:{server.port}", "--workers", "2", *path_args(path))
+        first, second = workers_of(relay.proc.pid)
+        results = await traffic.run_clients(("127.0.0.1", relay.port), 16, MiB, MiB)
+        await traffic.check(results, server)
+        nursery.cancel_scope.cancel()
+    relay.wait_for_lines(" close=", 16)
     os.kill(first, signal.SIGKILL)
     code, err = finish(relay)
     assert code == 1, err
     assert f"worker 1 (pid {first}) was killed by signal 9; stopping the others" in err
-    assert "Traceback" not in err and "stopped:" not in err
+    assert "Traceback" not in err
+    survivors = [m for m in conn_lines(err) if int(m.group(1)) % 2 == 0]
+    [line] = [line for line in err.splitlines() if "stopped:" in line]
+    assert line.endswith("(counted by the workers that reported; a worker ended without)"), line
+    check_summary(line, len(survivors), MiB, MiB, path)
     wait_gone([second])
 
 

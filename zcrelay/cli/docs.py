@@ -471,7 +471,9 @@ them; a second SIGINT kills the workers at once and exits with status 130 (a sec
 ignored, see SIGNALS). The workers ignore
 those signals themselves and also stop if the first process dies. A
 worker that ends unasked (killed, or failed) stops the others, and zcrelay exits with that
-worker's status, or 1 if it was killed by a signal.
+worker's status, or 1 if it was killed by a signal. If the workers had started serving, the
+summary still comes, counting what the others relayed and marked "(counted by the workers that
+reported; a worker ended without)".
 """,
     "connect": """
 When the connection is lost (the peer resets it, or it times out), every byte already received

@@ -307,7 +307,10 @@ def run_forwarder(settings: ForwardConfig, note: str = "", workers: int = 1) -> 
     """Serve `settings` until SIGINT/SIGTERM, in this process or in `workers` forked ones: a
     "listening on" line per rule (with `note`), then the summary line; returns the exit code."""
 
+    served = []
+
     def ready(bound) -> None:
+        served.append(True)
         for item in bound:
             say(f"listening on {item.address} -> {item.rule.target}{note}")
 
@@ -319,6 +322,11 @@ def run_forwarder(settings: ForwardConfig, note: str = "", workers: int = 1) -> 
             code = pool.serve(settings, workers, totals, ready, _work)
         except BaseException as exc:
             code = failed(exc)
+        if code not in (ExitCode.OK, ExitCode.INTERRUPTED) and served:
+            # A worker that died (SIGKILL, a crash) stopped the others after they had served:
+            # what they relayed is still worth a line, marked as short of the dead one's part.
+            # Not after a second Ctrl-C, which ends at once as it does in one process.
+            say(summary(totals) + " (counted by the workers that reported; a worker ended without)")
     else:
         code, totals = _work(settings, None, (1, 1), None, ready)
     if code == ExitCode.OK:
