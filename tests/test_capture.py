@@ -23,6 +23,16 @@ from tests.traffic import TwoWayFlood
 CONNECTIONS = 32
 
 
+def capturing_relay(zcrelay, command: str, target: "Target", directory, *flags: str):
+    """A relay to `target` that captures into `directory`: "tee" (tee --listen), "forward",
+    or "workers" (forward --workers 2)."""
+    if command == "tee":
+        return zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}",
+                       "--capture-dir", str(directory), *flags)
+    workers = ["--workers", "2"] if command == "workers" else []
+    return zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(directory), *workers, *flags)
+
+
 class Target:
     """A loopback server: per connection, receives until EOF (hashing) while sending its own
     random bytes; `half_close` connections send only after the client's EOF."""
@@ -148,11 +158,7 @@ def test_32_connections_captured_whole(zcrelay, tmp_path, command):
     target = Target()
     cap = tmp_path / "cap"
     cap.mkdir()
-    if command == "tee":
-        relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}", "--capture-dir", str(cap))
-    else:
-        workers = ["--workers", "2"] if command == "workers" else []
-        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(cap), *workers)
+    relay = capturing_relay(zcrelay, command, target, cap)
     sizes = [((i * 131071) % (3 << 20) + 1, (i * 65537) % (2 << 20), i % 2 == 1) for i in range(CONNECTIONS)]
     results = run_clients(relay.port, sizes)
     relay.wait_for_lines(" close=", CONNECTIONS)
@@ -652,11 +658,7 @@ def test_a_full_disk_logs_one_line_per_connection(zcrelay, small_tmpfs, command,
     _fill(small_tmpfs)
     target = Target()
     flags = ["-v"] if verbose else []
-    if command == "tee":
-        relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}",
-                        "--capture-dir", str(small_tmpfs), *flags)
-    else:
-        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs), *flags)
+    relay = capturing_relay(zcrelay, command, target, small_tmpfs, *flags)
     connections = 6
     sizes = [((i + 1) * 300_001, (i + 1) * 200_003, i % 2 == 1) for i in range(connections)]
     results = run_clients(relay.port, sizes)
@@ -702,11 +704,7 @@ def test_a_long_connection_is_reported_when_its_capture_stops(zcrelay, small_tmp
     sends 3 MiB into a 2 MiB tmpfs and keeps the connection open until the alert is on
     stderr; then it finishes, and the connection's line and its bytes follow as usual."""
     target = Target()
-    if command == "tee":
-        relay = zcrelay("tee", "--listen", "0", "--target", f"127.0.0.1:{target.port}",
-                        "--capture-dir", str(small_tmpfs))
-    else:
-        relay = zcrelay("forward", "0", f"127.0.0.1:{target.port}", "--capture-dir", str(small_tmpfs))
+    relay = capturing_relay(zcrelay, command, target, small_tmpfs)
     data = os.urandom(3 << 20)
     with socket.create_connection(("127.0.0.1", relay.port)) as client:
         header = f"{client.getsockname()[1]} 1000 0\n".encode()
